@@ -1,0 +1,10 @@
+"""fastcal: label calibration for semantic segmentation under domain shift.
+
+Fused Triton kernels on CUDA, a chunked PyTorch path on CPU, and a plain
+reference implementation (:mod:`fastcal.reference`) they are all checked against.
+"""
+from .api import calibrate, predict, prototype_stats, prototypes_from_stats
+from .calibrator import LabelCalibrator
+
+__all__ = ["calibrate", "predict", "prototype_stats", "prototypes_from_stats", "LabelCalibrator"]
+__version__ = "0.1.0"

@@ -1,0 +1,100 @@
+"""Argument checks shared by every public entry point.
+
+Each check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError``
+(wrong value or shape) with a message that names the argument, before any state
+is touched.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+EMPTY_POLICIES = ("onehot", "skip")
+LABEL_DTYPES = (torch.int64, torch.int32, torch.uint8)
+MAX_SPATIAL_DIMS = 3
+
+
+def check_logits(logits) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits: expected a torch.Tensor, got {type(logits).__name__}")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(
+            f"logits: expected a floating dtype (float32, float16 or bfloat16), got {logits.dtype}"
+        )
+    if logits.dim() < 2:
+        raise ValueError(f"logits: expected shape [N, C, *spatial], got {tuple(logits.shape)}")
+    if logits.dim() - 2 > MAX_SPATIAL_DIMS:
+        raise ValueError(
+            f"logits: at most {MAX_SPATIAL_DIMS} spatial dims are supported, "
+            f"got shape {tuple(logits.shape)}"
+        )
+    if logits.shape[1] < 2:
+        raise ValueError(f"logits: need at least 2 classes on dim 1, got C={logits.shape[1]}")
+
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (Real, torch.Tensor)):
+        raise TypeError(f"temperature: expected a positive finite number, got {temperature!r}")
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1 or not temperature.dtype.is_floating_point:
+            raise TypeError(f"temperature: expected a positive finite number, got {temperature!r}")
+        temperature = temperature.item()
+    temperature = float(temperature)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature: expected a positive finite number, got {temperature!r}")
+    return temperature
+
+
+def check_valid(valid, logits: torch.Tensor) -> None:
+    if valid is None:
+        return
+    if not isinstance(valid, torch.Tensor):
+        raise TypeError(f"valid: expected a bool tensor or None, got {type(valid).__name__}")
+    if valid.dtype != torch.bool:
+        raise TypeError(f"valid: expected dtype torch.bool, got {valid.dtype}")
+    expected = (logits.shape[0], *logits.shape[2:])
+    if tuple(valid.shape) != expected:
+        raise ValueError(
+            f"valid: expected shape {expected} (logits without the class dim), "
+            f"got {tuple(valid.shape)}"
+        )
+    if valid.device != logits.device:
+        raise ValueError(f"valid: on {valid.device}, but logits are on {logits.device}")
+
+
+def check_prototypes(prototypes, num_classes: int, device: torch.device) -> None:
+    if not isinstance(prototypes, torch.Tensor):
+        raise TypeError(f"prototypes: expected a torch.Tensor, got {type(prototypes).__name__}")
+    if not prototypes.dtype.is_floating_point:
+        raise TypeError(f"prototypes: expected a floating dtype, got {prototypes.dtype}")
+    if tuple(prototypes.shape) != (num_classes, num_classes):
+        raise ValueError(
+            f"prototypes: expected shape [C, C] = [{num_classes}, {num_classes}], "
+            f"got {tuple(prototypes.shape)}"
+        )
+    if prototypes.device != device:
+        raise ValueError(f"prototypes: on {prototypes.device}, but logits are on {device}")
+    nan_rows = torch.isnan(prototypes).all(dim=1)
+    if not torch.isfinite(prototypes[~nan_rows]).all():
+        raise ValueError(
+            "prototypes: entries must be finite; a row of NaN marks a class that is never predicted"
+        )
+    if bool(nan_rows.all()):
+        raise ValueError("prototypes: every row is NaN, so no class could be predicted")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_label_dtype(label_dtype, num_classes: int) -> None:
+    if label_dtype not in LABEL_DTYPES:
+        raise TypeError(
+            f"label_dtype: expected one of torch.int64, torch.int32, torch.uint8, got {label_dtype!r}"
+        )
+    if label_dtype == torch.uint8 and num_classes > 256:
+        raise ValueError(f"label_dtype: torch.uint8 holds at most 256 classes, got C={num_classes}")

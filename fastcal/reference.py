@@ -1,0 +1,65 @@
+"""Label calibration in plain PyTorch, line for line as in the paper.
+
+This is the oracle every faster backend is tested against: clear before fast.
+It materialises the softmax of the whole batch and, in ``predict``, the full
+pixels x classes x classes difference tensor, so it needs a lot of memory.
+
+    p(x)    = softmax(z(x) / T)                 over the class axis
+    cls(x)  = argmax_k z(x)_k                   lowest k on ties
+    conf(x) = max_k p(x)_k
+    S[k, :] = sum_{x: cls(x)=k} conf(x) p(x)    W[k] = sum_{x: cls(x)=k} conf(x)
+    P[k]    = S[k] / W[k]
+    label(x) = argmin_k ||p(x) - P[k]||^2       lowest k on ties
+"""
+from __future__ import annotations
+
+import torch
+
+
+def soft_labels(logits: torch.Tensor, temperature: float):
+    """Per pixel, class last: ``p`` [..., C], ``cls`` [...] and ``conf`` [...], in float32."""
+    z = logits.movedim(1, -1).float()
+    p = torch.softmax(z / temperature, dim=-1)
+    cls = z.argmax(dim=-1)
+    conf = p.amax(dim=-1)
+    return p, cls, conf
+
+
+def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
+                    deterministic: bool = True):
+    """``S`` [C, C] and ``W`` [C] in float64, and the number of valid pixels with a non-finite logit."""
+    num_classes = logits.shape[1]
+    p, cls, conf = soft_labels(logits, temperature)
+    if valid is None:
+        valid = torch.ones(cls.shape, dtype=torch.bool, device=cls.device)
+    finite = torch.isfinite(logits.movedim(1, -1)).all(dim=-1)
+    p, cls, conf = p[valid & finite], cls[valid & finite], conf[valid & finite]
+    S = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=logits.device)
+    W = torch.zeros(num_classes, dtype=torch.float64, device=logits.device)
+    S.index_add_(0, cls, (conf[:, None] * p).double())
+    W.index_add_(0, cls, conf.double())
+    nonfinite = int((valid & ~finite).sum())
+    return S, W, nonfinite
+
+
+def prototypes_from_stats(S: torch.Tensor, W: torch.Tensor, empty: str) -> torch.Tensor:
+    """``P[k] = S[k] / W[k]``; an empty class gets ``e_k`` ("onehot") or a NaN row ("skip")."""
+    num_classes = W.shape[0]
+    P = S.double() / W.double()[:, None]
+    is_empty = W == 0
+    if empty == "onehot":
+        eye = torch.eye(num_classes, dtype=torch.float64, device=S.device)
+        P[is_empty] = eye[is_empty]
+    else:
+        P[is_empty] = float("nan")
+    return P.float()
+
+
+def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64):
+    """``argmin_k ||p(x) - P[k]||^2``; a NaN row of ``prototypes`` is never chosen."""
+    p, _, _ = soft_labels(logits, temperature)
+    P = prototypes.float()
+    distance = ((p[..., None, :] - P) ** 2).sum(dim=-1)
+    skipped = torch.isnan(P).all(dim=1)
+    distance[..., skipped] = float("inf")
+    return distance.argmin(dim=-1).to(label_dtype)

@@ -1,0 +1,1 @@
+"""Fused Triton kernels of fastcal (installed as ``fastcal.kernels``)."""
