@@ -1,0 +1,25 @@
+"""Logits in the shapes, dtypes and layouts every backend must handle."""
+from __future__ import annotations
+
+import torch
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_logits(shape, dtype=torch.float32, layout="contiguous", scale=3.0, device="cpu"):
+    """Random logits of ``shape`` [N, C, *spatial] in the given memory ``layout``:
+    "contiguous" (NCHW), "channels_last" (class axis innermost) or "sliced"
+    (a strided window of a larger tensor)."""
+    if layout == "sliced":
+        N, C, *spatial = shape
+        big = torch.randn(N + 1, C + 2, *[s + 3 for s in spatial], device=device) * scale
+        window = (slice(1, None), slice(1, C + 1), *[slice(2, s + 2) for s in spatial])
+        return big[window].to(dtype)
+    z = (torch.randn(shape, device=device) * scale).to(dtype)
+    if layout == "channels_last":
+        z = z.movedim(1, -1).contiguous().movedim(-1, 1)
+    return z
+
+
+SHAPES = [(7, 5), (2, 19, 17, 23), (1, 3, 4, 5, 6), (3, 2, 9, 1)]
+LAYOUTS = ["contiguous", "channels_last", "sliced"]

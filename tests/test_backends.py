@@ -1,0 +1,100 @@
+"""The reference and the PyTorch fast path against the independent float64 NumPy oracle."""
+import numpy as np
+import pytest
+import torch
+
+import fastcal
+from fastcal import torch_backend
+
+import oracle
+from cases import DTYPES, LAYOUTS, SHAPES, make_logits
+
+CPU_BACKENDS = ["reference", "torch"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_stats_and_labels_match_oracle(backend, dtype, shape):
+    z = make_logits(shape, dtype)
+    S, W = fastcal.prototype_stats(z, backend=backend)
+    S_ref, W_ref = oracle.stats(z)
+    oracle.assert_stats_close(S, W, S_ref, W_ref)
+    P = fastcal.prototypes_from_stats(S, W)
+    np.testing.assert_allclose(P.double().numpy(), oracle.prototypes(S_ref, W_ref), rtol=1e-5, atol=1e-6)
+    oracle.assert_labels_match(fastcal.predict(z, P, backend=backend), z, P)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_any_strides(backend, layout):
+    z = make_logits((2, 6, 11, 13), layout=layout)
+    assert layout == "contiguous" or not z.is_contiguous()
+    S, W = fastcal.prototype_stats(z, backend=backend)
+    oracle.assert_stats_close(S, W, *oracle.stats(z))
+    P = fastcal.prototypes_from_stats(S, W)
+    oracle.assert_labels_match(fastcal.predict(z, P, backend=backend), z, P)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_temperature_and_mask(backend):
+    z = make_logits((2, 7, 12, 10))
+    valid = torch.rand(2, 12, 10) > 0.3
+    z[~valid.unsqueeze(1).expand_as(z)] = float("nan")  # garbage under the mask must not leak
+    S, W = fastcal.prototype_stats(z, temperature=2.5, valid=valid, backend=backend)
+    oracle.assert_stats_close(S, W, *oracle.stats(z, 2.5, valid))
+    assert torch.isfinite(S).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("empty", ["onehot", "skip"])
+def test_empty_classes(backend, empty):
+    z = make_logits((2, 6, 9, 9))
+    z[:, 4:] -= 100.0  # classes 4 and 5 are never the argmax
+    S, W = fastcal.prototype_stats(z, backend=backend)
+    assert W[4] == 0 and W[5] == 0
+    P = fastcal.prototypes_from_stats(S, W, empty=empty)
+    S_ref, W_ref = oracle.stats(z)
+    np.testing.assert_allclose(P.double().numpy(), oracle.prototypes(S_ref, W_ref, empty), rtol=1e-5, atol=1e-6)
+    labels = fastcal.predict(z, P, backend=backend)
+    oracle.assert_labels_match(labels, z, P)
+    if empty == "skip":
+        assert not ((labels == 4) | (labels == 5)).any()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_ties_take_the_lowest_class(backend):
+    z = torch.zeros(1, 4, 3, 3)
+    z[:, 1] = 2.0
+    z[:, 3] = 2.0  # argmax ties between 1 and 3
+    S, W = fastcal.prototype_stats(z, backend=backend)
+    assert W[1] > 0 and W[3] == 0
+    # identical prototypes for classes 0 and 2: the distance tie goes to 0
+    P = torch.full((4, 4), 0.25)
+    assert (fastcal.predict(z, P, backend=backend) == 0).all()
+
+
+def test_torch_path_chunks_cover_every_pixel(monkeypatch):
+    monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", 64)
+    for shape, layout in [((3, 5, 7, 9), "contiguous"), ((2, 4, 3, 5, 6), "sliced"), ((50, 8), "contiguous")]:
+        z = make_logits(shape, layout=layout)
+        S, W = fastcal.prototype_stats(z, backend="torch")
+        oracle.assert_stats_close(S, W, *oracle.stats(z))
+        P = fastcal.prototypes_from_stats(S, W)
+        oracle.assert_labels_match(fastcal.predict(z, P, backend="torch"), z, P)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("label_dtype", [torch.int64, torch.int32, torch.uint8])
+def test_calibrate_equals_stats_then_predict(backend, label_dtype):
+    z = make_logits((2, 5, 8, 8))
+    labels = fastcal.calibrate(z, backend=backend, label_dtype=label_dtype)
+    assert labels.dtype == label_dtype
+    S, W = fastcal.prototype_stats(z, backend=backend)
+    expected = fastcal.predict(z, fastcal.prototypes_from_stats(S, W), backend=backend)
+    assert torch.equal(labels.long(), expected)
+
+
+def test_torch_path_matches_reference_labels_exactly_on_big_margins():
+    z = make_logits((1, 19, 64, 64), scale=6.0)
+    assert torch.equal(fastcal.calibrate(z, backend="torch"), fastcal.calibrate(z, backend="reference"))

@@ -1,0 +1,83 @@
+"""LabelCalibrator: accumulation across batches, precision, and the prototypes it yields."""
+import numpy as np
+import pytest
+import torch
+
+import fastcal
+
+import oracle
+from cases import make_logits
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_k_batches_equal_one_call(backend):
+    z = make_logits((6, 7, 10, 12))
+    valid = torch.rand(6, 10, 12) > 0.2
+    whole = fastcal.LabelCalibrator(7, backend=backend).update(z, valid)
+    parts = fastcal.LabelCalibrator(7, backend=backend)
+    for i in range(0, 6, 2):
+        parts.update(z[i:i + 2], valid[i:i + 2])
+    # sums inside one call run in float32, so batching may move them by float32 rounding
+    torch.testing.assert_close(parts.S, whole.S, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(parts.W, whole.W, rtol=2e-6, atol=1e-6)
+    assert parts.num_pixels == whole.num_pixels == int(valid.sum())
+    oracle.assert_stats_close(parts.S, parts.W, *oracle.stats(z, 1.0, valid))
+    assert torch.equal(parts.predict(z), whole.predict(z))
+
+
+def test_prototypes_and_predict_match_functional_api():
+    z = make_logits((2, 5, 9, 9))
+    cal = fastcal.LabelCalibrator(5, temperature=1.7).update(z)
+    S, W = fastcal.prototype_stats(z, temperature=1.7)
+    assert torch.equal(cal.prototypes, fastcal.prototypes_from_stats(S, W))
+    assert torch.equal(cal.predict(z), fastcal.calibrate(z, temperature=1.7))
+
+
+def test_long_run_keeps_float64_precision():
+    """10^4 identical updates sum to exactly 10^4 times one update's sums, to float64 rounding;
+    a float32 accumulator would already be off by about 1e-4 relative."""
+    z = make_logits((1, 4, 8, 8))
+    one = fastcal.LabelCalibrator(4, backend="torch").update(z)
+    many = fastcal.LabelCalibrator(4, backend="torch")
+    S, W = fastcal.prototype_stats(z, backend="torch")
+    for _ in range(10_000):
+        many.S += S  # the update's own addition, without re-running the softmax
+        many.W += W
+    many.update(z)
+    np.testing.assert_allclose(many.W.numpy(), 10_001 * one.W.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(many.S.numpy(), 10_001 * one.S.numpy(), rtol=1e-12)
+    assert many.S.dtype == torch.float64
+
+
+def test_missing_classes_and_reset():
+    z = make_logits((1, 5, 6, 6))
+    z[:, 3] -= 50.0
+    cal = fastcal.LabelCalibrator(5, empty="skip").update(z)
+    assert cal.missing_classes == [3]
+    assert torch.isnan(cal.prototypes[3]).all()
+    assert not (cal.predict(z) == 3).any()
+    cal.reset()
+    assert cal.missing_classes == [0, 1, 2, 3, 4] and cal.num_updates == 0
+
+
+def test_unfitted_onehot_calibrator_predicts_argmax():
+    z = make_logits((2, 6, 7, 7))
+    assert torch.equal(fastcal.LabelCalibrator(6).predict(z), z.argmax(dim=1))
+
+
+def test_state_dict_round_trip_and_resume(tmp_path):
+    batches = [make_logits((2, 5, 6, 6)) for _ in range(4)]
+    straight = fastcal.LabelCalibrator(5)
+    for b in batches:
+        straight.update(b)
+    first = fastcal.LabelCalibrator(5)
+    for b in batches[:2]:
+        first.update(b)
+    first.save(tmp_path / "cal.pt")
+    state = torch.load(tmp_path / "cal.pt", weights_only=True)
+    assert state["version"] == 1 and state["S"].dtype == torch.float64
+    resumed = fastcal.LabelCalibrator(5).load(tmp_path / "cal.pt")
+    for b in batches[2:]:
+        resumed.update(b)
+    assert torch.equal(resumed.prototypes, straight.prototypes)
+    assert resumed.num_updates == 4
