@@ -1,0 +1,31 @@
+"""The Triton backend: the kernels of :mod:`fastcal.kernels` behind the backend interface."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def require(device: torch.device) -> None:
+    """Triton runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (for tests)."""
+    if device.type == "cuda":
+        return
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    raise ValueError(
+        f"backend: 'triton' needs CUDA tensors, got a tensor on {device}; use backend='torch' "
+        "(or 'auto') for CPU tensors, or set TRITON_INTERPRET=1 before importing triton to run "
+        "the kernels in the (slow) interpreter"
+    )
+
+
+def prototype_stats(logits, temperature, valid, deterministic=False):
+    from .kernels.stats import prototype_stats as stats
+
+    return stats(logits, temperature, valid, deterministic)
+
+
+def predict(logits, prototypes, temperature, label_dtype=torch.int64):
+    from .kernels.predict import predict as predict_labels
+
+    return predict_labels(logits, prototypes, temperature, label_dtype)

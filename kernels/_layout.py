@@ -1,0 +1,70 @@
+"""How a kernel walks the pixels of a strided [N, C, *spatial] tensor.
+
+The pixel dims (N and the spatial dims) are merged wherever the strides allow,
+leaving at most three *outer* dims and one *inner* dim. A tile is a block of
+the inner dim inside one outer position, so for NCHW the tile's pixels are
+contiguous (coalesced loads, one per class row) and for channels_last or
+``[N, C]`` the class axis is. The linear pixel index of the contiguous output
+``[N, *spatial]`` is ``outer * inner_size + inner``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PixelLayout:
+    outer_sizes: tuple[int, int, int]    # o0, o1, o2 (padded with 1)
+    outer_strides: tuple[int, int, int]
+    inner_size: int
+    inner_stride: int
+    class_stride: int
+    num_classes: int
+
+    @property
+    def num_outer(self) -> int:
+        return math.prod(self.outer_sizes)
+
+    @property
+    def num_pixels(self) -> int:
+        return self.num_outer * self.inner_size
+
+    def num_tiles(self, pix_block: int) -> int:
+        return self.num_outer * triton_cdiv(self.inner_size, pix_block)
+
+    def kernel_args(self) -> tuple:
+        """Positional arguments every fastcal kernel takes after its pointers, in this order."""
+        (_, o1, o2), (so0, so1, so2) = self.outer_sizes, self.outer_strides
+        return (self.num_classes, self.inner_size, o1, o2, so0, so1, so2, self.inner_stride, self.class_stride)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pixel_layout(logits: torch.Tensor) -> PixelLayout:
+    sizes = [logits.shape[0], *logits.shape[2:]]
+    strides = [logits.stride(0), *logits.stride()[2:]]
+    merged: list[list[int]] = []
+    for size, stride in zip(sizes, strides):
+        if size == 1:
+            continue  # a size-1 dim never moves the pointer
+        if merged and merged[-1][1] == stride * size:
+            merged[-1] = [merged[-1][0] * size, stride]
+        else:
+            merged.append([size, stride])
+    if not merged:
+        merged = [[1, 1]]
+    (inner_size, inner_stride), outer = merged[-1], merged[:-1]
+    outer = [[1, 0]] * (3 - len(outer)) + outer
+    return PixelLayout(
+        outer_sizes=tuple(s for s, _ in outer),
+        outer_strides=tuple(st for _, st in outer),
+        inner_size=inner_size,
+        inner_stride=inner_stride,
+        class_stride=logits.stride(1),
+        num_classes=logits.shape[1],
+    )

@@ -1,0 +1,202 @@
+"""The stats pass: prototype sums ``S`` [C, C] and weights ``W`` [C] in one read of the logits.
+
+Math (per valid pixel x, temperature T, ``scale = log2(e) / T``)::
+
+    e_j     = 2 ** ((z_j - max z) * scale)      p = e / sum(e)      conf = 1 / sum(e)
+    cls     = argmax_j z_j                       (lowest j on ties)
+    S[cls] += conf * p = conf**2 * e             W[cls] += conf
+
+Within a program the sums are ``onehot(cls)^T @ (conf p)`` as a ``tl.dot`` over
+its pixel tiles (float32, 3xTF32 on tensor cores), accumulated over every tile
+the persistent program visits, then flushed once: C^2 + C float64 atomic adds
+per program, or, in deterministic mode, a store of the program's partial that
+the host sums in a fixed order.
+
+Two schedules:
+
+* ``C <= FUSED_MAX_CLASSES``: one kernel, the whole class axis in one block.
+  Memory traffic per pixel: reads ``C * sizeof(dtype)`` (+1 byte with a mask).
+* larger C: ``_row_stats_kernel`` walks the class axis in blocks with an online
+  max / sum / argmax and writes 12 bytes per pixel (max, conf, cls); then
+  ``_stats_kernel`` runs on a (pixels x k-block x j-block) grid, each program
+  reading only its j-block of classes: ``C * sizeof(dtype) * (1 + cdiv(C, BLOCK))``
+  bytes per pixel reach L2, adjacent programs share tiles so DRAM sees about
+  two reads, plus 24 bytes per pixel for the row statistics.
+
+Non-finite logits at valid pixels are counted (and left out of the sums) so the
+caller can reject the batch without a second pass.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._layout import pixel_layout, triton_cdiv
+from ._tile import is_finite, load_tile, tile_position
+
+LOG2E = 1.4426950408889634
+FUSED_MAX_CLASSES = 64
+CHUNK_CLASSES = 64
+TILE_ELEMENTS = 4096          # logits per [classes, pixels] tile: 32 fp32 registers a thread at 4 warps
+PARTIALS_BUDGET = 1 << 28     # bytes of per-program partials in deterministic mode
+
+
+@triton.jit
+def _row_stats_kernel(
+    z_ptr, valid_ptr, max_ptr, conf_ptr, cls_ptr, bad_ptr,
+    C, L, O1, O2, so0, so1, so2, s_l, s_c, scale, n_tiles,
+    HAS_VALID: tl.constexpr, C_BLOCK: tl.constexpr, PIX_BLOCK: tl.constexpr,
+):
+    """Per pixel: running max, argmax and sum of exponentials over class blocks.
+
+    Writes ``max z`` (fp32), ``conf`` (fp32, 0 for pixels left out) and ``cls``
+    (int32): reads ``C * sizeof(dtype)`` and writes 12 bytes per pixel.
+    """
+    tile = tl.program_id(0)
+    o_z, o_pix, m_pix = tile_position(tile, L, O1, O2, so0, so1, so2, s_l, PIX_BLOCK)
+    o_c = tl.arange(0, C_BLOCK)
+    b_max = tl.full([PIX_BLOCK], float("-inf"), tl.float32)
+    b_sum = tl.zeros([PIX_BLOCK], tl.float32)
+    b_cls = tl.zeros([PIX_BLOCK], tl.int32)
+    b_finite = m_pix
+    for c0 in range(0, C, C_BLOCK):
+        o_cls = c0 + o_c
+        b_raw = load_tile(z_ptr, o_z, m_pix, o_cls, C, s_c)
+        m_cls = (o_cls < C)[:, None]
+        b_finite &= tl.min(tl.where(m_cls, is_finite(b_raw), True).to(tl.int32), 0) > 0
+        b_z = tl.where(m_cls, b_raw, float("-inf"))
+        c_max = tl.max(b_z, 0)
+        c_cls = tl.argmax(b_z, 0, tie_break_left=True).to(tl.int32) + c0
+        b_cls = tl.where(c_max > b_max, c_cls, b_cls)  # strict: an equal later block keeps the lower class
+        new_max = tl.maximum(b_max, c_max)
+        b_sum = b_sum * tl.exp2((b_max - new_max) * scale) + tl.sum(tl.exp2((b_z - new_max[None, :]) * scale), 0)
+        b_max = new_max
+    m_use = m_pix
+    if HAS_VALID:
+        m_use &= tl.load(valid_ptr + o_pix, mask=m_pix, other=0) != 0
+    tl.atomic_add(bad_ptr, tl.sum((m_use & ~b_finite).to(tl.int32), 0))
+    m_use &= b_finite
+    tl.store(max_ptr + o_pix, b_max, mask=m_pix)
+    tl.store(conf_ptr + o_pix, tl.where(m_use, 1.0 / b_sum, 0.0), mask=m_pix)
+    tl.store(cls_ptr + o_pix, b_cls, mask=m_pix)
+
+
+@triton.jit
+def _stats_kernel(
+    z_ptr, valid_ptr, max_ptr, conf_ptr, cls_ptr, S_ptr, W_ptr, bad_ptr,
+    C, L, O1, O2, so0, so1, so2, s_l, s_c, scale, n_tiles,
+    HAS_VALID: tl.constexpr, FUSED: tl.constexpr, PARTIALS: tl.constexpr,
+    C_BLOCK: tl.constexpr, PIX_BLOCK: tl.constexpr,
+):
+    """Block ``S[k-block, j-block]`` (and ``W[k-block]``) over this program's pixel tiles.
+
+    FUSED: the tile holds every class; softmax, argmax and conf are computed
+    here and ``max_ptr``/``conf_ptr``/``cls_ptr`` are unused. Otherwise they
+    come from ``_row_stats_kernel``. PARTIALS: store the program's partial sums
+    (float32) instead of adding them atomically (float64).
+    """
+    pid = tl.program_id(0)
+    k0 = tl.program_id(1) * C_BLOCK
+    j0 = tl.program_id(2) * C_BLOCK
+    o_k = k0 + tl.arange(0, C_BLOCK)
+    o_j = j0 + tl.arange(0, C_BLOCK)
+    m_j = (o_j < C)[:, None]
+    b_S = tl.zeros([C_BLOCK, C_BLOCK], tl.float32)
+    b_W = tl.zeros([C_BLOCK], tl.float32)
+    n_bad = tl.zeros([PIX_BLOCK], tl.int32)
+    for tile in range(pid, n_tiles, tl.num_programs(0)):
+        o_z, o_pix, m_pix = tile_position(tile, L, O1, O2, so0, so1, so2, s_l, PIX_BLOCK)
+        b_raw = load_tile(z_ptr, o_z, m_pix, o_j, C, s_c)
+        if FUSED:
+            b_z = tl.where(m_j, b_raw, float("-inf"))
+            b_max = tl.max(b_z, 0)
+            b_cls = tl.argmax(b_z, 0, tie_break_left=True)
+            b_e = tl.exp2((b_z - b_max[None, :]) * scale)
+            b_conf = 1.0 / tl.sum(b_e, 0)
+            b_finite = tl.min(tl.where(m_j, is_finite(b_raw), True).to(tl.int32), 0) > 0
+            m_use = m_pix
+            if HAS_VALID:
+                m_use &= tl.load(valid_ptr + o_pix, mask=m_pix, other=0) != 0
+            n_bad += (m_use & ~b_finite).to(tl.int32)
+            b_w = tl.where(m_use & b_finite, b_conf, 0.0)
+        else:
+            b_max = tl.load(max_ptr + o_pix, mask=m_pix, other=0.0)
+            b_w = tl.load(conf_ptr + o_pix, mask=m_pix, other=0.0)
+            b_cls = tl.load(cls_ptr + o_pix, mask=m_pix, other=-1)
+            b_e = tl.exp2((b_raw - b_max[None, :]) * scale)
+        b_cp = tl.where(m_j & (b_w > 0)[None, :], b_e * (b_w * b_w)[None, :], 0.0)
+        b_onehot = o_k[:, None] == b_cls[None, :]
+        b_S += tl.dot(b_onehot.to(tl.float32), tl.trans(b_cp), input_precision="tf32x3")
+        b_W += tl.sum(tl.where(b_onehot, b_w[None, :], 0.0), 1)
+    m_k = o_k < C
+    o_S = o_k[:, None] * C + o_j[None, :]
+    m_S = m_k[:, None] & (o_j < C)[None, :]
+    m_W = m_k & (tl.full([C_BLOCK], j0, tl.int32) == 0)  # W once, by the first j-block
+    if PARTIALS:
+        tl.store(S_ptr + pid.to(tl.int64) * C * C + o_S, b_S, mask=m_S)
+        tl.store(W_ptr + pid * C + o_k, b_W, mask=m_W)
+    else:
+        tl.atomic_add(S_ptr + o_S, b_S.to(tl.float64), mask=m_S)
+        tl.atomic_add(W_ptr + o_k, b_W.to(tl.float64), mask=m_W)
+    if FUSED:
+        tl.atomic_add(bad_ptr, tl.sum(n_bad, 0))
+
+
+def stats_config(num_classes: int) -> dict:
+    """Block sizes the launcher picks for ``num_classes``."""
+    if num_classes <= FUSED_MAX_CLASSES:
+        c_block = max(16, triton.next_power_of_2(num_classes))
+        return {"FUSED": True, "C_BLOCK": c_block, "PIX_BLOCK": TILE_ELEMENTS // c_block, "num_warps": 4}
+    return {"FUSED": False, "C_BLOCK": CHUNK_CLASSES, "PIX_BLOCK": TILE_ELEMENTS // CHUNK_CLASSES, "num_warps": 4}
+
+
+def max_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter runs programs one after another; a few keep the loops short
+
+
+def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
+                    deterministic: bool = False):
+    """``(S float64 [C, C], W float64 [C], number of valid pixels with a non-finite logit)``."""
+    layout = pixel_layout(logits)
+    C, device = layout.num_classes, logits.device
+    config = stats_config(C)
+    c_block, pix_block, fused = config["C_BLOCK"], config["PIX_BLOCK"], config["FUSED"]
+    scale = LOG2E / temperature
+    n_tiles = layout.num_tiles(pix_block)
+    has_valid = valid is not None
+    valid_arg = valid.contiguous().view(torch.uint8) if has_valid else logits
+    bad = torch.zeros(1, dtype=torch.int32, device=device)
+    n_blocks = triton_cdiv(C, c_block)
+
+    n_programs = min(n_tiles, max_programs(device))
+    if deterministic:
+        n_programs = max(1, min(n_programs, PARTIALS_BUDGET // (4 * C * C)))
+        S = torch.empty(n_programs, C, C, dtype=torch.float32, device=device)
+        W = torch.zeros(n_programs, C, dtype=torch.float32, device=device)
+    else:
+        S = torch.zeros(C, C, dtype=torch.float64, device=device)
+        W = torch.zeros(C, dtype=torch.float64, device=device)
+
+    if fused:
+        row_max = row_conf = row_cls = logits  # unused by the fused kernel
+    else:
+        row_max = torch.empty(layout.num_pixels, dtype=torch.float32, device=device)
+        row_conf = torch.empty_like(row_max)
+        row_cls = torch.empty(layout.num_pixels, dtype=torch.int32, device=device)
+        _row_stats_kernel[(n_tiles,)](
+            logits, valid_arg, row_max, row_conf, row_cls, bad, *layout.kernel_args(), scale, n_tiles,
+            HAS_VALID=has_valid, C_BLOCK=c_block, PIX_BLOCK=pix_block, num_warps=config["num_warps"],
+        )
+    _stats_kernel[(n_programs, n_blocks, n_blocks)](
+        logits, valid_arg, row_max, row_conf, row_cls, S, W, bad, *layout.kernel_args(), scale, n_tiles,
+        HAS_VALID=has_valid, FUSED=fused, PARTIALS=deterministic, C_BLOCK=c_block, PIX_BLOCK=pix_block,
+        num_warps=config["num_warps"],
+    )
+    if deterministic:
+        S, W = S.double().sum(dim=0), W.double().sum(dim=0)
+    return S, W, int(bad.item())
