@@ -26,7 +26,9 @@ import triton.language as tl
 from .._common import split_skipped
 from ._layout import pixel_layout, triton_cdiv
 from ._tile import load_tile, tile_position
-from .stats import LOG2E, stats_config
+from .stats import LOG2E, TILE_ELEMENTS, stats_config
+
+PREDICT_CHUNK_CLASSES = 32  # p . P^T blocks in 3xTF32 need three operand copies: smaller blocks than stats
 
 
 @triton.jit
@@ -44,7 +46,7 @@ def _predict_kernel(
         b_p = b_e / tl.sum(b_e, 0)[None, :]
         b_P = tl.load(P_ptr + o_c[:, None] * C_PAD + o_c[None, :])
         b_d = tl.load(norm_ptr + o_c)[:, None] - 2.0 * tl.dot(b_P, b_p, input_precision="tf32x3")
-        b_label = tl.argmin(b_d, 0, tie_break_left=True)
+        b_label = tl.argmin(tl.where(b_d == b_d, b_d, float("inf")), 0, tie_break_left=True)
     else:
         b_max = tl.full([PIX_BLOCK], float("-inf"), tl.float32)
         b_sum = tl.zeros([PIX_BLOCK], tl.float32)
@@ -66,11 +68,21 @@ def _predict_kernel(
                 b_P = tl.load(P_ptr + (k0 + o_c)[:, None] * C_PAD + o_j[None, :])
                 b_dot += tl.dot(b_P, b_p, input_precision="tf32x3")
             b_d = tl.load(norm_ptr + k0 + o_c)[:, None] - 2.0 * b_dot
+            b_d = tl.where(b_d == b_d, b_d, float("inf"))  # non-finite logits: some label, no NaN
             c_best = tl.min(b_d, 0)
             c_label = tl.argmin(b_d, 0, tie_break_left=True).to(tl.int32) + k0
             b_label = tl.where(c_best < b_best, c_label, b_label)  # strict: ties keep the lower block
             b_best = tl.minimum(b_best, c_best)
     tl.store(out_ptr + o_pix, b_label.to(out_ptr.dtype.element_ty), mask=m_pix)
+
+
+def predict_config(num_classes: int) -> dict:
+    """Block sizes the launcher picks for ``num_classes``: the stats pass's, but smaller class blocks
+    when the class axis is chunked."""
+    config = stats_config(num_classes)
+    if not config["FUSED"]:
+        config.update(C_BLOCK=PREDICT_CHUNK_CLASSES, PIX_BLOCK=TILE_ELEMENTS // PREDICT_CHUNK_CLASSES)
+    return config
 
 
 def padded_prototypes(prototypes: torch.Tensor, c_block: int):
@@ -87,13 +99,13 @@ def padded_prototypes(prototypes: torch.Tensor, c_block: int):
 
 def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64):
     layout = pixel_layout(logits)
-    config = stats_config(layout.num_classes)
+    config = predict_config(layout.num_classes)
     P_pad, norms_pad = padded_prototypes(prototypes.to(logits.device), config["C_BLOCK"])
     labels = torch.empty((logits.shape[0], *logits.shape[2:]), dtype=label_dtype, device=logits.device)
     grid = (layout.num_tiles(config["PIX_BLOCK"]),)
     _predict_kernel[grid](
         logits, P_pad, norms_pad, labels, *layout.kernel_args(), LOG2E / temperature, P_pad.shape[0],
         FUSED=config["FUSED"], C_BLOCK=config["C_BLOCK"], PIX_BLOCK=config["PIX_BLOCK"],
-        num_warps=config["num_warps"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"], maxnreg=config["maxnreg"],
     )
     return labels

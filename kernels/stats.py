@@ -7,7 +7,7 @@ Math (per valid pixel x, temperature T, ``scale = log2(e) / T``)::
     S[cls] += conf * p = conf**2 * e             W[cls] += conf
 
 Within a program the sums are ``onehot(cls)^T @ (conf p)`` as a ``tl.dot`` over
-its pixel tiles (float32, 3xTF32 on tensor cores), accumulated over every tile
+its pixel tiles (float32, two TF32 products on tensor cores, see ``onehot_dot``), accumulated over every tile
 the persistent program visits, then flushed once: C^2 + C float64 atomic adds
 per program, or, in deterministic mode, a store of the program's partial that
 the host sums in a fixed order.
@@ -40,8 +40,21 @@ from ._tile import is_finite, load_tile, tile_position
 LOG2E = 1.4426950408889634
 FUSED_MAX_CLASSES = 64
 CHUNK_CLASSES = 64
-TILE_ELEMENTS = 4096          # logits per [classes, pixels] tile: 32 fp32 registers a thread at 4 warps
+TILE_ELEMENTS = 1024          # logits per [classes, pixels] tile: 8 values a thread at 4 warps
 PARTIALS_BUDGET = 1 << 28     # bytes of per-program partials in deterministic mode
+
+
+@triton.jit
+def onehot_dot(b_onehot, b_x):
+    """``b_onehot @ b_x`` to about 2^-22 relative error with two TF32 products.
+
+    A one-hot matrix is exact in TF32, so splitting only ``b_x`` into a TF32 head
+    and its float32 remainder recovers what 3xTF32 would, with one product less.
+    """
+    b_hi = (b_x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    b_lo = b_x - b_hi
+    b_out = tl.dot(b_onehot, b_hi, input_precision="tf32")
+    return tl.dot(b_onehot, b_lo, b_out, input_precision="tf32")
 
 
 @triton.jit
@@ -66,8 +79,9 @@ def _row_stats_kernel(
         o_cls = c0 + o_c
         b_raw = load_tile(z_ptr, o_z, m_pix, o_cls, C, s_c)
         m_cls = (o_cls < C)[:, None]
-        b_finite &= tl.min(tl.where(m_cls, is_finite(b_raw), True).to(tl.int32), 0) > 0
-        b_z = tl.where(m_cls, b_raw, float("-inf"))
+        m_finite = is_finite(b_raw)
+        b_finite &= tl.min(tl.where(m_cls, m_finite, True).to(tl.int32), 0) > 0
+        b_z = tl.where(m_cls & m_finite, b_raw, float("-inf"))  # a NaN never wins the argmax
         c_max = tl.max(b_z, 0)
         c_cls = tl.argmax(b_z, 0, tie_break_left=True).to(tl.int32) + c0
         b_cls = tl.where(c_max > b_max, c_cls, b_cls)  # strict: an equal later block keeps the lower class
@@ -111,12 +125,13 @@ def _stats_kernel(
         o_z, o_pix, m_pix = tile_position(tile, L, O1, O2, so0, so1, so2, s_l, PIX_BLOCK)
         b_raw = load_tile(z_ptr, o_z, m_pix, o_j, C, s_c)
         if FUSED:
-            b_z = tl.where(m_j, b_raw, float("-inf"))
+            m_finite = is_finite(b_raw)
+            b_finite = tl.min(tl.where(m_j, m_finite, True).to(tl.int32), 0) > 0
+            b_z = tl.where(m_j & m_finite, b_raw, float("-inf"))  # a NaN never wins the argmax
             b_max = tl.max(b_z, 0)
             b_cls = tl.argmax(b_z, 0, tie_break_left=True)
             b_e = tl.exp2((b_z - b_max[None, :]) * scale)
             b_conf = 1.0 / tl.sum(b_e, 0)
-            b_finite = tl.min(tl.where(m_j, is_finite(b_raw), True).to(tl.int32), 0) > 0
             m_use = m_pix
             if HAS_VALID:
                 m_use &= tl.load(valid_ptr + o_pix, mask=m_pix, other=0) != 0
@@ -129,7 +144,7 @@ def _stats_kernel(
             b_e = tl.exp2((b_raw - b_max[None, :]) * scale)
         b_cp = tl.where(m_j & (b_w > 0)[None, :], b_e * (b_w * b_w)[None, :], 0.0)
         b_onehot = o_k[:, None] == b_cls[None, :]
-        b_S += tl.dot(b_onehot.to(tl.float32), tl.trans(b_cp), input_precision="tf32x3")
+        b_S += onehot_dot(b_onehot.to(tl.float32), tl.trans(b_cp))
         b_W += tl.sum(tl.where(b_onehot, b_w[None, :], 0.0), 1)
     m_k = o_k < C
     o_S = o_k[:, None] * C + o_j[None, :]
@@ -149,8 +164,13 @@ def stats_config(num_classes: int) -> dict:
     """Block sizes the launcher picks for ``num_classes``."""
     if num_classes <= FUSED_MAX_CLASSES:
         c_block = max(16, triton.next_power_of_2(num_classes))
-        return {"FUSED": True, "C_BLOCK": c_block, "PIX_BLOCK": TILE_ELEMENTS // c_block, "num_warps": 4}
-    return {"FUSED": False, "C_BLOCK": CHUNK_CLASSES, "PIX_BLOCK": TILE_ELEMENTS // CHUNK_CLASSES, "num_warps": 4}
+    else:
+        c_block = CHUNK_CLASSES
+    # num_stages=1: prefetching the next tile of the persistent loop costs more registers than
+    # a thread has; resident warps hide the load latency instead. maxnreg=255: left alone, ptxas
+    # caps some variants at 128 registers and spills to local memory.
+    return {"FUSED": num_classes <= FUSED_MAX_CLASSES, "C_BLOCK": c_block, "PIX_BLOCK": TILE_ELEMENTS // c_block,
+            "num_warps": 4, "num_stages": 1, "maxnreg": 255}
 
 
 def max_programs(device: torch.device) -> int:
@@ -191,11 +211,12 @@ def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tenso
         _row_stats_kernel[(n_tiles,)](
             logits, valid_arg, row_max, row_conf, row_cls, bad, *layout.kernel_args(), scale, n_tiles,
             HAS_VALID=has_valid, C_BLOCK=c_block, PIX_BLOCK=pix_block, num_warps=config["num_warps"],
+            num_stages=config["num_stages"], maxnreg=config["maxnreg"],
         )
     _stats_kernel[(n_programs, n_blocks, n_blocks)](
         logits, valid_arg, row_max, row_conf, row_cls, S, W, bad, *layout.kernel_args(), scale, n_tiles,
         HAS_VALID=has_valid, FUSED=fused, PARTIALS=deterministic, C_BLOCK=c_block, PIX_BLOCK=pix_block,
-        num_warps=config["num_warps"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"], maxnreg=config["maxnreg"],
     )
     if deterministic:
         S, W = S.double().sum(dim=0), W.double().sum(dim=0)

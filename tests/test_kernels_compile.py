@@ -1,0 +1,98 @@
+"""Every kernel, at every configuration the dispatcher can pick, compiles for sm_80 and sm_90
+without a GPU, and the cubin spills nothing and fits in 255 registers (cuobjdump)."""
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+from fastcal.kernels import predict, stats
+
+import aot
+
+CAPABILITIES = [80, 90]
+LOGIT_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+# NCHW has contiguous pixels (stride 1 is specialised by the JIT), channels_last contiguous classes
+LAYOUTS = {"nchw": "s_l", "channels_last": "s_c"}
+SCALARS = ["C", "L", "O1", "O2", "so0", "so1", "so2", "s_l", "s_c", "n_tiles", "C_PAD"]
+CLASS_COUNTS = [2, 19, 33, 64, 65, 150, 1024]  # every block size stats_config can return
+
+
+def dispatcher_configs(config_of):
+    return {tuple(sorted(config_of(c).items())): config_of(c) for c in CLASS_COUNTS}.values()
+
+
+def launch_options(config: dict) -> dict:
+    return {key: config[key] for key in ("num_warps", "num_stages", "maxnreg")}
+
+
+def cases():
+    for config, dtype, layout, cap in itertools.product(dispatcher_configs(stats.stats_config), LOGIT_TYPES,
+                                                        LAYOUTS, CAPABILITIES):
+        meta = {"C_BLOCK": config["C_BLOCK"], "PIX_BLOCK": config["PIX_BLOCK"]}
+        tag = f"{dtype}-{layout}-sm{cap}-C{config['C_BLOCK']}{'' if config['FUSED'] else '-chunked'}"
+        for has_valid, partials in itertools.product([False, True], [False, True]):
+            sums = "*fp32" if partials else "*fp64"
+            yield (f"stats-{tag}-valid{int(has_valid)}-partials{int(partials)}", "stats._stats_kernel",
+                   dtype, layout, cap, {"S_ptr": sums, "W_ptr": sums},
+                   {**meta, "HAS_VALID": has_valid, "FUSED": config["FUSED"], "PARTIALS": partials},
+                   launch_options(config))
+        if not config["FUSED"]:
+            for has_valid in (False, True):
+                yield (f"row_stats-{tag}-valid{int(has_valid)}", "stats._row_stats_kernel", dtype, layout, cap, {},
+                       {**meta, "HAS_VALID": has_valid}, launch_options(config))
+    for config, dtype, layout, cap in itertools.product(dispatcher_configs(predict.predict_config), LOGIT_TYPES,
+                                                        LAYOUTS, CAPABILITIES):
+        meta = {"C_BLOCK": config["C_BLOCK"], "PIX_BLOCK": config["PIX_BLOCK"], "FUSED": config["FUSED"]}
+        tag = f"{dtype}-{layout}-sm{cap}-C{config['C_BLOCK']}{'' if config['FUSED'] else '-chunked'}"
+        for label in ("i64", "i32", "u8"):
+            yield (f"predict-{tag}-{label}", "predict._predict_kernel", dtype, layout, cap, {"out_ptr": f"*{label}"},
+                   meta, launch_options(config))
+
+
+KERNELS = {"stats._stats_kernel": stats._stats_kernel, "stats._row_stats_kernel": stats._row_stats_kernel,
+           "predict._predict_kernel": predict._predict_kernel}
+
+
+def compile_case(case):
+    name, kernel_name, dtype, layout, cap, extra, meta, options = case
+    kernel = KERNELS[kernel_name]
+    unit_stride = LAYOUTS[layout]
+    types = {"z_ptr": LOGIT_TYPES[dtype], "valid_ptr": "*u8", "max_ptr": "*fp32", "conf_ptr": "*fp32",
+             "cls_ptr": "*i32", "bad_ptr": "*i32", "P_ptr": "*fp32", "norm_ptr": "*fp32", "scale": "fp32",
+             **{s: "i32" for s in SCALARS}, **extra}
+    sig = {arg: types[arg] for arg in kernel.arg_names if arg not in meta and arg != unit_stride}
+    compiled = aot.compile_kernel(kernel, sig, {unit_stride: 1, **meta}, cap, options)
+    return name, aot.resource_usage(compiled)
+
+
+ALL_CASES = list(cases())
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.fixture(scope="module")
+def usage(monkeypatch_module):
+    # Fresh processes without TRITON_INTERPRET import the kernels as real JIT functions.
+    monkeypatch_module.delenv("TRITON_INTERPRET", raising=False)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1, mp_context=context) as pool:
+        results = dict(pool.map(compile_case, ALL_CASES))
+    print("\nkernel registers and spills (cuobjdump --dump-resource-usage):")
+    for name, u in sorted(results.items()):
+        print(f"  {name:60s} REG:{u['REG']:3d} STACK:{u['STACK']} LOCAL:{u['LOCAL']}")
+    return results
+
+
+@pytest.mark.parametrize("name", [c[0] for c in ALL_CASES])
+def test_compiles_without_spills(usage, name):
+    u = usage[name]
+    assert u["LOCAL"] == 0 and u["STACK"] == 0, f"{name} spills: {u}"
+    assert u["REG"] <= 255, f"{name} uses {u['REG']} registers"
