@@ -17,7 +17,7 @@ import torch
 
 from ._common import split_skipped
 
-CHUNK_ELEMENTS = 1 << 19  # 2 MiB of float32 logits: a chunk and its buffers stay in L2
+CHUNK_ELEMENTS = 1 << 21  # 8 MiB of float32 logits a chunk: large enough that per-op overhead vanishes
 
 
 def _chunk_index(shape: tuple[int, ...], budget: int) -> Iterator[tuple]:
@@ -47,18 +47,54 @@ def _chunks(logits: torch.Tensor):
         yield index, by_class[(slice(None), *index)].reshape(C, -1)
 
 
-def _softmax_chunk(z: torch.Tensor, temperature: float):
-    """``e = exp((z - max z) / T)`` (a new buffer), ``1 / sum e`` = conf, argmax, finiteness."""
-    z32 = z.float()
-    z_min, z_max = torch.aminmax(z32, dim=0)
-    cls = z32.argmax(dim=0)
-    e = z32 - z_max if z32 is z else z32.sub_(z_max)
+_TWO_126 = 2.0**126
+
+
+class _Buffers:
+    """Chunk-sized float32 scratch space, allocated once per call: fresh multi-MiB tensors per
+    chunk would cost a page fault per 4 KiB on every chunk."""
+
+    def __init__(self, num_classes: int, device: torch.device):
+        size = num_classes * max(1, CHUNK_ELEMENTS // num_classes)
+        self.num_classes = num_classes
+        self.e = torch.empty(size, dtype=torch.float32, device=device)
+        self.key = torch.empty(size, dtype=torch.float32, device=device)
+        self.descending = torch.arange(num_classes, 0, -1, dtype=torch.float32, device=device)[:, None]
+
+    def view(self, flat: torch.Tensor, n: int) -> torch.Tensor:
+        return flat[: self.num_classes * n].view(self.num_classes, n)
+
+
+def _first_zero(gap: torch.Tensor, out: torch.Tensor, buffers: _Buffers) -> torch.Tensor:
+    """Per column, the lowest k with ``gap[k] == 0``, given ``gap <= 0`` (NaN columns: some class).
+
+    Same as ``argmax``/``argmin`` along dim 0 when ``gap`` is the distance to the column's
+    extremum, without their slow strided reduction: two multiplies by 2^126 send every
+    nonzero gap (denormals too) to -inf, so after adding ``C - k`` the column max is
+    ``C - k`` of the first zero. ``out`` (which may be ``gap``) is overwritten.
+    """
+    C = gap.shape[0]
+    key = torch.mul(gap, _TWO_126, out=out).mul_(_TWO_126).add_(buffers.descending)
+    first = C - key.amax(dim=0)
+    return first.nan_to_num_(0.0).clamp_(0, C - 1).long()
+
+
+def _softmax_chunk(z: torch.Tensor, temperature: float, buffers: _Buffers, with_argmax: bool):
+    """``e = exp((z - max z) / T)`` in a scratch buffer, and ``conf = 1 / sum e``; with
+    ``with_argmax`` also the argmax and whether every logit of the pixel is finite."""
+    n = z.shape[1]
+    z_max = z.amax(dim=0).float()
+    e = torch.sub(z, z_max, out=buffers.view(buffers.e, n))  # upcasts half-precision chunks
+    if with_argmax:
+        finite = torch.isfinite(z_max) & torch.isfinite(z.amin(dim=0))
+        cls = _first_zero(e, buffers.view(buffers.key, n), buffers)
     if temperature != 1.0:
         e.mul_(1.0 / temperature)
     e.exp_()
     conf = e.sum(dim=0).reciprocal_()
-    finite = torch.isfinite(z_min) & torch.isfinite(z_max)
-    return e, conf, cls, finite
+    if with_argmax:
+        return e, conf, cls, finite
+    return e, conf
 
 
 def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
@@ -67,8 +103,9 @@ def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tenso
     S_t = torch.zeros(C, C, dtype=torch.float64, device=logits.device)  # S transposed: [j, k]
     W = torch.zeros(C, dtype=torch.float64, device=logits.device)
     nonfinite = 0
+    buffers = _Buffers(C, logits.device)
     for index, z in _chunks(logits):
-        e, conf, cls, use = _softmax_chunk(z, temperature)
+        e, conf, cls, use = _softmax_chunk(z, temperature, buffers, with_argmax=True)
         if valid is not None:
             in_mask = valid[index].reshape(-1)
             nonfinite += int((in_mask & ~use).sum())
@@ -89,10 +126,12 @@ def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tenso
 def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64):
     P, sq_norms = split_skipped(prototypes)
     labels = torch.empty((logits.shape[0], *logits.shape[2:]), dtype=label_dtype, device=logits.device)
+    buffers = _Buffers(logits.shape[1], logits.device)
     for index, z in _chunks(logits):
-        e, conf, _, _ = _softmax_chunk(z, temperature)
+        e, conf = _softmax_chunk(z, temperature, buffers, with_argmax=False)
         e.mul_(conf)
-        distance = torch.addmm(sq_norms[:, None], P, e, alpha=-2.0)
+        distance = torch.addmm(sq_norms[:, None], P, e, alpha=-2.0, out=buffers.view(buffers.key, e.shape[1]))
+        gap = torch.sub(distance.amin(dim=0), distance, out=distance)
         out = labels[index]
-        out.copy_(distance.argmin(dim=0).view(out.shape))
+        out.copy_(_first_zero(gap, gap, buffers).view(out.shape))
     return labels
