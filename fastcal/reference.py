@@ -1,8 +1,8 @@
 """Label calibration in plain PyTorch, line for line as in the paper.
 
 This is the oracle every faster backend is tested against: clear before fast.
-It materialises the softmax of the whole batch and, in ``predict``, the full
-pixels x classes x classes difference tensor, so it needs a lot of memory.
+It materialises the softmax of the whole batch (float32, class axis last), so it
+needs several times the memory of the logits.
 
     p(x)    = softmax(z(x) / T)                 over the class axis
     cls(x)  = argmax_k z(x)_k                   lowest k on ties
@@ -56,10 +56,20 @@ def prototypes_from_stats(S: torch.Tensor, W: torch.Tensor, empty: str) -> torch
 
 
 def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64):
-    """``argmin_k ||p(x) - P[k]||^2``; a NaN row of ``prototypes`` is never chosen."""
+    """``argmin_k ||p(x) - P[k]||^2``; a NaN row of ``prototypes`` is never chosen.
+
+    The pixels x classes x classes differences are formed a block of pixels at a
+    time, so memory stays bounded (about 64 MiB) whatever the batch size.
+    """
     p, _, _ = soft_labels(logits, temperature)
     P = prototypes.float()
-    distance = ((p[..., None, :] - P) ** 2).sum(dim=-1)
     skipped = torch.isnan(P).all(dim=1)
-    distance[..., skipped] = float("inf")
-    return distance.argmin(dim=-1).to(label_dtype)
+    pixels = p.reshape(-1, P.shape[0])
+    labels = torch.empty(pixels.shape[0], dtype=torch.int64, device=p.device)
+    block = max(1, (1 << 24) // P.numel())
+    for start in range(0, pixels.shape[0], block):
+        p_block = pixels[start:start + block]
+        distance = ((p_block[:, None, :] - P) ** 2).sum(dim=-1)
+        distance[:, skipped] = float("inf")
+        labels[start:start + block] = distance.argmin(dim=-1)
+    return labels.view(p.shape[:-1]).to(label_dtype)

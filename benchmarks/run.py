@@ -1,0 +1,133 @@
+"""One command for the whole benchmark suite: ``python -m benchmarks.run [--out DIR]``.
+
+Runs the pytest-benchmark rows of ``benchmarks/test_bench.py`` (GPU rows too when CUDA
+is present), measures peak memory, and writes ``DIR/results.json`` (every figure) and
+``DIR/results.md`` (the table the README shows).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import pytest
+import torch
+
+from benchmarks.memory import measure_in_fresh_process
+from benchmarks.workloads import cases
+
+GIB = 1 << 30
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    if torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name()}"
+    return text
+
+
+def run_benchmarks(out_dir: str) -> list[dict]:
+    raw = os.path.join(out_dir, "pytest-benchmark.json")
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = pytest.main([os.path.join(here, "test_bench.py"), "-q", "-p", "no:cacheprovider", "--benchmark-enable",
+                        f"--benchmark-json={raw}", "--benchmark-columns=median,rounds",
+                        "--benchmark-sort=name", "-o", "addopts="])
+    if code != 0:
+        raise SystemExit(f"benchmark run failed (pytest exit code {code})")
+    with open(raw) as f:
+        return [{**b["extra_info"], "seconds": b["stats"]["median"]} for b in json.load(f)["benchmarks"]]
+
+
+def add_memory(rows: list[dict]) -> None:
+    if torch.cuda.is_available():
+        return  # measured inside the benchmark
+    wanted: dict[tuple, list[str]] = {}
+    for r in rows:
+        if r["provider"] in ("torch", "reference"):
+            wanted.setdefault((r["workload"], r["dtype"], r["provider"]), []).append(r["pass_name"])
+    for (workload, dtype, provider), passes in wanted.items():
+        print(f"memory: {workload} {dtype} {provider} ...", flush=True)
+        peaks = measure_in_fresh_process(workload, dtype, provider, passes)
+        for r in rows:
+            if (r["workload"], r["dtype"], r["provider"]) == (workload, dtype, provider):
+                r["peak_bytes"] = peaks[r["pass_name"]]
+
+
+def derive(rows: list[dict]) -> None:
+    copy = {(r["workload"], r["dtype"]): r for r in rows if r["provider"] == "copy"}
+    ref = {(r["workload"], r["dtype"], r["pass_name"]): r for r in rows if r["provider"] == "reference"}
+    exp = {(r["workload"], r["dtype"]): r for r in rows if r["provider"] == "exp"}
+    for r in rows:
+        r["gbps"] = r["bytes"] / r["seconds"] / 1e9
+        r["mpix_per_s"] = r["pixels"] / r["seconds"] / 1e6
+        key = (r["workload"], r["dtype"])
+        if key in copy:
+            r["fraction_of_copy"] = r["gbps"] / copy[key]["gbps"]
+        if (*key, r["pass_name"]) in ref:
+            r["speedup_vs_reference"] = ref[(*key, r["pass_name"])]["seconds"] / r["seconds"]
+        if key in exp and r["provider"] not in ("copy", "exp"):
+            r["times_exp"] = r["seconds"] / exp[key]["seconds"]
+        if "peak_bytes" in r:
+            r["peak_over_logits"] = r["peak_bytes"] / bytes_of_logits(r)
+
+
+def bytes_of_logits(r: dict) -> int:
+    from benchmarks.workloads import DTYPES, WORKLOADS
+
+    w = WORKLOADS[r["workload"]]
+    return w.pixels * w.num_classes * DTYPES[r["dtype"]].itemsize
+
+
+def fmt(value, spec: str, missing: str = "") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def markdown(rows: list[dict], left_out: list, seconds: float) -> str:
+    lines = [f"Machine: {machine()}. Suite time: {seconds:.0f} s.", "",
+             "| workload | dtype | pass | provider | time (ms) | Mpixel/s | GB/s | % of copy | x reference "
+             "| x exp | peak above input (MiB) |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    order = {"copy": 0, "exp": 1, "triton": 2, "torch": 3, "compile": 4, "reference": 5}
+    passes = {"copy": 0, "exp": 0, "stats": 1, "predict": 2, "calibrate": 3}
+    for r in sorted(rows, key=lambda r: (r["workload"], r["dtype"], passes[r["pass_name"]], order[r["provider"]])):
+        lines.append(
+            f"| {r['workload']} | {r['dtype']} | {r['pass_name']} | {r['provider']} | {r['seconds'] * 1e3:.1f} "
+            f"| {r['mpix_per_s']:.0f} | {r['gbps']:.1f} | {fmt(r.get('fraction_of_copy'), '.0%')} "
+            f"| {fmt(r.get('speedup_vs_reference'), '.1f')} | {fmt(r.get('times_exp'), '.2f')} "
+            f"| {fmt(r.get('peak_bytes') and r['peak_bytes'] / 2**20, '.1f')} |")
+    if left_out:
+        lines += ["", "Not run on this device:"] + [f"- {what}: {why}" for what, why in left_out]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench-out", help="folder for results.json and results.md")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    start = time.perf_counter()
+    rows = run_benchmarks(args.out)
+    add_memory(rows)
+    derive(rows)
+    _, left_out = cases("cuda" if torch.cuda.is_available() else "cpu")
+    elapsed = time.perf_counter() - start
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"machine": machine(), "seconds": elapsed, "rows": rows, "left_out": left_out}, f, indent=1)
+    table = markdown(rows, left_out, elapsed)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
