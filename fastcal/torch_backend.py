@@ -79,22 +79,24 @@ def _first_zero(gap: torch.Tensor, out: torch.Tensor, buffers: _Buffers) -> torc
     return first.nan_to_num_(0.0).clamp_(0, C - 1).long()
 
 
-def _softmax_chunk(z: torch.Tensor, temperature: float, buffers: _Buffers, with_argmax: bool):
-    """``e = exp((z - max z) / T)`` in a scratch buffer, and ``conf = 1 / sum e``; with
-    ``with_argmax`` also the argmax and whether every logit of the pixel is finite."""
+def _shifted_exp(z: torch.Tensor, temperature: float, buffers: _Buffers, with_argmax: bool):
+    """``e = exp((z - max z) / T)`` in a scratch buffer (the max entry is exactly 1), and with
+    ``with_argmax`` the argmax and whether every logit of the pixel is finite."""
     n = z.shape[1]
     z_max = z.amax(dim=0).float()
     e = torch.sub(z, z_max, out=buffers.view(buffers.e, n))  # upcasts half-precision chunks
     if with_argmax:
-        finite = torch.isfinite(z_max) & torch.isfinite(z.amin(dim=0))
+        # one full reduction tells whether the chunk is clean (a sum of finite logits that
+        # overflows only sends the chunk down the exact per-pixel check)
+        if bool(torch.isfinite(z.sum())):
+            finite = torch.ones(n, dtype=torch.bool, device=z.device)
+        else:
+            finite = torch.isfinite(z).all(dim=0)
         cls = _first_zero(e, buffers.view(buffers.key, n), buffers)
     if temperature != 1.0:
         e.mul_(1.0 / temperature)
     e.exp_()
-    conf = e.sum(dim=0).reciprocal_()
-    if with_argmax:
-        return e, conf, cls, finite
-    return e, conf
+    return (e, cls, finite) if with_argmax else e
 
 
 def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
@@ -105,16 +107,18 @@ def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tenso
     nonfinite = 0
     buffers = _Buffers(C, logits.device)
     for index, z in _chunks(logits):
-        e, conf, cls, use = _softmax_chunk(z, temperature, buffers, with_argmax=True)
+        e, cls, use = _shifted_exp(z, temperature, buffers, with_argmax=True)
+        conf = e.sum(dim=0).reciprocal_()
         if valid is not None:
             in_mask = valid[index].reshape(-1)
             nonfinite += int((in_mask & ~use).sum())
             use &= in_mask
         else:
             nonfinite += int((~use).sum())
-        weight = torch.where(use, conf, torch.zeros((), device=conf.device))
+        clean = bool(use.all())
+        weight = conf if clean else torch.where(use, conf, torch.zeros((), device=conf.device))
         e.mul_(weight * conf)  # conf * p = conf^2 * e
-        if not bool(use.all()):
+        if not clean:
             e.masked_fill_(~use, 0.0)  # NaN or inf at masked pixels must not leak into the sums
         S_chunk = torch.zeros(C, C, dtype=torch.float32, device=e.device)
         S_chunk.index_add_(1, cls, e)
@@ -124,13 +128,16 @@ def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tenso
 
 
 def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64):
+    """One GEMM a chunk, without normalising ``p``: with ``s = sum_j e_j`` and ``p = e / s``,
+    ``s (||P_k||^2 - 2 p . P_k) = sum_j e_j (||P_k||^2 - 2 P_kj) = (Q e)_k`` and ``s > 0``,
+    so the argmin of ``Q e`` is the label. A skipped class gets a row of 1e30 in ``Q``."""
     P, sq_norms = split_skipped(prototypes)
+    Q = torch.where(torch.isinf(sq_norms)[:, None], torch.full_like(P, 1e30), sq_norms[:, None] - 2.0 * P)
     labels = torch.empty((logits.shape[0], *logits.shape[2:]), dtype=label_dtype, device=logits.device)
     buffers = _Buffers(logits.shape[1], logits.device)
     for index, z in _chunks(logits):
-        e, conf = _softmax_chunk(z, temperature, buffers, with_argmax=False)
-        e.mul_(conf)
-        distance = torch.addmm(sq_norms[:, None], P, e, alpha=-2.0, out=buffers.view(buffers.key, e.shape[1]))
+        e = _shifted_exp(z, temperature, buffers, with_argmax=False)
+        distance = torch.mm(Q, e, out=buffers.view(buffers.key, e.shape[1]))
         gap = torch.sub(distance.amin(dim=0), distance, out=distance)
         out = labels[index]
         out.copy_(_first_zero(gap, gap, buffers).view(out.shape))
