@@ -64,7 +64,7 @@ class Domain:
 
 SOURCE = Domain("source", ((0.50, 0.25, 0.50), (0.95, 0.14, 0.91), (0.27, 0.27, 0.27), (0.42, 0.56, 0.14),
                            (0.27, 0.51, 0.71), (0.00, 0.00, 0.56), (0.86, 0.08, 0.24), (0.60, 0.60, 0.60)),
-                texture=0.03, noise=0.0, blur=False, light=(0.95, 1.05), cars=1.2, people=0.8)
+                texture=0.03, noise=0.0, blur=False, light=(0.95, 1.05), cars=1.2, people=1.5)
 TARGET = Domain("target", ((0.35, 0.33, 0.38), (0.62, 0.50, 0.55), (0.45, 0.40, 0.33), (0.30, 0.42, 0.22),
                            (0.65, 0.72, 0.80), (0.25, 0.22, 0.45), (0.62, 0.30, 0.28), (0.45, 0.45, 0.42)),
                 texture=0.12, noise=0.06, blur=True, light=(0.6, 1.15), cars=3.0, people=2.5)
@@ -116,7 +116,7 @@ def _scene(g: torch.Generator, H: int, W: int, domain: Domain) -> torch.Tensor:
         d = u(0.2, 1.0)
         side = 1 if u() < 0.5 else -1
         cx = centre + side * (d * 0.55 * W + u(0.02, 0.18) * d * W)
-        box(PERSON, cx, horizon + d * (H - horizon), 1 + d * 0.05 * W, 3 + d * 0.3 * H)
+        box(PERSON, cx, horizon + d * (H - horizon), 2 + d * 0.05 * W, 3 + d * 0.35 * H)
     return label
 
 

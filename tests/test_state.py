@@ -1,0 +1,119 @@
+"""Saved state (versioned, safe, corrupt files refused) and the online (momentum) mode."""
+import math
+
+import pytest
+import torch
+
+import fastcal
+
+from cases import make_logits
+
+
+def fitted(C=5, **kwargs):
+    cal = fastcal.LabelCalibrator(C, **kwargs)
+    for _ in range(3):
+        cal.update(make_logits((2, C, 6, 6)))
+    return cal
+
+
+def same_state(a, b):
+    return torch.equal(a.S, b.S) and torch.equal(a.W, b.W) and (a.num_updates, a.num_pixels) == (b.num_updates, b.num_pixels)
+
+
+def test_file_is_plain_tensors_and_round_trips(tmp_path):
+    cal = fitted()
+    cal.save(tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)  # no pickled code
+    assert state["format"] == "fastcal.LabelCalibrator" and state["version"] == 1
+    restored = fastcal.LabelCalibrator(5).load(tmp_path / "state.pt")
+    assert same_state(cal, restored)
+    assert torch.equal(restored.prototypes, cal.prototypes)
+
+
+def corrupt_files(tmp_path, good: dict):
+    def saved(name, state):
+        torch.save(state, tmp_path / name)
+        return tmp_path / name
+
+    raw = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    return [
+        (saved("version.pt", {**good, "version": 2}), "version 2 is not supported"),
+        (saved("classes.pt", {**good, "num_classes": 6}), "num_classes=6"),
+        (saved("shape.pt", {**good, "S": torch.zeros(5, 4, dtype=torch.float64)}), r"state\['S'\]: expected shape"),
+        (saved("dtype.pt", {**good, "W": good["W"].float()}), r"state\['W'\]: expected a float64"),
+        (saved("nan.pt", {**good, "S": good["S"].clone().fill_(math.nan)}), "finite and non-negative"),
+        (saved("negative.pt", {**good, "W": -good["W"]}), "finite and non-negative"),
+        (saved("list.pt", [1, 2]), "state: expected a dict"),
+        (tmp_path / "truncated.pt", "not a readable fastcal state file"),
+        (tmp_path / "text.pt", "not a readable fastcal state file"),
+    ]
+
+
+def test_corrupt_files_are_refused_and_change_nothing(tmp_path):
+    source = fitted()
+    source.save(tmp_path / "good.pt")
+    target = fitted()
+    before = (target.S.clone(), target.W.clone(), target.num_updates, target.num_pixels)
+    for path, message in corrupt_files(tmp_path, source.state_dict()):
+        with pytest.raises((ValueError, TypeError), match=message):
+            target.load(path)
+        assert torch.equal(target.S, before[0]) and torch.equal(target.W, before[1])
+        assert (target.num_updates, target.num_pixels) == before[2:]
+    with pytest.raises(FileNotFoundError):
+        target.load(tmp_path / "missing.pt")
+
+
+def test_save_replaces_atomically(tmp_path):
+    cal = fitted()
+    cal.save(tmp_path / "state.pt")
+    cal.update(make_logits((1, 5, 4, 4)))
+    cal.save(tmp_path / "state.pt")
+    assert fastcal.LabelCalibrator(5).load(tmp_path / "state.pt").num_updates == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]  # no temporary left behind
+
+
+def test_momentum_decays_history_by_the_documented_rule():
+    a, b = make_logits((1, 4, 5, 5)), make_logits((1, 4, 5, 5))
+    cal = fastcal.LabelCalibrator(4, momentum=0.25).update(a).update(b)
+    S_a, W_a = fastcal.prototype_stats(a)
+    S_b, W_b = fastcal.prototype_stats(b)
+    torch.testing.assert_close(cal.S, 0.75 * S_a + S_b)
+    torch.testing.assert_close(cal.W, 0.75 * W_a + W_b)
+    with pytest.raises(ValueError, match=r"momentum: expected None or a number in \(0, 1\]"):
+        fastcal.LabelCalibrator(4, momentum=0.0)
+
+
+def drifting_batch(domain: str, g: torch.Generator) -> torch.Tensor:
+    """Three latent classes. In domain "a" the model is sure of each; in domain "b" its
+    output for class 1 drifts towards class 0 (p_0 near 0.45), which moves the decision
+    boundary between the prototypes of classes 0 and 1."""
+    k = torch.randint(0, 3, (4, 16, 16), generator=g)
+    noise = torch.randn(4, 16, 16, generator=g)
+    z = torch.zeros(4, 3, 16, 16)
+    for cls in range(3):
+        z[:, cls] = torch.where(k == cls, 3.0 + 0.5 * noise, z[:, cls])
+    if domain == "b":
+        z[:, 1] = torch.where(k == 1, 0.0, z[:, 1])
+        z[:, 0] = torch.where(k == 1, -0.2 + 0.4 * noise, z[:, 0])
+    return z
+
+
+def test_online_mode_tracks_a_drifting_stream():
+    C, g = 3, torch.Generator().manual_seed(0)
+    cumulative, online = fastcal.LabelCalibrator(C), fastcal.LabelCalibrator(C, momentum=0.3)
+    for domain in ["a"] * 30 + ["b"] * 8:
+        batch = drifting_batch(domain, g)
+        cumulative.update(batch)
+        online.update(batch)
+    oracle = fastcal.LabelCalibrator(C)
+    for _ in range(10):
+        oracle.update(drifting_batch("b", g))
+    test = drifting_batch("b", g)
+    truth = oracle.predict(test)
+    agree_online = (online.predict(test) == truth).float().mean().item()
+    agree_cumulative = (cumulative.predict(test) == truth).float().mean().item()
+    print(f"agreement with the current domain's oracle: online {agree_online:.3f}, cumulative {agree_cumulative:.3f}")
+    assert agree_online > 0.97
+    assert agree_online > agree_cumulative + 0.05
