@@ -2,14 +2,18 @@
 
 CUDA: the caching allocator's peak above what was allocated before the call.
 CPU: the resident-set high-water mark (``VmHWM``) of a fresh process, reset with
-``/proc/self/clear_refs`` right before the call, minus the resident set then;
-a fresh process per provider and workload keeps one provider's caches out of
-another's figure.
+``/proc/self/clear_refs`` right before the call, minus the resident set then. The
+process runs with a fixed glibc mmap threshold and trims the heap before each
+measurement, so memory freed by an earlier pass is returned to the system instead of
+being reused unseen; a fresh process per provider and workload keeps one provider's
+caches out of another's figure.
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
+import os
 import subprocess
 import sys
 
@@ -34,6 +38,7 @@ def peak_above_input(fn, device: str) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident set
     before = _status_kib("VmRSS")
@@ -43,8 +48,9 @@ def peak_above_input(fn, device: str) -> int:
 
 def measure_in_fresh_process(workload: str, dtype: str, provider: str, passes: list[str]) -> dict:
     """``{pass: bytes}`` measured in a new Python process (CPU)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # big blocks: mmap, unmapped on free
     out = subprocess.run([sys.executable, "-m", "benchmarks.memory", workload, dtype, provider, *passes],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -103,7 +103,7 @@ def markdown(rows: list[dict], left_out: list, seconds: float) -> str:
     for r in sorted(rows, key=lambda r: (r["workload"], r["dtype"], passes[r["pass_name"]], order[r["provider"]])):
         lines.append(
             f"| {r['workload']} | {r['dtype']} | {r['pass_name']} | {r['provider']} | {r['seconds'] * 1e3:.1f} "
-            f"| {r['mpix_per_s']:.0f} | {r['gbps']:.1f} | {fmt(r.get('fraction_of_copy'), '.0%')} "
+            f"| {r['mpix_per_s']:.3g} | {r['gbps']:.1f} | {fmt(r.get('fraction_of_copy'), '.0%')} "
             f"| {fmt(r.get('speedup_vs_reference'), '.1f')} | {fmt(r.get('times_exp'), '.2f')} "
             f"| {fmt(r.get('times_exp_out'), '.2f')} "
             f"| {fmt(r.get('peak_bytes') and r['peak_bytes'] / 2**20, '.1f')} |")

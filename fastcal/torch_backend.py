@@ -38,7 +38,7 @@ def _chunk_index(shape: tuple[int, ...], budget: int) -> Iterator[tuple]:
 
 
 def _chunks(logits: torch.Tensor):
-    """Yield ``(index, z)``: ``z`` is a [C, n] float32 tensor of the pixels ``index`` selects in
+    """Yield ``(index, z)``: ``z`` is a [C, n] tensor (input dtype) of the pixels ``index`` selects in
     a [N, *spatial] tensor; a view where the layout allows, else a chunk-sized copy."""
     C = logits.shape[1]
     by_class = logits.movedim(1, 0)

@@ -21,5 +21,5 @@ def make_logits(shape, dtype=torch.float32, layout="contiguous", scale=3.0, devi
     return z
 
 
-SHAPES = [(7, 5), (2, 19, 17, 23), (1, 3, 4, 5, 6), (3, 2, 9, 1)]
+SHAPES = [(7, 5), (2, 19, 17, 23), (1, 3, 4, 5, 6), (3, 2, 9, 1), (1, 150, 6, 7), (9, 1024)]
 LAYOUTS = ["contiguous", "channels_last", "sliced"]

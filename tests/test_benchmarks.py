@@ -1,0 +1,51 @@
+"""The benchmark suite's own machinery, on a tiny workload (the timings themselves are not tests)."""
+import torch
+
+from benchmarks import memory, run, workloads
+
+TINY = workloads.Workload("tiny", (2, 5, 8, 8))
+
+
+def test_providers_compute_what_they_claim():
+    logits = workloads.make_logits(TINY, torch.float32, "cpu")
+    prototypes = workloads.prototypes_for(logits)
+    for provider in ("torch", "reference"):
+        labels = workloads.pass_function(provider, "calibrate", logits, prototypes)()
+        assert torch.equal(labels, workloads.pass_function("reference", "predict", logits, prototypes)())
+    assert torch.equal(workloads.pass_function("exp", "exp", logits, prototypes)(), logits.exp())
+    assert torch.equal(workloads.pass_function("copy", "copy", logits, prototypes)(), logits)
+
+
+def test_bytes_model():
+    logits_bytes = 2 * 5 * 64 * 2
+    assert workloads.bytes_moved(TINY, torch.float16, "stats") == logits_bytes
+    assert workloads.bytes_moved(TINY, torch.float16, "predict") == logits_bytes + 2 * 64 * 8
+    assert workloads.bytes_moved(TINY, torch.float16, "calibrate") == 2 * logits_bytes + 2 * 64 * 8
+
+
+def test_cpu_rows_and_left_out_rows_cover_every_workload():
+    rows, left_out = workloads.cases("cpu")
+    assert {r[0] for r in rows} == set(workloads.WORKLOADS)
+    assert all(r[2] in ("copy", "exp", "exp_out", "torch", "reference", "compile") for r in rows)
+    assert left_out and all(reason for _, reason in left_out)
+
+
+def test_peak_memory_sees_an_allocation():
+    size = 64 << 20
+    peak = memory.peak_above_input(lambda: torch.ones(size // 4).sum(), "cpu")
+    assert peak >= size // 2
+
+
+def test_table_derivation():
+    base = {"workload": "cityscapes-n1", "dtype": "float32", "pixels": 100}
+    rows = [{**base, "provider": "copy", "pass_name": "copy", "bytes": 800, "seconds": 1.0},
+            {**base, "provider": "exp", "pass_name": "exp", "bytes": 800, "seconds": 2.0},
+            {**base, "provider": "exp_out", "pass_name": "exp_out", "bytes": 800, "seconds": 1.0},
+            {**base, "provider": "reference", "pass_name": "stats", "bytes": 400, "seconds": 8.0},
+            {**base, "provider": "torch", "pass_name": "stats", "bytes": 400, "seconds": 2.0, "peak_bytes": 2 << 20}]
+    run.derive(rows)
+    fast = rows[-1]
+    assert fast["speedup_vs_reference"] == 4.0 and fast["times_exp"] == 1.0 and fast["times_exp_out"] == 2.0
+    assert fast["fraction_of_copy"] == 0.25
+    table = run.markdown(rows, [("x", "why")], 1.0)
+    assert "| cityscapes-n1 | float32 | stats | torch | 2000.0 |" in table and "- x: why" in table
