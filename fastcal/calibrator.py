@@ -23,8 +23,9 @@ class LabelCalibrator:
     updates). A class missing from recent batches keeps its last prototype,
     since the decay scales its ``S`` and ``W`` alike.
 
-    The sums live on the device of the first batch; later batches must come on
-    the same device. A rejected batch (bad shape, NaN logits...) changes nothing.
+    The sums live on the device of the first batch (loaded state moves with them);
+    later batches must come on the same device. A rejected batch (bad shape, NaN
+    logits...) changes nothing.
     """
 
     def __init__(self, num_classes: int, *, temperature: float = 1.0, empty: str = "onehot",
@@ -43,7 +44,7 @@ class LabelCalibrator:
         self.reset()
 
     def reset(self) -> None:
-        """Forget every statistic (the device is kept)."""
+        """Forget every statistic; the next batch may come on any device."""
         device = getattr(self, "S", torch.empty(0)).device
         self.S = torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64, device=device)
         self.W = torch.zeros(self.num_classes, dtype=torch.float64, device=device)
@@ -154,10 +155,9 @@ class LabelCalibrator:
         counts = [state.get("num_updates"), state.get("num_pixels")]
         if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
             raise ValueError("state: num_updates and num_pixels must be non-negative ints")
-        device = self.S.device
+        device = self.S.device  # an unfixed calibrator still moves to the first batch's device
         self.S, self.W = S.to(device, copy=True), W.to(device, copy=True)
         self.num_updates, self.num_pixels = counts
-        self._device_fixed = self._device_fixed or self.num_updates > 0
         return self
 
     def save(self, path: str | os.PathLike) -> None:

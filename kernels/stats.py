@@ -20,8 +20,8 @@ Two schedules:
   max / sum / argmax and writes 12 bytes per pixel (max, conf, cls); then
   ``_stats_kernel`` runs on a (pixels x k-block x j-block) grid, each program
   reading only its j-block of classes: ``C * sizeof(dtype) * (1 + cdiv(C, BLOCK))``
-  bytes per pixel reach L2, adjacent programs share tiles so DRAM sees about
-  two reads, plus 24 bytes per pixel for the row statistics.
+  bytes per pixel are requested, plus 24 bytes for the row statistics; the k-blocks
+  of one pixel range are adjacent in the grid so that L2 can serve the repeats.
 
 Non-finite logits at valid pixels are counted (and left out of the sums) so the
 caller can reject the batch without a second pass.
