@@ -66,7 +66,6 @@ def derive(rows: list[dict]) -> None:
     copy = {(r["workload"], r["dtype"]): r for r in rows if r["provider"] == "copy"}
     ref = {(r["workload"], r["dtype"], r["pass_name"]): r for r in rows if r["provider"] == "reference"}
     exp = {(r["workload"], r["dtype"]): r for r in rows if r["provider"] == "exp"}
-    exp_out = {(r["workload"], r["dtype"]): r for r in rows if r["provider"] == "exp_out"}
     for r in rows:
         r["gbps"] = r["bytes"] / r["seconds"] / 1e9
         r["mpix_per_s"] = r["pixels"] / r["seconds"] / 1e6
@@ -75,9 +74,8 @@ def derive(rows: list[dict]) -> None:
             r["fraction_of_copy"] = r["gbps"] / copy[key]["gbps"]
         if (*key, r["pass_name"]) in ref:
             r["speedup_vs_reference"] = ref[(*key, r["pass_name"])]["seconds"] / r["seconds"]
-        if key in exp and r["provider"] not in ("copy", "exp", "exp_out"):
+        if key in exp and r["provider"] not in ("copy", "exp"):
             r["times_exp"] = r["seconds"] / exp[key]["seconds"]
-            r["times_exp_out"] = r["seconds"] / exp_out[key]["seconds"]
         if "peak_bytes" in r:
             r["peak_over_logits"] = r["peak_bytes"] / bytes_of_logits(r)
 
@@ -96,16 +94,15 @@ def fmt(value, spec: str, missing: str = "") -> str:
 def markdown(rows: list[dict], left_out: list, seconds: float) -> str:
     lines = [f"Machine: {machine()}. Suite time: {seconds:.0f} s.", "",
              "| workload | dtype | pass | provider | time (ms) | Mpixel/s | GB/s | % of copy | x reference "
-             "| x exp | x exp_out | peak above input (MiB) |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    order = {"copy": 0, "exp": 1, "exp_out": 2, "triton": 3, "torch": 4, "compile": 5, "reference": 6}
-    passes = {"copy": 0, "exp": 0, "exp_out": 0, "stats": 1, "predict": 2, "calibrate": 3}
+             "| x exp | peak above input (MiB) |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    order = {"copy": 0, "exp": 1, "triton": 2, "torch": 3, "compile": 4, "reference": 5}
+    passes = {"copy": 0, "exp": 0, "stats": 1, "predict": 2, "calibrate": 3}
     for r in sorted(rows, key=lambda r: (r["workload"], r["dtype"], passes[r["pass_name"]], order[r["provider"]])):
         lines.append(
             f"| {r['workload']} | {r['dtype']} | {r['pass_name']} | {r['provider']} | {r['seconds'] * 1e3:.1f} "
             f"| {r['mpix_per_s']:.3g} | {r['gbps']:.1f} | {fmt(r.get('fraction_of_copy'), '.0%')} "
             f"| {fmt(r.get('speedup_vs_reference'), '.1f')} | {fmt(r.get('times_exp'), '.2f')} "
-            f"| {fmt(r.get('times_exp_out'), '.2f')} "
             f"| {fmt(r.get('peak_bytes') and r['peak_bytes'] / 2**20, '.1f')} |")
     if left_out:
         lines += ["", "Not run on this device:"] + [f"- {what}: {why}" for what, why in left_out]
