@@ -43,7 +43,8 @@ def _stats(logits, temperature, valid, backend, deterministic):
         return zeros, zeros[0].clone()
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    S, W, nonfinite = module.prototype_stats(logits, temperature, valid, deterministic)
+    with torch.no_grad():  # calibration never back-propagates; logits straight from a model may carry grad
+        S, W, nonfinite = module.prototype_stats(logits.detach(), temperature, valid, deterministic)
     if nonfinite:
         raise ValueError(
             f"logits: {nonfinite} valid pixel(s) have NaN or infinite logits; "
@@ -110,7 +111,8 @@ def predict(logits, prototypes, *, temperature=1.0, backend="auto", label_dtype=
     module = resolve_backend(backend, logits.device)
     if _pixel_count(logits) == 0:
         return torch.empty((logits.shape[0], *logits.shape[2:]), dtype=label_dtype, device=logits.device)
-    return module.predict(logits, prototypes, temperature, label_dtype)
+    with torch.no_grad():
+        return module.predict(logits.detach(), prototypes.detach(), temperature, label_dtype)
 
 
 def calibrate(logits, prototypes=None, *, temperature=1.0, valid=None, empty="onehot",

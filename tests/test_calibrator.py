@@ -81,3 +81,14 @@ def test_state_dict_round_trip_and_resume(tmp_path):
         resumed.update(b)
     assert torch.equal(resumed.prototypes, straight.prototypes)
     assert resumed.num_updates == 4
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_logits_that_carry_grad_are_fine(backend):
+    net = torch.nn.Conv2d(3, 4, 1)
+    logits = net(torch.randn(2, 3, 6, 6))
+    assert logits.requires_grad
+    cal = fastcal.LabelCalibrator(4, backend=backend).update(logits)
+    assert not cal.S.requires_grad and not cal.prototypes.requires_grad
+    labels = cal.predict(logits)
+    assert torch.equal(labels, fastcal.calibrate(logits.detach(), cal.prototypes, backend=backend))
