@@ -27,30 +27,8 @@ def resolve_backend(backend: str, device: torch.device) -> ModuleType:
     return _triton
 
 
-def _pixel_count(logits: torch.Tensor) -> int:
+def pixel_count(logits: torch.Tensor) -> int:
     return logits.shape[0] * math.prod(logits.shape[2:])
-
-
-def _stats(logits, temperature, valid, backend, deterministic):
-    """Checked statistics: (S float64 [C, C], W float64 [C]). Raises on non-finite valid logits."""
-    _checks.check_logits(logits)
-    temperature = _checks.check_temperature(temperature)
-    _checks.check_valid(valid, logits)
-    module = resolve_backend(backend, logits.device)
-    C = logits.shape[1]
-    if _pixel_count(logits) == 0:
-        zeros = torch.zeros(C, C, dtype=torch.float64, device=logits.device)
-        return zeros, zeros[0].clone()
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-    with torch.no_grad():  # calibration never back-propagates; logits straight from a model may carry grad
-        S, W, nonfinite = module.prototype_stats(logits.detach(), temperature, valid, deterministic)
-    if nonfinite:
-        raise ValueError(
-            f"logits: {nonfinite} valid pixel(s) have NaN or infinite logits; "
-            "mask them out with `valid` or fix the model output"
-        )
-    return S, W
 
 
 def prototype_stats(logits, *, temperature=1.0, valid=None, backend="auto", deterministic=None):
@@ -63,7 +41,24 @@ def prototype_stats(logits, *, temperature=1.0, valid=None, backend="auto", dete
     has a non-deterministic (atomic) mode. Raises ``ValueError`` when a valid
     pixel has a NaN or infinite logit.
     """
-    return _stats(logits, temperature, valid, backend, deterministic)
+    _checks.check_logits(logits)
+    temperature = _checks.check_temperature(temperature)
+    _checks.check_valid(valid, logits)
+    module = resolve_backend(backend, logits.device)
+    C = logits.shape[1]
+    if pixel_count(logits) == 0:
+        zeros = torch.zeros(C, C, dtype=torch.float64, device=logits.device)
+        return zeros, zeros[0].clone()
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    with torch.no_grad():  # calibration never back-propagates; logits straight from a model may carry grad
+        S, W, nonfinite = module.prototype_stats(logits.detach(), temperature, valid, deterministic)
+    if nonfinite:
+        raise ValueError(
+            f"logits: {nonfinite} valid pixel(s) have NaN or infinite logits; "
+            "mask them out with `valid` or fix the model output"
+        )
+    return S, W
 
 
 def check_stats(S, W) -> None:
@@ -109,7 +104,7 @@ def predict(logits, prototypes, *, temperature=1.0, backend="auto", label_dtype=
     _checks.check_prototypes(prototypes, C, logits.device)
     _checks.check_label_dtype(label_dtype, C)
     module = resolve_backend(backend, logits.device)
-    if _pixel_count(logits) == 0:
+    if pixel_count(logits) == 0:
         return torch.empty((logits.shape[0], *logits.shape[2:]), dtype=label_dtype, device=logits.device)
     with torch.no_grad():
         return module.predict(logits.detach(), prototypes.detach(), temperature, label_dtype)
@@ -125,8 +120,9 @@ def calibrate(logits, prototypes=None, *, temperature=1.0, valid=None, empty="on
     """
     _checks.check_choice("empty", empty, _checks.EMPTY_POLICIES)
     if prototypes is None:
-        S, W = _stats(logits, temperature, valid, backend, deterministic)
-        if _pixel_count(logits) == 0:
+        S, W = prototype_stats(logits, temperature=temperature, valid=valid, backend=backend,
+                               deterministic=deterministic)
+        if pixel_count(logits) == 0:
             return torch.empty((logits.shape[0], *logits.shape[2:]), dtype=label_dtype, device=logits.device)
         prototypes = prototypes_from_stats(S, W, empty=empty)
     elif valid is not None:

@@ -1,7 +1,6 @@
 """``LabelCalibrator``: prototype statistics accumulated over a stream of batches."""
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 
@@ -72,7 +71,7 @@ class LabelCalibrator:
         self.S += S
         self.W += W
         self.num_updates += 1
-        self.num_pixels += int(valid.sum()) if valid is not None else logits.shape[0] * math.prod(logits.shape[2:])
+        self.num_pixels += int(valid.sum()) if valid is not None else api.pixel_count(logits)
         return self
 
     @property
