@@ -122,7 +122,8 @@ def calibrate(logits, prototypes=None, *, temperature=1.0, valid=None, empty="on
     if prototypes is None:
         S, W = prototype_stats(logits, temperature=temperature, valid=valid, backend=backend,
                                deterministic=deterministic)
-        if pixel_count(logits) == 0:
+        if pixel_count(logits) == 0:  # nothing to build prototypes from, nothing to label
+            _checks.check_label_dtype(label_dtype, logits.shape[1])
             return torch.empty((logits.shape[0], *logits.shape[2:]), dtype=label_dtype, device=logits.device)
         prototypes = prototypes_from_stats(S, W, empty=empty)
     elif valid is not None:

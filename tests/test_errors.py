@@ -122,8 +122,10 @@ def test_empty_batches_change_nothing(backend, shape):
     before = snapshot(cal)
     cal.update(torch.randn(shape))
     assert torch.equal(cal.S, before[0]) and torch.equal(cal.W, before[1])
-    labels = fastcal.calibrate(torch.randn(shape), backend=backend)
+    labels = fastcal.calibrate(torch.randn(shape), backend=backend, empty="skip")
     assert labels.shape == (shape[0], *shape[2:]) and labels.dtype == torch.int64
+    with pytest.raises(TypeError, match="label_dtype"):
+        fastcal.calibrate(torch.randn(shape), backend=backend, label_dtype=torch.float32)
 
 
 def test_bad_state_dict_changes_nothing():
