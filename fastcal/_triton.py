@@ -1,6 +1,7 @@
 """The Triton backend: the kernels of :mod:`fastcal.kernels` behind the backend interface."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -19,13 +20,20 @@ def require(device: torch.device) -> None:
     )
 
 
+def _on_device(device: torch.device):
+    """Kernels launch on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def prototype_stats(logits, temperature, valid, deterministic=False):
     from .kernels.stats import prototype_stats as stats
 
-    return stats(logits, temperature, valid, deterministic)
+    with _on_device(logits.device):
+        return stats(logits, temperature, valid, deterministic)
 
 
 def predict(logits, prototypes, temperature, label_dtype=torch.int64):
     from .kernels.predict import predict as predict_labels
 
-    return predict_labels(logits, prototypes, temperature, label_dtype)
+    with _on_device(logits.device):
+        return predict_labels(logits, prototypes, temperature, label_dtype)
