@@ -7,10 +7,10 @@ Math (per valid pixel x, temperature T, ``scale = log2(e) / T``)::
     S[cls] += conf * p = conf**2 * e             W[cls] += conf
 
 Within a program the sums are ``onehot(cls)^T @ (conf p)`` as a ``tl.dot`` over
-its pixel tiles (float32, two TF32 products on tensor cores, see ``onehot_dot``), accumulated over every tile
-the persistent program visits, then flushed once: C^2 + C float64 atomic adds
-per program, or, in deterministic mode, a store of the program's partial that
-the host sums in a fixed order.
+its pixel tiles (float32 from two TF32 products on tensor cores, see
+``onehot_dot``), accumulated over every tile the persistent program visits, then
+flushed once: C^2 + C float64 atomic adds per program, or, in deterministic
+mode, a store of the program's partial that the host sums in a fixed order.
 
 Two schedules:
 
@@ -20,15 +20,14 @@ Two schedules:
   max / sum / argmax and writes 12 bytes per pixel (max, conf, cls); then
   ``_stats_kernel`` runs on a (pixels x k-block x j-block) grid, each program
   reading only its j-block of classes: ``C * sizeof(dtype) * (1 + cdiv(C, BLOCK))``
-  bytes per pixel are requested, plus 24 bytes for the row statistics; the k-blocks
-  of one pixel range are adjacent in the grid so that L2 can serve the repeats.
+  bytes per pixel are requested, plus the row statistics (12 bytes written, 12
+  read by each of the ``cdiv(C, BLOCK)^2`` programs); the k-blocks of one pixel
+  range are adjacent in the grid so that L2 can serve the repeats.
 
 Non-finite logits at valid pixels are counted (and left out of the sums) so the
 caller can reject the batch without a second pass.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
