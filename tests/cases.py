@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# where the Triton kernel tests put their tensors: compiled kernels on a GPU, the interpreter on CPU
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def make_logits(shape, dtype=torch.float32, layout="contiguous", scale=3.0, device="cpu"):

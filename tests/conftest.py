@@ -1,14 +1,15 @@
 import os
+import sys
+from pathlib import Path
 
-# Triton kernels run on the CPU through the interpreter; this must be set before
-# triton compiles anything, so it comes before every other import of the suite.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch  # importing torch does not import triton
 
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without a GPU the Triton kernels run on CPU tensors in the interpreter; this must be
+# set before triton is imported. With a GPU the kernel tests run the compiled kernels
+# on CUDA tensors instead (see cases.KERNEL_DEVICE).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # tests/test_benchmarks.py imports the benchmark package that sits beside tests/
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

@@ -13,7 +13,7 @@ from fastcal.kernels._layout import pixel_layout
 from fastcal.kernels._tile import tile_position
 
 import oracle
-from cases import DTYPES, LAYOUTS, make_logits
+from cases import DTYPES, KERNEL_DEVICE, LAYOUTS, make_logits
 
 # (shape, rtol-scale): odd pixel counts exercise the tile masks; C covers the fused block sizes
 # (2, 3, 19 -> 16/32) and the chunked schedule (150, 1024)
@@ -23,7 +23,7 @@ SHAPES = [(2, 2, 13, 11), (1, 3, 7, 9), (2, 19, 17, 23), (1, 19, 3, 4, 5), (37, 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_stats_match_oracle(shape, dtype):
-    z = make_logits(shape, dtype)
+    z = make_logits(shape, dtype, device=KERNEL_DEVICE)
     S, W = fastcal.prototype_stats(z, backend="triton")
     assert S.dtype == W.dtype == torch.float64
     oracle.assert_stats_close(S, W, *oracle.stats(z))
@@ -32,15 +32,15 @@ def test_stats_match_oracle(shape, dtype):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("num_classes", [19, 150])
 def test_any_strides(layout, num_classes):
-    z = make_logits((2, num_classes, 9, 10), layout=layout)
+    z = make_logits((2, num_classes, 9, 10), layout=layout, device=KERNEL_DEVICE)
     S, W = fastcal.prototype_stats(z, backend="triton")
     oracle.assert_stats_close(S, W, *oracle.stats(z))
 
 
 @pytest.mark.parametrize("num_classes", [5, 150])
 def test_mask_temperature_and_masked_garbage(num_classes):
-    z = make_logits((2, num_classes, 11, 9))
-    valid = torch.rand(2, 11, 9) > 0.4
+    z = make_logits((2, num_classes, 11, 9), device=KERNEL_DEVICE)
+    valid = torch.rand(2, 11, 9, device=KERNEL_DEVICE) > 0.4
     z[~valid.unsqueeze(1).expand_as(z)] = float("nan")
     S, W = fastcal.prototype_stats(z, temperature=0.7, valid=valid, backend="triton")
     oracle.assert_stats_close(S, W, *oracle.stats(z, 0.7, valid))
@@ -48,7 +48,7 @@ def test_mask_temperature_and_masked_garbage(num_classes):
 
 @pytest.mark.parametrize("num_classes", [6, 150])
 def test_empty_classes_have_zero_sums(num_classes):
-    z = make_logits((1, num_classes, 8, 8))
+    z = make_logits((1, num_classes, 8, 8), device=KERNEL_DEVICE)
     z[:, 2] -= 100.0
     S, W = fastcal.prototype_stats(z, backend="triton")
     assert W[2] == 0 and (S[2] == 0).all()
@@ -56,7 +56,7 @@ def test_empty_classes_have_zero_sums(num_classes):
 
 
 def test_argmax_ties_take_the_lowest_class():
-    z = torch.zeros(1, 70, 2, 3)
+    z = torch.zeros(1, 70, 2, 3, device=KERNEL_DEVICE)
     z[:, 5] = 1.0
     z[:, 66] = 1.0  # a tie across class blocks of the chunked schedule
     for C in (19, 70):
@@ -67,10 +67,10 @@ def test_argmax_ties_take_the_lowest_class():
 @pytest.mark.parametrize("num_classes", [4, 150])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_logits_are_counted(num_classes, bad):
-    z = make_logits((1, num_classes, 6, 7))
+    z = make_logits((1, num_classes, 6, 7), device=KERNEL_DEVICE)
     z[0, num_classes - 1, 2, 3] = bad
     z[0, 0, 4, 4] = bad
-    valid = torch.ones(1, 6, 7, dtype=torch.bool)
+    valid = torch.ones(1, 6, 7, dtype=torch.bool, device=KERNEL_DEVICE)
     _, _, count = stats.prototype_stats(z, 1.0, valid)
     assert count == 2
     valid[0, 4, 4] = False
@@ -82,7 +82,7 @@ def test_non_finite_logits_are_counted(num_classes, bad):
 
 @pytest.mark.parametrize("num_classes", [19, 150])
 def test_deterministic_mode_is_bitwise_repeatable(num_classes):
-    z = make_logits((3, num_classes, 16, 20))
+    z = make_logits((3, num_classes, 16, 20), device=KERNEL_DEVICE)
     runs = [fastcal.prototype_stats(z, backend="triton", deterministic=True) for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     oracle.assert_stats_close(*runs[0], *oracle.stats(z))
@@ -106,9 +106,10 @@ def test_offsets_beyond_int32_are_int64():
     """8 x 150 x 1024 x 2048 logits span more than 2^31 elements; the tile offsets must not wrap."""
     N, C, H, W = 8, 150, 1024, 2048
     layout = pixel_layout(torch.empty(N, C, H, W, device="meta"))
-    out = torch.empty(2 * 64, dtype=torch.int64)
+    out = torch.empty(2 * 64, dtype=torch.int64, device=KERNEL_DEVICE)
     last_tile = layout.num_tiles(64) - 1
     _tile_offsets_kernel[(1,)](out, last_tile, *layout.kernel_args()[1:8], PIX_BLOCK=64)
     last_pixel = (N - 1) * C * H * W + H * W - 64 + torch.arange(64)
+    out = out.cpu()
     assert torch.equal(out[:64], last_pixel)
     assert torch.equal(out[64:], N * H * W - 64 + torch.arange(64))
