@@ -27,7 +27,6 @@ from torch import nn
 
 from . import metrics
 from ._png import write_png
-from .calibrator import LabelCalibrator
 from .fit import Progress, fit_calibrator
 
 CLASSES = ["road", "sidewalk", "building", "vegetation", "sky", "car", "person", "pole"]

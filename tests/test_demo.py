@@ -1,6 +1,5 @@
 """A miniature run of the demo pipeline, and the fit helper."""
 import json
-import os
 
 import torch
 
