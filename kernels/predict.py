@@ -5,14 +5,14 @@ Math (per pixel, ``scale = log2(e) / T``; ``||p||^2`` is the same for every k)::
     p       = softmax(z / T)
     label   = argmin_k  ||P[k]||^2 - 2 p . P[k]        (lowest k on ties)
 
-``p . P^T`` is a ``tl.dot`` (3xTF32: about 2^-22 relative error, far below the
+``p . P^T`` is a ``tl.dot`` (3xTF32: about 2^-22 relative error, below the
 1e-6 distance gaps that decide a label). Prototypes are zero-padded to whole
 blocks with ``||P[k]||^2 = +inf`` for padding and for "skip" classes, so the
 distance loop needs no class mask.
 
 * ``C <= FUSED_MAX_CLASSES``: the tile holds every class; one read.
 * larger C: an online max / sum over class blocks, then for every k-block a
-  loop over j-blocks; the re-reads of the tile hit L1/L2.
+  loop over j-blocks, re-reading the tile (meant to be served by L1/L2).
 
 Memory traffic per pixel: reads ``C * sizeof(dtype)``, writes one label
 (8, 4 or 1 bytes for int64, int32, uint8).
