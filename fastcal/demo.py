@@ -248,12 +248,15 @@ def run(config: DemoConfig, out: str, device: str = "cpu", progress: bool = True
                "train_seconds": train_seconds, "calibrate_seconds": calibrate_seconds,
                "missing_classes": [CLASSES[k] for k in calibrator.missing_classes]}
     outputs = {}
+    bar = Progress("evaluating held-out images", 2, enabled=progress)
     for name, (images, labels) in (("target", target_test), ("source", source_test)):
         logits = logits_of(model, images.to(device))
         argmax = logits.argmax(dim=1).cpu()
         calibrated = calibrator.predict(logits).cpu()
         results[name] = {"argmax": score(argmax, labels), "calibrated": score(calibrated, labels)}
         outputs[name] = (images, labels, logits, argmax, calibrated)
+        bar.update(note=name)
+    bar.close()
     results["seconds"] = time.perf_counter() - start
 
     images, labels, _, argmax, calibrated = outputs["target"]
