@@ -51,16 +51,16 @@ class LabelCalibrator:
         self.num_pixels = 0
         self._device_fixed = False
 
-    def _check_device(self, logits: torch.Tensor) -> None:
+    def _check_batch(self, logits: torch.Tensor) -> None:
+        _checks.check_logits(logits)
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(f"logits: expected C={self.num_classes} classes on dim 1, got {logits.shape[1]}")
         if self._device_fixed and logits.device != self.S.device:
             raise ValueError(f"logits: on {logits.device}, but this calibrator's sums are on {self.S.device}")
 
     def update(self, logits: torch.Tensor, valid: torch.Tensor | None = None) -> "LabelCalibrator":
         """Add a batch's statistics. Raises, changing nothing, on bad input or non-finite logits."""
-        _checks.check_logits(logits)
-        if logits.shape[1] != self.num_classes:
-            raise ValueError(f"logits: expected C={self.num_classes} classes on dim 1, got {logits.shape[1]}")
-        self._check_device(logits)
+        self._check_batch(logits)
         S, W = api.prototype_stats(logits, temperature=self.temperature, valid=valid, backend=self.backend)
         if not self._device_fixed:
             self.S, self.W = self.S.to(logits.device), self.W.to(logits.device)
@@ -86,10 +86,7 @@ class LabelCalibrator:
 
     def predict(self, logits: torch.Tensor, *, label_dtype=torch.int64) -> torch.Tensor:
         """Calibrated labels [N, *spatial] with the current prototypes."""
-        _checks.check_logits(logits)
-        if logits.shape[1] != self.num_classes:
-            raise ValueError(f"logits: expected C={self.num_classes} classes on dim 1, got {logits.shape[1]}")
-        self._check_device(logits)
+        self._check_batch(logits)
         prototypes = self.prototypes.to(logits.device)
         return api.predict(logits, prototypes, temperature=self.temperature, backend=self.backend,
                            label_dtype=label_dtype)

@@ -34,3 +34,12 @@ def load_tile(z_ptr, o_z, m_pix, o_cls, C, s_c):
 @triton.jit
 def is_finite(b_z):
     return (b_z == b_z) & (tl.abs(b_z) != float("inf"))
+
+
+@triton.jit
+def online_softmax_update(b_max, b_sum, b_z, scale):
+    """Fold a block of classes ``b_z`` [classes, pixels] into the running per-pixel max and
+    sum of ``2 ** ((z - max) * scale)``: the old sum is rescaled to the new max."""
+    new_max = tl.maximum(b_max, tl.max(b_z, 0))
+    b_sum = b_sum * tl.exp2((b_max - new_max) * scale) + tl.sum(tl.exp2((b_z - new_max[None, :]) * scale), 0)
+    return new_max, b_sum

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .._common import split_skipped
 from ._layout import pixel_layout, triton_cdiv
-from ._tile import load_tile, tile_position
+from ._tile import load_tile, online_softmax_update, tile_position
 from .stats import LOG2E, TILE_ELEMENTS, stats_config
 
 PREDICT_CHUNK_CLASSES = 32  # p . P^T blocks in 3xTF32 need three operand copies: smaller blocks than stats
@@ -53,9 +53,7 @@ def _predict_kernel(
         for j0 in range(0, C, C_BLOCK):
             o_j = j0 + o_c
             b_z = tl.where((o_j < C)[:, None], load_tile(z_ptr, o_z, m_pix, o_j, C, s_c), float("-inf"))
-            new_max = tl.maximum(b_max, tl.max(b_z, 0))
-            b_sum = b_sum * tl.exp2((b_max - new_max) * scale) + tl.sum(tl.exp2((b_z - new_max[None, :]) * scale), 0)
-            b_max = new_max
+            b_max, b_sum = online_softmax_update(b_max, b_sum, b_z, scale)
         b_inv_sum = 1.0 / b_sum
         b_best = tl.full([PIX_BLOCK], float("inf"), tl.float32)
         b_label = tl.zeros([PIX_BLOCK], tl.int32)

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ._layout import pixel_layout, triton_cdiv
-from ._tile import is_finite, load_tile, tile_position
+from ._tile import is_finite, load_tile, online_softmax_update, tile_position
 
 LOG2E = 1.4426950408889634
 FUSED_MAX_CLASSES = 64
@@ -84,9 +84,7 @@ def _row_stats_kernel(
         c_max = tl.max(b_z, 0)
         c_cls = tl.argmax(b_z, 0, tie_break_left=True).to(tl.int32) + c0
         b_cls = tl.where(c_max > b_max, c_cls, b_cls)  # strict: an equal later block keeps the lower class
-        new_max = tl.maximum(b_max, c_max)
-        b_sum = b_sum * tl.exp2((b_max - new_max) * scale) + tl.sum(tl.exp2((b_z - new_max[None, :]) * scale), 0)
-        b_max = new_max
+        b_max, b_sum = online_softmax_update(b_max, b_sum, b_z, scale)
     m_use = m_pix
     if HAS_VALID:
         m_use &= tl.load(valid_ptr + o_pix, mask=m_pix, other=0) != 0
