@@ -3,21 +3,33 @@
 Same math as :mod:`fastcal.reference`, restructured for memory and speed: the
 pixels are walked in chunks of about ``CHUNK_ELEMENTS`` logits, read in the
 tensor's own layout (no permuted copy of the batch), and every intermediate is a
-chunk-sized buffer. Within a chunk the sums run in float32; chunks are added
-into float64 totals. Distances use the expanded form
+chunk-sized buffer. Distances use the expanded form
 ``||P[k]||^2 - 2 p . P[k]`` (``||p||^2`` is the same for every k), one GEMM per
 chunk.
+
+Two implementations of the chunk math, chosen by :func:`uses_fused_loops`:
+
+- CPU tensors with at most ``cpu_kernels.MAX_CLASSES`` classes run the fused
+  loops of :mod:`fastcal.cpu_kernels` (one read of the logits per pass; the
+  stats are scattered straight into float64 sums, per work unit, added in a
+  fixed order). float32 NCHW batches are read in place; any other dtype or
+  layout is copied a chunk at a time into a float32 ``[C, n]`` buffer first.
+- Everything else (more classes, or tensors on another device) runs PyTorch
+  operations on each chunk; the sums run in float32 inside a chunk and are
+  added into float64 totals.
 """
 from __future__ import annotations
 
 import math
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from ._common import split_skipped
 
 CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 logits a chunk: per-op overhead vanishes, buffers stay small
+DIRECT_MIN_PIXELS = 4096  # fused loops read a float32 NCHW batch in place when its images are this large
 
 
 def _chunk_index(shape: tuple[int, ...], budget: int) -> Iterator[tuple]:
@@ -99,8 +111,67 @@ def _shifted_exp(z: torch.Tensor, temperature: float, buffers: _Buffers, with_ar
     return (e, cls, finite) if with_argmax else e
 
 
+def uses_fused_loops(logits: torch.Tensor) -> bool:
+    from . import cpu_kernels
+
+    return logits.device.type == "cpu" and logits.shape[1] <= cpu_kernels.MAX_CLASSES
+
+
+def _float32_pieces(logits: torch.Tensor, buffers: _Buffers):
+    """Yield ``(select, z, g, start, n)`` covering every pixel once: the fused loops read pixels
+    ``start .. start + n`` of image ``g`` of ``z``, a float32 C-contiguous [G, C, L] array, and
+    ``select(t)`` is the flat [n] view of the same pixels in a C-contiguous [N, *spatial] tensor
+    ``t``."""
+    N, C = logits.shape[:2]
+    L = math.prod(logits.shape[2:])
+    pixels = max(1, CHUNK_ELEMENTS // C)
+    if logits.dtype == torch.float32 and logits.is_contiguous() and L >= DIRECT_MIN_PIXELS:
+        z = logits.view(N, C, L).numpy()
+        for g in range(N):
+            for start in range(0, L, pixels):
+                n = min(pixels, L - start)
+                yield (lambda t, g=g, start=start, n=n: t.view(N, L)[g, start:start + n]), z, g, start, n
+        return
+    for index, chunk in _chunks(logits):
+        n = chunk.shape[1]
+        z = buffers.view(buffers.key, n).copy_(chunk)  # upcasts half precision, gathers other layouts
+        yield (lambda t, index=index: t[index].view(-1)), z.view(1, C, n).numpy(), 0, 0, n
+
+
+def _fused_prototype_stats(logits, temperature, valid):
+    from . import cpu_kernels
+
+    C = logits.shape[1]
+    S_parts = np.zeros((cpu_kernels.UNITS, C, C))
+    W_parts = np.zeros((cpu_kernels.UNITS, C))
+    all_valid = np.empty(0, dtype=np.uint8)
+    nonfinite = 0
+    if valid is not None:
+        valid = valid.contiguous().view(torch.uint8)
+    for select, z, g, start, n in _float32_pieces(logits, _Buffers(C, logits.device)):
+        mask = all_valid if valid is None else select(valid).numpy()
+        nonfinite += int(cpu_kernels.stats_chunk(z, g, start, n, np.float32(1.0 / temperature), mask,
+                                                 S_parts, W_parts))
+    return torch.from_numpy(S_parts.sum(axis=0)), torch.from_numpy(W_parts.sum(axis=0)), nonfinite
+
+
+def _fused_predict(logits, Q, labels, temperature):
+    from . import cpu_kernels
+
+    buffers = _Buffers(logits.shape[1], logits.device)
+    distance_buffer = torch.empty_like(buffers.e)
+    inv_temperature = np.float32(1.0 / temperature)
+    for select, z, g, start, n in _float32_pieces(logits, buffers):
+        e = buffers.view(buffers.e, n)
+        cpu_kernels.exp_chunk(z, g, start, n, inv_temperature, e.numpy())
+        distance = torch.mm(Q, e, out=buffers.view(distance_buffer, n))
+        cpu_kernels.argmin_chunk(distance.numpy(), n, select(labels).numpy())
+
+
 def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
                     deterministic: bool = True):
+    if uses_fused_loops(logits):
+        return _fused_prototype_stats(logits, temperature, valid)
     C = logits.shape[1]
     S_t = torch.zeros(C, C, dtype=torch.float64, device=logits.device)  # S transposed: [j, k]
     W = torch.zeros(C, dtype=torch.float64, device=logits.device)
@@ -134,6 +205,9 @@ def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, 
     P, sq_norms = split_skipped(prototypes)
     Q = torch.where(torch.isinf(sq_norms)[:, None], torch.full_like(P, 1e30), sq_norms[:, None] - 2.0 * P)
     labels = torch.empty((logits.shape[0], *logits.shape[2:]), dtype=label_dtype, device=logits.device)
+    if uses_fused_loops(logits):
+        _fused_predict(logits, Q, labels, temperature)
+        return labels
     buffers = _Buffers(logits.shape[1], logits.device)
     for index, z in _chunks(logits):
         e = _shifted_exp(z, temperature, buffers, with_argmax=False)

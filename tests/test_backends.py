@@ -4,15 +4,23 @@ import pytest
 import torch
 
 import fastcal
-from fastcal import torch_backend
+from fastcal import cpu_kernels, torch_backend
 
 import oracle
 from cases import DTYPES, LAYOUTS, SHAPES, make_logits
 
-CPU_BACKENDS = ["reference", "torch"]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.fixture(params=["reference", "torch", "torch-ops"])
+def backend(request, monkeypatch):
+    """The CPU backends; "torch-ops" is the torch backend made to run PyTorch operations on every
+    chunk instead of the fused loops (what it does for large C and for tensors on other devices)."""
+    if request.param == "torch-ops":
+        monkeypatch.setattr(cpu_kernels, "MAX_CLASSES", 0)
+        return "torch"
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_stats_and_labels_match_oracle(backend, dtype, shape):
@@ -25,7 +33,6 @@ def test_stats_and_labels_match_oracle(backend, dtype, shape):
     oracle.assert_labels_match(fastcal.predict(z, P, backend=backend), z, P)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_any_strides(backend, layout):
     z = make_logits((2, 6, 11, 13), layout=layout)
@@ -36,7 +43,6 @@ def test_any_strides(backend, layout):
     oracle.assert_labels_match(fastcal.predict(z, P, backend=backend), z, P)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_temperature_and_mask(backend):
     z = make_logits((2, 7, 12, 10))
     valid = torch.rand(2, 12, 10) > 0.3
@@ -46,7 +52,6 @@ def test_temperature_and_mask(backend):
     assert torch.isfinite(S).all()
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("empty", ["onehot", "skip"])
 def test_empty_classes(backend, empty):
     z = make_logits((2, 6, 9, 9))
@@ -62,7 +67,6 @@ def test_empty_classes(backend, empty):
         assert not ((labels == 4) | (labels == 5)).any()
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_ties_take_the_lowest_class(backend):
     z = torch.zeros(1, 4, 3, 3)
     z[:, 1] = 2.0
@@ -84,7 +88,6 @@ def test_torch_path_chunks_cover_every_pixel(monkeypatch):
         oracle.assert_labels_match(fastcal.predict(z, P, backend="torch"), z, P)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("label_dtype", [torch.int64, torch.int32, torch.uint8])
 def test_calibrate_equals_stats_then_predict(backend, label_dtype):
     z = make_logits((2, 5, 8, 8))
@@ -98,3 +101,16 @@ def test_calibrate_equals_stats_then_predict(backend, label_dtype):
 def test_torch_path_matches_reference_labels_exactly_on_big_margins():
     z = make_logits((1, 19, 64, 64), scale=6.0)
     assert torch.equal(fastcal.calibrate(z, backend="torch"), fastcal.calibrate(z, backend="reference"))
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_fused_loops_read_float32_nchw_in_place(monkeypatch, with_mask):
+    monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", 19 * 1000)  # several pieces an image
+    monkeypatch.setattr(torch_backend, "_chunks", None)  # the chunk copies must not be used
+    z = make_logits((2, 19, 64, 80))
+    assert 64 * 80 >= torch_backend.DIRECT_MIN_PIXELS and torch_backend.uses_fused_loops(z)
+    valid = torch.rand(2, 64, 80) > 0.2 if with_mask else None
+    S, W = fastcal.prototype_stats(z, temperature=1.7, valid=valid, backend="torch")
+    oracle.assert_stats_close(S, W, *oracle.stats(z, 1.7, valid))
+    P = fastcal.prototypes_from_stats(S, W)
+    oracle.assert_labels_match(fastcal.predict(z, P, temperature=1.7, backend="torch"), z, P, 1.7)

@@ -1,0 +1,232 @@
+"""Fused CPU loops for the PyTorch backend, compiled by Numba.
+
+Eager PyTorch spends a full pass over the logits on every step of the softmax
+(max, subtract, exp, sum), on the argmax and on the scatter-add of the sums.
+These loops do all of it in one read of the logits per pass, a block of
+``BLOCK`` pixels at a time: the block's ``[C, BLOCK]`` exp values stay in the L1
+or L2 cache between the steps. Every inner loop runs along the pixels, the
+contiguous axis of NCHW logits, so it compiles to SIMD code.
+
+Input: a float32 C-contiguous ``z`` of shape ``[G, C, L]`` (an NCHW batch viewed
+as ``[N, C, H*W]``, or a ``[1, C, n]`` chunk copied from any other layout or
+dtype); a call covers the pixels ``start .. start + n`` of image ``g``.
+
+Math per pixel (as :mod:`fastcal.reference`, in float32)::
+
+    m = max_k z_k,  cls = lowest k with z_k == m,  e_k = exp((z_k - m) / T),
+    s = sum_k e_k,  conf = 1 / s,  p = e / s,  so  conf * p = e / s^2.
+
+``exp`` is evaluated as ``2^t * poly(r)`` (``t`` an integer, ``|r| <= ln2/2``,
+degree-6 Taylor polynomial, relative error about 2 ulp); arguments below
+``EXP_FLOOR`` give ``exp(EXP_FLOOR)`` = 1.6e-38, where float32 ``exp`` would give a
+denormal or 0: a difference no sum or distance can see.
+
+Memory traffic per pixel: ``stats_chunk`` reads ``4C`` bytes of logits (and one
+mask byte); ``exp_chunk`` reads ``4C`` and writes ``4C`` bytes of exp values
+into a chunk buffer that stays in cache; ``argmin_chunk`` reads ``4C`` bytes of
+distances and writes one label.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+BLOCK = 256  # pixels a block: [C, 256] float32 exp values, <= 64 KiB for C <= 64
+UNITS = 16  # work items a call: enough for the threads, and fixed, so sums do not depend on the thread count
+MAX_CLASSES = 64  # above this the distances are a GEMM's job, and the block would leave the L2 cache
+
+# a * b + c may become one FMA; nothing else is relaxed (no reordered sums, NaN and inf keep
+# their IEEE meaning).
+_FAST = {"contract"}
+
+_FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)  # ln 2 split in two so that t * _LN2_HI is exact
+_LN2_LO = np.float32(-2.12194440e-4)
+EXP_FLOOR = np.float32(-87.0)  # exp(-87) = 1.6e-38, just above the smallest normal float32
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """Reinterpret an int32 as a float32 (how ``2^t`` is built without a libm call)."""
+    signature = types.float32(types.int32)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return signature, codegen
+
+
+@intrinsic
+def _prefer_512_bit_vectors(typingctx):
+    """Mark the function being compiled (the body of a parallel loop) to use 512-bit vectors, which
+    LLVM avoids by default on Intel CPUs; these loops run ~10% faster with them."""
+    signature = types.none()
+
+    def codegen(context, builder, sig, args):
+        set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+@njit(inline="always", fastmath=_FAST)
+def _exp_nonpositive(x):
+    """``exp(x)`` for ``x <= 0`` in float32, as straight-line code the loop vectorizer can use.
+    Arguments below ``EXP_FLOOR`` (and NaN) give ``exp(EXP_FLOOR)``."""
+    x = x if x > EXP_FLOOR else EXP_FLOOR
+    t = np.float32(math.floor(x * _LOG2E + np.float32(0.5)))  # -126 <= t <= 0
+    r = x - t * _LN2_HI - t * _LN2_LO
+    p = np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    return p * _float32_from_bits((np.int32(t) + np.int32(127)) << np.int32(23))
+
+
+@njit(inline="always", fastmath=_FAST)
+def _is_nonfinite(v):
+    """1.0 for NaN and +-inf, else 0.0: a comparison, which no fast-math flag here may fold."""
+    return np.float32(0.0) if abs(v) <= _FLOAT32_MAX else np.float32(1.0)
+
+
+@njit(inline="always", fastmath=_FAST)
+def _block_max(z_image, start, count, z_max, cls, nonfinite, with_argmax):
+    """Per pixel of the block: the max logit; with ``with_argmax`` also the lowest class reaching it
+    and ``nonfinite``, the number of NaN or infinite logits."""
+    row = z_image[0, start:start + count]
+    for i in range(count):
+        z_max[i] = row[i]
+        cls[i] = 0
+        nonfinite[i] = _is_nonfinite(row[i])
+    for k in range(1, z_image.shape[0]):
+        row = z_image[k, start:start + count]
+        if with_argmax:
+            for i in range(count):
+                v = row[i]
+                greater = v > z_max[i]  # strict: ties keep the lower class
+                z_max[i] = v if greater else z_max[i]
+                cls[i] = k if greater else cls[i]
+                nonfinite[i] += _is_nonfinite(v)
+        else:
+            for i in range(count):
+                z_max[i] = row[i] if row[i] > z_max[i] else z_max[i]
+
+
+@njit(inline="always", fastmath=_FAST)
+def _block_exp(z_image, start, count, inv_temperature, z_max, e, e_start, e_sum):
+    """``e[k, e_start + i] = exp((z[k, start + i] - max) / T)`` and, when ``e_sum`` has room,
+    ``e_sum[i] = sum_k e[k, e_start + i]``."""
+    with_sum = e_sum.shape[0] > 0
+    if with_sum:
+        for i in range(count):
+            e_sum[i] = 0.0
+    for k in range(z_image.shape[0]):
+        row = z_image[k, start:start + count]
+        e_k = e[k, e_start:e_start + count]
+        for i in range(count):
+            v = _exp_nonpositive((row[i] - z_max[i]) * inv_temperature)
+            e_k[i] = v
+            if with_sum:
+                e_sum[i] += v
+
+
+@njit(parallel=True, fastmath=_FAST, cache=True)
+def stats_chunk(z, g, start, n, inv_temperature, valid, S_parts, W_parts):
+    """Add ``S[cls] += conf * p`` and ``W[cls] += conf`` over pixels ``start .. start + n`` of image
+    ``g`` into ``S_parts[u]`` [C, C] and ``W_parts[u]`` [C] (float64, one slot per work unit ``u``).
+
+    ``valid``: uint8 [n], or empty for all pixels valid. Returns how many valid pixels have a NaN or
+    infinite logit; those add nothing to the sums.
+    """
+    C = z.shape[1]
+    z_image = z[g]
+    blocks = (n + BLOCK - 1) // BLOCK
+    nonfinite_parts = np.zeros(UNITS, np.int64)
+    masked = valid.shape[0] > 0
+    for u in prange(UNITS):
+        _prefer_512_bit_vectors()
+        z_max = np.empty(BLOCK, np.float32)
+        cls = np.empty(BLOCK, np.int32)
+        nonfinite = np.empty(BLOCK, np.float32)
+        e_sum = np.empty(BLOCK, np.float32)
+        e = np.empty((C, BLOCK), np.float32)
+        S_block = np.empty((C, C), np.float32)
+        W_block = np.empty(C, np.float32)
+        S_u = S_parts[u]
+        W_u = W_parts[u]
+        bad = 0
+        for b in range(u * blocks // UNITS, (u + 1) * blocks // UNITS):
+            offset = b * BLOCK
+            count = min(BLOCK, n - offset)
+            _block_max(z_image, start + offset, count, z_max, cls, nonfinite, True)
+            _block_exp(z_image, start + offset, count, inv_temperature, z_max, e, 0, e_sum)
+            S_block[:] = 0.0
+            W_block[:] = 0.0
+            for i in range(count):
+                if masked and valid[offset + i] == 0:
+                    continue
+                if nonfinite[i] != 0.0:
+                    bad += 1
+                    continue
+                conf = np.float32(1.0) / e_sum[i]
+                weight = conf * conf
+                k = cls[i]
+                W_block[k] += conf
+                for j in range(C):
+                    S_block[k, j] += weight * e[j, i]
+            for k in range(C):  # float32 within a block of pixels, float64 beyond
+                W_u[k] += W_block[k]
+                for j in range(C):
+                    S_u[k, j] += S_block[k, j]
+        nonfinite_parts[u] = bad
+    return nonfinite_parts.sum()
+
+
+@njit(parallel=True, fastmath=_FAST, cache=True)
+def exp_chunk(z, g, start, n, inv_temperature, e):
+    """``e[k, i] = exp((z[g, k, start + i] - max_k z) / T)`` into ``e`` [C, n] (unnormalised softmax)."""
+    C = z.shape[1]
+    z_image = z[g]
+    blocks = (n + BLOCK - 1) // BLOCK
+    no_sum = np.empty(0, np.float32)
+    for b in prange(blocks):
+        _prefer_512_bit_vectors()
+        offset = b * BLOCK
+        count = min(BLOCK, n - offset)
+        z_max = np.empty(BLOCK, np.float32)
+        cls = np.empty(BLOCK, np.int32)
+        _block_max(z_image, start + offset, count, z_max, cls, z_max, False)
+        _block_exp(z_image, start + offset, count, inv_temperature, z_max, e, offset, no_sum)
+
+
+@njit(parallel=True, fastmath=_FAST, cache=True)
+def argmin_chunk(distance, n, labels):
+    """``labels[i] = argmin_k distance[k, i]`` for ``i < n``, lowest k on ties."""
+    C = distance.shape[0]
+    blocks = (n + BLOCK - 1) // BLOCK
+    for b in prange(blocks):
+        _prefer_512_bit_vectors()
+        offset = b * BLOCK
+        count = min(BLOCK, n - offset)
+        best = np.empty(BLOCK, np.float32)
+        label = np.zeros(BLOCK, np.int32)
+        row = distance[0, offset:offset + count]
+        for i in range(count):
+            best[i] = row[i]
+        for k in range(1, C):
+            row = distance[k, offset:offset + count]
+            for i in range(count):
+                smaller = row[i] < best[i]  # strict: ties keep the lower class
+                best[i] = row[i] if smaller else best[i]
+                label[i] = k if smaller else label[i]
+        out = labels[offset:offset + count]
+        for i in range(count):
+            out[i] = label[i]

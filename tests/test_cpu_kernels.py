@@ -1,0 +1,116 @@
+"""The fused CPU loops of fastcal.cpu_kernels, called directly, against the float64 NumPy oracle."""
+import numba
+import numpy as np
+import pytest
+import torch
+
+from fastcal import cpu_kernels
+
+import oracle
+
+FLOAT32_ULP = 2.0**-23
+
+
+def image_batch(G, C, L, scale=3.0):
+    return (torch.randn(G, C, L) * scale).numpy()
+
+
+def run_stats(z, g, start, n, temperature=1.0, valid=None):
+    C = z.shape[1]
+    S_parts = np.zeros((cpu_kernels.UNITS, C, C))
+    W_parts = np.zeros((cpu_kernels.UNITS, C))
+    mask = np.empty(0, np.uint8) if valid is None else valid.astype(np.uint8)
+    bad = cpu_kernels.stats_chunk(z, g, start, n, np.float32(1 / temperature), mask, S_parts, W_parts)
+    return S_parts.sum(0), W_parts.sum(0), int(bad)
+
+
+def as_logits(z, g, start, n):
+    """The pixels a call covers, as [1, C, n] logits for the oracle."""
+    return torch.from_numpy(np.ascontiguousarray(z[g, :, start:start + n]))[None]
+
+
+def test_exp_is_accurate_to_a_few_ulp():
+    x = np.concatenate([-np.geomspace(1e-8, 87.0, 4000), [0.0, -1e-30, -0.5, -np.log(2)]]).astype(np.float32)
+    z = np.stack([np.zeros_like(x), x])[None]  # class 0 is the max, so e[1] = exp(x)
+    e = np.empty((2, x.size), np.float32)
+    cpu_kernels.exp_chunk(z, 0, 0, x.size, np.float32(1.0), e)
+    assert np.all(e[0] == 1.0)
+    exact = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(e[1] / exact - 1)) < 4 * FLOAT32_ULP
+
+
+def test_exp_below_the_floor_is_negligible():
+    x = np.array([-87.5, -100.0, -1e4, -np.inf], np.float32)
+    z = np.stack([np.zeros_like(x), x])[None]
+    e = np.empty((2, x.size), np.float32)
+    cpu_kernels.exp_chunk(z, 0, 0, x.size, np.float32(1.0), e)
+    assert np.all((e[1] >= 0) & (e[1] < 2e-38))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.3, 4.0])
+def test_exp_chunk_is_the_softmax_up_to_a_factor(temperature):
+    z = image_batch(2, 7, 1000)
+    e = np.empty((7, 600), np.float32)
+    cpu_kernels.exp_chunk(z, 1, 300, 600, np.float32(1 / temperature), e)
+    p, _, _ = oracle.soft_labels(oracle.pixels_by_class(as_logits(z, 1, 300, 600)), temperature)
+    np.testing.assert_allclose((e / e.sum(0)).T, p, rtol=8 * FLOAT32_ULP * 7, atol=1e-12)
+
+
+# n: fewer blocks than work units, one partial block, many blocks with a partial last one
+@pytest.mark.parametrize("n", [1, 100, cpu_kernels.BLOCK, 5000])
+@pytest.mark.parametrize("C", [2, 3, 19, cpu_kernels.MAX_CLASSES])
+def test_stats_chunk_matches_oracle(C, n):
+    z = image_batch(2, C, n + 70)
+    S, W, bad = run_stats(z, 1, 70, n)
+    assert bad == 0
+    oracle.assert_stats_close(torch.from_numpy(S), torch.from_numpy(W), *oracle.stats(as_logits(z, 1, 70, n)))
+
+
+def test_stats_chunk_mask_temperature_and_non_finite_logits():
+    z = image_batch(1, 5, 3000)
+    valid = np.random.default_rng(0).random(3000) > 0.3
+    z[0, 2, ~valid] = np.nan  # garbage under the mask adds nothing and is not counted
+    z[0, 1, np.flatnonzero(valid)[:3]] = [np.nan, np.inf, -np.inf]  # three valid pixels are bad
+    S, W, bad = run_stats(z, 0, 0, 3000, temperature=2.5, valid=valid)
+    assert bad == 3
+    clean = valid.copy()
+    clean[np.flatnonzero(valid)[:3]] = False
+    S_ref, W_ref = oracle.stats(as_logits(z, 0, 0, 3000), 2.5, torch.from_numpy(clean)[None])
+    oracle.assert_stats_close(torch.from_numpy(S), torch.from_numpy(W), S_ref, W_ref)
+
+
+def test_stats_chunk_ties_take_the_lowest_class():
+    z = np.zeros((1, 4, 300), np.float32)
+    z[0, 1] = 2.0
+    z[0, 3] = 2.0
+    S, W, _ = run_stats(z, 0, 0, 300)
+    assert W[1] > 0 and W[0] == W[2] == W[3] == 0
+
+
+def test_stats_chunk_does_not_depend_on_the_thread_count():
+    z = image_batch(1, 19, 20000)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        S_one, W_one, _ = run_stats(z, 0, 0, 20000)
+    finally:
+        numba.set_num_threads(threads)
+    S_all, W_all, _ = run_stats(z, 0, 0, 20000)
+    assert np.array_equal(S_one, S_all) and np.array_equal(W_one, W_all)
+
+
+@pytest.mark.parametrize("label_dtype", [np.int64, np.int32, np.uint8])
+def test_argmin_chunk_is_exact_and_takes_the_lowest_class_on_ties(label_dtype):
+    distance = np.random.default_rng(1).integers(0, 4, size=(6, 1000)).astype(np.float32)  # many ties
+    labels = np.full(1000, 99, label_dtype)
+    cpu_kernels.argmin_chunk(distance, 700, labels)
+    assert np.array_equal(labels[:700], distance[:, :700].argmin(axis=0))  # NumPy takes the first minimum
+    assert np.all(labels[700:] == 99)  # nothing beyond n is written
+
+
+def test_argmin_chunk_skips_infinite_rows():
+    distance = np.full((3, 10), np.inf, np.float32)
+    distance[2] = 5.0
+    labels = np.empty(10, np.int64)
+    cpu_kernels.argmin_chunk(distance, 10, labels)
+    assert np.all(labels == 2)
