@@ -21,10 +21,14 @@ degree-6 Taylor polynomial, relative error about 2 ulp); arguments below
 ``EXP_FLOOR`` give ``exp(EXP_FLOOR)`` = 1.6e-38, where float32 ``exp`` would give a
 denormal or 0: a difference no sum or distance can see.
 
+The stats pass is one call of ``stats_chunk`` per chunk. The predict pass is
+``exp_chunk``, then the distances as one GEMM (``torch.mm``, which beats any loop
+here at ``2C^2`` flops a pixel), then ``argmin_chunk``.
+
 Memory traffic per pixel: ``stats_chunk`` reads ``4C`` bytes of logits (and one
 mask byte); ``exp_chunk`` reads ``4C`` and writes ``4C`` bytes of exp values
-into a chunk buffer that stays in cache; ``argmin_chunk`` reads ``4C`` bytes of
-distances and writes one label.
+into a chunk buffer; ``argmin_chunk`` reads ``4C`` bytes of distances and writes
+one label.
 """
 from __future__ import annotations
 
@@ -35,9 +39,11 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-BLOCK = 256  # pixels a block: [C, 256] float32 exp values, <= 64 KiB for C <= 64
+BLOCK = 256  # pixels a block: [C, 256] float32 exp values, 19 KiB for C = 19, 256 KiB at most
 UNITS = 16  # work items a call: enough for the threads, and fixed, so sums do not depend on the thread count
-MAX_CLASSES = 64  # above this the distances are a GEMM's job, and the block would leave the L2 cache
+# Beyond this the float64 sums per work unit (UNITS * C^2 * 8 bytes, 8 MiB at 256) and the block
+# outgrow the caches; more classes run PyTorch operations a chunk at a time.
+MAX_CLASSES = 256
 
 # a * b + c may become one FMA; nothing else is relaxed (no reordered sums, NaN and inf keep
 # their IEEE meaning).
@@ -193,7 +199,6 @@ def stats_chunk(z, g, start, n, inv_temperature, valid, S_parts, W_parts):
 @njit(parallel=True, fastmath=_FAST, cache=True)
 def exp_chunk(z, g, start, n, inv_temperature, e):
     """``e[k, i] = exp((z[g, k, start + i] - max_k z) / T)`` into ``e`` [C, n] (unnormalised softmax)."""
-    C = z.shape[1]
     z_image = z[g]
     blocks = (n + BLOCK - 1) // BLOCK
     no_sum = np.empty(0, np.float32)
