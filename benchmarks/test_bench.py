@@ -47,6 +47,6 @@ def test_pass(benchmark, row):
                                 pixels=WORKLOADS[workload].pixels,
                                 bytes=bytes_moved(WORKLOADS[workload], DTYPES[dtype], pass_name),
                                 device=DEVICE)
-    benchmark.pedantic(fn, rounds=1 if slow else 5, iterations=1, warmup_rounds=0 if slow else 1)
+    benchmark.pedantic(fn, rounds=1 if slow else 15, iterations=1, warmup_rounds=0 if slow else 2)
     if DEVICE == "cuda":
         benchmark.extra_info["peak_bytes"] = peak_above_input(fn, "cuda")

@@ -45,11 +45,10 @@ UNITS = 16  # work items a call: enough for the threads, and fixed, so sums do n
 # outgrow the caches; more classes run PyTorch operations a chunk at a time.
 MAX_CLASSES = 256
 
-# a * b + c may become one FMA; nothing else is relaxed (no reordered sums, NaN and inf keep
-# their IEEE meaning).
+# a * b + c may become one FMA; nothing else is relaxed: sums keep their order, and NaN and inf
+# their IEEE meaning, which the finiteness check (v - v is NaN only for NaN and +-inf) relies on.
 _FAST = {"contract"}
 
-_FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)  # ln 2 split in two so that t * _LN2_HI is exact
 _LN2_LO = np.float32(-2.12194440e-4)
@@ -98,20 +97,14 @@ def _exp_nonpositive(x):
 
 
 @njit(inline="always", fastmath=_FAST)
-def _is_nonfinite(v):
-    """1.0 for NaN and +-inf, else 0.0: a comparison, which no fast-math flag here may fold."""
-    return np.float32(0.0) if abs(v) <= _FLOAT32_MAX else np.float32(1.0)
-
-
-@njit(inline="always", fastmath=_FAST)
 def _block_max(z_image, start, count, z_max, cls, nonfinite, with_argmax):
     """Per pixel of the block: the max logit; with ``with_argmax`` also the lowest class reaching it
-    and ``nonfinite``, the number of NaN or infinite logits."""
+    and ``nonfinite``, NaN when a logit is NaN or infinite (``v - v`` is then NaN) and 0 otherwise."""
     row = z_image[0, start:start + count]
     for i in range(count):
         z_max[i] = row[i]
         cls[i] = 0
-        nonfinite[i] = _is_nonfinite(row[i])
+        nonfinite[i] = row[i] - row[i]
     for k in range(1, z_image.shape[0]):
         row = z_image[k, start:start + count]
         if with_argmax:
@@ -120,7 +113,7 @@ def _block_max(z_image, start, count, z_max, cls, nonfinite, with_argmax):
                 greater = v > z_max[i]  # strict: ties keep the lower class
                 z_max[i] = v if greater else z_max[i]
                 cls[i] = k if greater else cls[i]
-                nonfinite[i] += _is_nonfinite(v)
+                nonfinite[i] += v - v
         else:
             for i in range(count):
                 z_max[i] = row[i] if row[i] > z_max[i] else z_max[i]
