@@ -52,7 +52,7 @@ def add_memory(rows: list[dict]) -> None:
         return  # measured inside the benchmark
     wanted: dict[tuple, list[str]] = {}
     for r in rows:
-        if r["provider"] in ("torch", "reference"):
+        if r["provider"] in ("torch", "torch-ops", "reference"):
             wanted.setdefault((r["workload"], r["dtype"], r["provider"]), []).append(r["pass_name"])
     for (workload, dtype, provider), passes in wanted.items():
         print(f"memory: {workload} {dtype} {provider} ...", flush=True)
@@ -96,7 +96,7 @@ def markdown(rows: list[dict], left_out: list, seconds: float) -> str:
              "| workload | dtype | pass | provider | time (ms) | Mpixel/s | GB/s | % of copy | x reference "
              "| x exp | peak above input (MiB) |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    order = {"copy": 0, "exp": 1, "triton": 2, "torch": 3, "compile": 4, "reference": 5}
+    order = {"copy": 0, "exp": 1, "triton": 2, "torch": 3, "torch-ops": 4, "compile": 5, "reference": 6}
     passes = {"copy": 0, "exp": 0, "stats": 1, "predict": 2, "calibrate": 3}
     for r in sorted(rows, key=lambda r: (r["workload"], r["dtype"], passes[r["pass_name"]], order[r["provider"]])):
         lines.append(

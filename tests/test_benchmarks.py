@@ -9,7 +9,7 @@ TINY = workloads.Workload("tiny", (2, 5, 8, 8))
 def test_providers_compute_what_they_claim():
     logits = workloads.make_logits(TINY, torch.float32, "cpu")
     prototypes = workloads.prototypes_for(logits)
-    for provider in ("torch", "reference"):
+    for provider in ("torch", "torch-ops", "reference"):
         labels = workloads.pass_function(provider, "calibrate", logits, prototypes)()
         assert torch.equal(labels, workloads.pass_function("reference", "predict", logits, prototypes)())
     assert torch.equal(workloads.pass_function("exp", "exp", logits, prototypes)(), logits.exp())
@@ -26,8 +26,17 @@ def test_bytes_model():
 def test_cpu_rows_and_left_out_rows_cover_every_workload():
     rows, left_out = workloads.cases("cpu")
     assert {r[0] for r in rows} == set(workloads.WORKLOADS)
-    assert all(r[2] in ("copy", "exp", "torch", "reference", "compile") for r in rows)
+    assert all(r[2] in ("copy", "exp", "torch", "torch-ops", "reference", "compile") for r in rows)
     assert left_out and all(reason for _, reason in left_out)
+
+
+def test_torch_ops_provider_bypasses_the_fused_loops(monkeypatch):
+    from fastcal import cpu_kernels
+
+    logits = workloads.make_logits(TINY, torch.float32, "cpu")
+    monkeypatch.setattr(cpu_kernels, "stats_chunk", None)  # would fail if called
+    workloads.pass_function("torch-ops", "stats", logits, None)()
+    assert cpu_kernels.MAX_CLASSES == 256  # restored
 
 
 def test_peak_memory_sees_an_allocation():
