@@ -35,7 +35,7 @@ def prototype_stats(logits, *, temperature=1.0, valid=None, backend="auto", dete
     """Prototype sums ``S`` [C, C] and weights ``W`` [C] of a batch of logits, as float64.
 
     ``S[k] = sum conf(x) p(x)`` and ``W[k] = sum conf(x)`` over the valid pixels
-    ``x`` whose argmax is ``k``. Sums run in float32 inside a chunk (CPU) or a
+    ``x`` whose argmax is ``k``. Sums run in float32 inside a block of pixels (CPU) or a
     program (Triton) and are carried in float64. ``deterministic=None`` follows
     ``torch.are_deterministic_algorithms_enabled()``; only the Triton backend
     has a non-deterministic (atomic) mode. Raises ``ValueError`` when a valid

@@ -10,10 +10,11 @@ chunk.
 Two implementations of the chunk math, chosen by :func:`uses_fused_loops`:
 
 - CPU tensors with at most ``cpu_kernels.MAX_CLASSES`` classes run the fused
-  loops of :mod:`fastcal.cpu_kernels` (one read of the logits per pass; the
-  stats are scattered straight into float64 sums, per work unit, added in a
-  fixed order). float32 NCHW batches are read in place; any other dtype or
-  layout is copied a chunk at a time into a float32 ``[C, n]`` buffer first.
+  loops of :mod:`fastcal.cpu_kernels` (one read of the logits per pass; sums in
+  float32 over a block of 256 pixels, then in float64 per work unit, the units
+  added in a fixed order). float32 NCHW batches with images of at least
+  ``DIRECT_MIN_PIXELS`` pixels are read in place; any other dtype or layout is
+  copied a chunk at a time into a float32 ``[C, n]`` buffer first.
 - Everything else (more classes, or tensors on another device) runs PyTorch
   operations on each chunk; the sums run in float32 inside a chunk and are
   added into float64 totals.
