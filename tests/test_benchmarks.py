@@ -57,3 +57,13 @@ def test_table_derivation():
     assert fast["fraction_of_copy"] == 0.25
     table = run.markdown(rows, [("x", "why")], 1.0)
     assert "| cityscapes-n1 | float32 | stats | torch | 2000.0 |" in table and "- x: why" in table
+
+
+def test_breakdown_steps_run():
+    from benchmarks import breakdown
+
+    logits = torch.randn(1, 19, 40, 50)
+    fns = breakdown.steps(logits)
+    assert "calibrate" in fns and "exp (one pass, the floor)" in fns
+    for fn in fns.values():
+        fn()
