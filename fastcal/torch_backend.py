@@ -65,13 +65,15 @@ _TWO_126 = 2.0**126
 
 class _Buffers:
     """Chunk-sized float32 scratch space, allocated once per call: fresh multi-MiB tensors per
-    chunk would cost a page fault per 4 KiB on every chunk."""
+    chunk would cost a page fault per 4 KiB on every chunk. ``e`` holds exp values; ``scratch``
+    the argmax key or the distances (PyTorch operations), or the float32 copy of a chunk that
+    the fused loops read."""
 
     def __init__(self, num_classes: int, device: torch.device):
         size = num_classes * max(1, CHUNK_ELEMENTS // num_classes)
         self.num_classes = num_classes
         self.e = torch.empty(size, dtype=torch.float32, device=device)
-        self.key = torch.empty(size, dtype=torch.float32, device=device)
+        self.scratch = torch.empty(size, dtype=torch.float32, device=device)
         self.descending = torch.arange(num_classes, 0, -1, dtype=torch.float32, device=device)[:, None]
 
     def view(self, flat: torch.Tensor, n: int) -> torch.Tensor:
@@ -105,7 +107,7 @@ def _shifted_exp(z: torch.Tensor, temperature: float, buffers: _Buffers, with_ar
             finite = torch.ones(n, dtype=torch.bool, device=z.device)
         else:
             finite = torch.isfinite(z).all(dim=0)
-        cls = _first_zero(e, buffers.view(buffers.key, n), buffers)
+        cls = _first_zero(e, buffers.view(buffers.scratch, n), buffers)
     if temperature != 1.0:
         e.mul_(1.0 / temperature)
     e.exp_()
@@ -135,7 +137,7 @@ def _float32_pieces(logits: torch.Tensor, buffers: _Buffers):
         return
     for index, chunk in _chunks(logits):
         n = chunk.shape[1]
-        z = buffers.view(buffers.key, n).copy_(chunk)  # upcasts half precision, gathers other layouts
+        z = buffers.view(buffers.scratch, n).copy_(chunk)  # upcasts half precision, gathers other layouts
         yield (lambda t, index=index: t[index].view(-1)), z.view(1, C, n).numpy(), 0, 0, n
 
 
@@ -212,7 +214,7 @@ def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, 
     buffers = _Buffers(logits.shape[1], logits.device)
     for index, z in _chunks(logits):
         e = _shifted_exp(z, temperature, buffers, with_argmax=False)
-        distance = torch.mm(Q, e, out=buffers.view(buffers.key, e.shape[1]))
+        distance = torch.mm(Q, e, out=buffers.view(buffers.scratch, e.shape[1]))
         gap = torch.sub(distance.amin(dim=0), distance, out=distance)
         out = labels[index]
         out.copy_(_first_zero(gap, gap, buffers).view(out.shape))
