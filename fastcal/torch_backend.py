@@ -12,9 +12,9 @@ Two implementations of the chunk math, chosen by :func:`uses_fused_loops`:
 - CPU tensors with at most ``cpu_kernels.MAX_CLASSES`` classes run the fused
   loops of :mod:`fastcal.cpu_kernels` (one read of the logits per pass; sums in
   float32 over a block of 256 pixels, then in float64 per work unit, the units
-  added in a fixed order). float32 NCHW batches with images of at least
-  ``DIRECT_MIN_PIXELS`` pixels are read in place; any other dtype or layout is
-  copied a chunk at a time into a float32 ``[C, n]`` buffer first.
+  added in a fixed order). NCHW batches (float32, float16 or bfloat16) with
+  images of at least ``DIRECT_MIN_PIXELS`` pixels are read in place; any other
+  layout is copied a chunk at a time into a float32 ``[C, n]`` buffer first.
 - Everything else (more classes, or tensors on another device) runs PyTorch
   operations on each chunk; the sums run in float32 inside a chunk and are
   added into float64 totals.
@@ -30,7 +30,7 @@ import torch
 from ._common import split_skipped
 
 CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 logits a chunk: per-op overhead vanishes, buffers stay small
-DIRECT_MIN_PIXELS = 4096  # fused loops read a float32 NCHW batch in place when its images are this large
+DIRECT_MIN_PIXELS = 4096  # fused loops read an NCHW batch in place when its images are this large
 
 
 def _chunk_index(shape: tuple[int, ...], budget: int) -> Iterator[tuple]:
@@ -120,16 +120,20 @@ def uses_fused_loops(logits: torch.Tensor) -> bool:
     return logits.device.type == "cpu" and logits.shape[1] <= cpu_kernels.MAX_CLASSES
 
 
-def _float32_pieces(logits: torch.Tensor, buffers: _Buffers):
+# how the fused loops read each dtype in place: float16 and bfloat16 as their bits
+_IN_PLACE = {torch.float32: torch.float32, torch.float16: torch.uint16, torch.bfloat16: torch.int16}
+
+
+def _pieces(logits: torch.Tensor, buffers: _Buffers):
     """Yield ``(select, z, g, start, n)`` covering every pixel once: the fused loops read pixels
-    ``start .. start + n`` of image ``g`` of ``z``, a float32 C-contiguous [G, C, L] array, and
-    ``select(t)`` is the flat [n] view of the same pixels in a C-contiguous [N, *spatial] tensor
-    ``t``."""
+    ``start .. start + n`` of image ``g`` of ``z``, a C-contiguous [G, C, L] array (see
+    :mod:`fastcal.cpu_kernels` for its dtypes), and ``select(t)`` is the flat [n] view of the same
+    pixels in a C-contiguous [N, *spatial] tensor ``t``."""
     N, C = logits.shape[:2]
     L = math.prod(logits.shape[2:])
     pixels = max(1, CHUNK_ELEMENTS // C)
-    if logits.dtype == torch.float32 and logits.is_contiguous() and L >= DIRECT_MIN_PIXELS:
-        z = logits.view(N, C, L).numpy()
+    if logits.dtype in _IN_PLACE and logits.is_contiguous() and L >= DIRECT_MIN_PIXELS:
+        z = logits.view(N, C, L).view(_IN_PLACE[logits.dtype]).numpy()
         for g in range(N):
             for start in range(0, L, pixels):
                 n = min(pixels, L - start)
@@ -151,7 +155,7 @@ def _fused_prototype_stats(logits, temperature, valid):
     nonfinite = 0
     if valid is not None:
         valid = valid.contiguous().view(torch.uint8)
-    for select, z, g, start, n in _float32_pieces(logits, _Buffers(C, logits.device)):
+    for select, z, g, start, n in _pieces(logits, _Buffers(C, logits.device)):
         mask = all_valid if valid is None else select(valid).numpy()
         nonfinite += int(cpu_kernels.stats_chunk(z, g, start, n, np.float32(1.0 / temperature), mask,
                                                  S_parts, W_parts))
@@ -164,7 +168,7 @@ def _fused_predict(logits, Q, labels, temperature):
     buffers = _Buffers(logits.shape[1], logits.device)
     distance_buffer = torch.empty_like(buffers.e)
     inv_temperature = np.float32(1.0 / temperature)
-    for select, z, g, start, n in _float32_pieces(logits, buffers):
+    for select, z, g, start, n in _pieces(logits, buffers):
         e = buffers.view(buffers.e, n)
         cpu_kernels.exp_chunk(z, g, start, n, inv_temperature, e.numpy())
         distance = torch.mm(Q, e, out=buffers.view(distance_buffer, n))

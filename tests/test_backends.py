@@ -103,11 +103,12 @@ def test_torch_path_matches_reference_labels_exactly_on_big_margins():
     assert torch.equal(fastcal.calibrate(z, backend="torch"), fastcal.calibrate(z, backend="reference"))
 
 
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_fused_loops_read_float32_nchw_in_place(monkeypatch, with_mask):
+@pytest.mark.parametrize("dtype, with_mask", [(torch.float32, False), (torch.float32, True),
+                                              (torch.float16, True), (torch.bfloat16, False)])
+def test_fused_loops_read_nchw_in_place(monkeypatch, dtype, with_mask):
     monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", 19 * 1000)  # several pieces an image
     monkeypatch.setattr(torch_backend, "_chunks", None)  # the chunk copies must not be used
-    z = make_logits((2, 19, 64, 80))
+    z = make_logits((2, 19, 64, 80), dtype)
     assert 64 * 80 >= torch_backend.DIRECT_MIN_PIXELS and torch_backend.uses_fused_loops(z)
     valid = torch.rand(2, 64, 80) > 0.2 if with_mask else None
     S, W = fastcal.prototype_stats(z, temperature=1.7, valid=valid, backend="torch")

@@ -114,3 +114,19 @@ def test_argmin_chunk_skips_infinite_rows():
     labels = np.empty(10, np.int64)
     cpu_kernels.argmin_chunk(distance, 10, labels)
     assert np.all(labels == 2)
+
+
+@pytest.mark.parametrize("dtype, bits", [(torch.float16, torch.uint16), (torch.bfloat16, torch.int16)])
+def test_half_precision_bits_read_as_their_float32_values(dtype, bits):
+    """float16 / bfloat16 logits read in place give bit for bit what their float32 upcast gives."""
+    x = (torch.randn(2, 7, 3000) * 3).to(dtype)
+    x[0, 3, 5] = float("inf")
+    results = []
+    for z in (x.view(bits).numpy(), x.float().numpy()):
+        S, W, bad = run_stats(z, 0, 100, 2500)
+        e = np.empty((7, 2500), np.float32)
+        cpu_kernels.exp_chunk(z, 1, 100, 2500, np.float32(0.7), e)
+        results.append((S, W, bad, e))
+    assert results[0][2] == 0 and run_stats(x.view(bits).numpy(), 0, 0, 10)[2] == 1
+    for a, b in zip(*results):
+        assert np.array_equal(a, b)
