@@ -34,7 +34,6 @@ one label.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from llvmlite import ir
@@ -104,7 +103,7 @@ def _exp_nonpositive(x):
     """``exp(x)`` for ``x <= 0`` in float32, as straight-line code the loop vectorizer can use.
     Arguments below ``EXP_FLOOR`` (and NaN) give ``exp(EXP_FLOOR)``."""
     x = x if x > EXP_FLOOR else EXP_FLOOR
-    t = np.float32(math.floor(x * _LOG2E + np.float32(0.5)))  # -126 <= t <= 0
+    t = np.floor(x * _LOG2E + np.float32(0.5))  # -126 <= t <= 0; a float (math.floor returns an int64)
     r = x - t * _LN2_HI - t * _LN2_LO
     p = np.float32(1.0 / 720.0)
     p = p * r + np.float32(1.0 / 120.0)
