@@ -115,6 +115,8 @@ def _shifted_exp(z: torch.Tensor, temperature: float, buffers: _Buffers, with_ar
 
 
 def uses_fused_loops(logits: torch.Tensor) -> bool:
+    """Whether the chunk math runs the fused CPU loops: CPU tensors with at most
+    ``cpu_kernels.MAX_CLASSES`` classes."""
     from . import cpu_kernels
 
     return logits.device.type == "cpu" and logits.shape[1] <= cpu_kernels.MAX_CLASSES
