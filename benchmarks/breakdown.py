@@ -26,7 +26,7 @@ def steps(logits: torch.Tensor) -> dict:
     n = torch_backend.CHUNK_ELEMENTS // C
     pieces = [(start, min(n, L - start)) for start in range(0, L, n)]
     prototypes = fastcal.prototypes_from_stats(*fastcal.prototype_stats(logits))
-    Q = (prototypes.pow(2).sum(1, keepdim=True) - 2 * prototypes).contiguous()
+    Q = torch_backend.distance_matrix(prototypes)
     e_flat, distance_flat = torch.empty(C * n), torch.empty(C * n)
     e = [e_flat[:C * m].view(C, m) for _, m in pieces]  # [C, m] chunk buffers, as the torch backend's
     distance = [distance_flat[:C * m].view(C, m) for _, m in pieces]

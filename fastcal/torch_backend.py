@@ -207,12 +207,18 @@ def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tenso
     return S_t.T.contiguous(), W, nonfinite
 
 
-def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64):
-    """One GEMM a chunk, without normalising ``p``: with ``s = sum_j e_j`` and ``p = e / s``,
-    ``s (||P_k||^2 - 2 p . P_k) = sum_j e_j (||P_k||^2 - 2 P_kj) = (Q e)_k`` and ``s > 0``,
-    so the argmin of ``Q e`` is the label. A skipped class gets a row of 1e30 in ``Q``."""
+def distance_matrix(prototypes: torch.Tensor) -> torch.Tensor:
+    """``Q[k, j] = ||P_k||^2 - 2 P_kj`` in float32, a row of 1e30 for a skipped class.
+
+    With ``s = sum_j e_j`` and ``p = e / s``, ``s (||P_k||^2 - 2 p . P_k) = (Q e)_k`` and ``s > 0``,
+    so the argmin of ``Q e`` is the label, with no normalisation of ``p``."""
     P, sq_norms = split_skipped(prototypes)
-    Q = torch.where(torch.isinf(sq_norms)[:, None], torch.full_like(P, 1e30), sq_norms[:, None] - 2.0 * P)
+    return torch.where(torch.isinf(sq_norms)[:, None], torch.full_like(P, 1e30), sq_norms[:, None] - 2.0 * P)
+
+
+def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64):
+    """One GEMM a chunk: the argmin of ``Q e`` (see :func:`distance_matrix`)."""
+    Q = distance_matrix(prototypes)
     labels = torch.empty((logits.shape[0], *logits.shape[2:]), dtype=label_dtype, device=logits.device)
     if uses_fused_loops(logits):
         _fused_predict(logits, Q, labels, temperature)
