@@ -26,9 +26,10 @@ def steps(logits: torch.Tensor) -> dict:
     n = torch_backend.CHUNK_ELEMENTS // C
     pieces = [(start, min(n, L - start)) for start in range(0, L, n)]
     prototypes = fastcal.prototypes_from_stats(*fastcal.prototype_stats(logits))
-    Q = torch_backend.distance_matrix(prototypes)
-    e_flat, distance_flat = torch.empty(C * n), torch.empty(C * n)
-    e = [e_flat[:C * m].view(C, m) for _, m in pieces]  # [C, m] chunk buffers, as the torch backend's
+    A_times_minus_2, centre, bias = torch_backend._distance_operands(prototypes)
+    centre, bias = centre.numpy(), bias.numpy()
+    d_flat, distance_flat = torch.empty(C * n), torch.empty(C * n)
+    d = [d_flat[:C * m].view(C, m) for _, m in pieces]  # [C, m] chunk buffers, as the torch backend's
     distance = [distance_flat[:C * m].view(C, m) for _, m in pieces]
     labels = np.empty(L, np.int64)
     out = torch.empty_like(logits)
@@ -39,22 +40,22 @@ def steps(logits: torch.Tensor) -> dict:
         for start, m in pieces:
             cpu_kernels.stats_chunk(z, 0, start, m, np.float32(1), no_mask, S, W)
 
-    def exp_loops():
-        for (start, m), e_chunk in zip(pieces, e):
-            cpu_kernels.exp_chunk(z, 0, start, m, np.float32(1), e_chunk.numpy())
+    def softmax_loops():
+        for (start, m), d_chunk in zip(pieces, d):
+            cpu_kernels.centred_softmax_chunk(z, 0, start, m, np.float32(1), centre, d_chunk.numpy())
 
     def gemm():
-        for e_chunk, distance_chunk in zip(e, distance):
-            torch.mm(Q, e_chunk, out=distance_chunk)
+        for d_chunk, distance_chunk in zip(d, distance):
+            torch.mm(A_times_minus_2, d_chunk, out=distance_chunk)
 
     def argmin_loops():
         for (start, m), distance_chunk in zip(pieces, distance):
-            cpu_kernels.argmin_chunk(distance_chunk.numpy(), m, labels[start:start + m])
+            cpu_kernels.argmin_chunk(distance_chunk.numpy(), bias, m, labels[start:start + m])
 
     return {
         "exp (one pass, the floor)": lambda: torch.exp(logits, out=out),
         "stats pass: stats_chunk": stats_loops,
-        "predict pass: exp_chunk": exp_loops,
+        "predict pass: centred_softmax_chunk": softmax_loops,
         "predict pass: torch.mm": gemm,
         "predict pass: argmin_chunk": argmin_loops,
         "prototype_stats (whole pass)": lambda: fastcal.prototype_stats(logits),
@@ -78,10 +79,10 @@ def main(argv=None) -> int:
             fn()
             times[name].append(time.perf_counter() - start)
     floor = statistics.median(times["exp (one pass, the floor)"])
-    print(f"{'step':32} {'ms':>7} {'x exp':>6}")
+    print(f"{'step':36} {'ms':>7} {'x exp':>6}")
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name:32} {median * 1e3:7.1f} {median / floor:6.2f}")
+        print(f"{name:36} {median * 1e3:7.1f} {median / floor:6.2f}")
     return 0
 
 

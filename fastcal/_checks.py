@@ -35,6 +35,11 @@ def check_logits(logits) -> None:
         raise ValueError(f"logits: need at least 2 classes on dim 1, got C={logits.shape[1]}")
 
 
+# Temperatures whose float32 value is a normal number: 1/T and (z - max z) / T stay defined in float32.
+MIN_TEMPERATURE = float(torch.finfo(torch.float32).tiny)
+MAX_TEMPERATURE = float(torch.finfo(torch.float32).max)
+
+
 def check_temperature(temperature) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, (Real, torch.Tensor)):
         raise TypeError(f"temperature: expected a positive finite number, got {temperature!r}")
@@ -43,8 +48,11 @@ def check_temperature(temperature) -> float:
             raise TypeError(f"temperature: expected a positive finite number, got {temperature!r}")
         temperature = temperature.item()
     temperature = float(temperature)
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature: expected a positive finite number, got {temperature!r}")
+    if not (math.isfinite(temperature) and MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        raise ValueError(
+            f"temperature: expected a positive finite number in float32's normal range "
+            f"[{MIN_TEMPERATURE:.7g}, {MAX_TEMPERATURE:.7g}], got {temperature!r}"
+        )
     return temperature
 
 

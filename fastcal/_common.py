@@ -4,16 +4,29 @@ from __future__ import annotations
 import torch
 
 
-def split_skipped(prototypes: torch.Tensor):
-    """Prepare prototypes for ``||P[k]||^2 - 2 p . P[k]``.
+def centred_prototypes(prototypes: torch.Tensor):
+    """Prototypes prepared for the expanded distance, centred so that it keeps float32 precision.
 
-    Returns ``(P, sq_norms)`` in float32: NaN rows ("skip" classes) become zero
-    rows with an infinite squared norm, so their distance is ``+inf`` and they
-    are never the argmin while any other class is left.
+    For any vector ``c``, with ``d = p - c`` and ``A[k] = P[k] - c``::
+
+        ||p - P[k]||^2 = ||d||^2 + ||A[k]||^2 - 2 d . A[k]
+
+    and ``||d||^2`` is the same for every k, so ``argmin_k ||A[k]||^2 - 2 d . A[k]`` is the label.
+    Uncentred (``c = 0``) the terms are of the size of ``||P[k]||^2`` while the distances can be
+    far smaller (at a high temperature every ``p`` and every prototype is close to uniform):
+    the differences that decide a label drown in the rounding of the large terms. With ``c``
+    the mean of the prototypes every term is bounded by a few times the largest distance of
+    the pixel, so the rounding error is relative to the distances themselves, as in the direct
+    form ``sum_j (p_j - P[k, j])^2``.
+
+    Returns ``(A, c, bias)`` in float32: ``A`` [C, C], ``c`` [C] and ``bias[k] = ||A[k]||^2``.
+    NaN rows ("skip" classes) get a zero row in ``A`` and ``bias = +inf``, so their distance is
+    ``+inf`` and they are never the argmin while any other class is left.
     """
-    P = prototypes.float()
+    P = prototypes.double()
     skipped = torch.isnan(P).all(dim=1)
-    P = torch.where(skipped[:, None], torch.zeros((), device=P.device), P).contiguous()
-    sq_norms = (P * P).sum(dim=1)
-    sq_norms = torch.where(skipped, torch.full_like(sq_norms, float("inf")), sq_norms)
-    return P, sq_norms
+    c = P[~skipped].mean(dim=0).float() if not bool(skipped.all()) else torch.zeros_like(P[0]).float()
+    A = torch.where(skipped[:, None], torch.zeros((), dtype=P.dtype, device=P.device), P - c.double())
+    bias = (A * A).sum(dim=1)
+    bias = torch.where(skipped, torch.full_like(bias, float("inf")), bias)
+    return A.float().contiguous(), c.contiguous(), bias.float()

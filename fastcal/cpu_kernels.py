@@ -25,13 +25,14 @@ in the tests); arguments below
 denormal or 0: a difference no sum or distance can see.
 
 The stats pass is one call of ``stats_chunk`` per chunk. The predict pass is
-``exp_chunk``, then the distances as one GEMM (``torch.mm``, which beats any loop
+``centred_softmax_chunk`` (``d = p - c``, centred on the mean prototype ``c``), then the
+distances as one GEMM with the centred prototypes (``torch.mm``, which beats any loop
 here at ``2C^2`` flops a pixel), then ``argmin_chunk``.
 
-Memory traffic per pixel: ``stats_chunk`` reads ``4C`` bytes of logits (and one
-mask byte); ``exp_chunk`` reads ``4C`` and writes ``4C`` bytes of exp values
-into a chunk buffer; ``argmin_chunk`` reads ``4C`` bytes of distances and writes
-one label.
+Memory traffic per pixel: ``stats_chunk`` reads ``C`` logits (``4C`` bytes in float32,
+``2C`` in half precision; and one mask byte); ``centred_softmax_chunk`` reads the same and
+writes ``4C`` bytes of ``d`` into a chunk buffer; ``argmin_chunk`` reads ``4C`` bytes of
+distances and writes one label.
 """
 from __future__ import annotations
 
@@ -118,9 +119,9 @@ def _exp_nonpositive(x):
 
 
 @njit(inline="always", fastmath=_FAST)
-def _block_max(z_image, start, count, z_max, cls, nonfinite, with_argmax):
-    """Per pixel of the block: the max logit; with ``with_argmax`` also the lowest class reaching it
-    and ``nonfinite``, NaN when a logit is NaN or infinite (``v - v`` is then NaN) and 0 otherwise."""
+def _block_max(z_image, start, count, z_max, cls, nonfinite):
+    """Per pixel of the block: the max logit, the lowest class reaching it and ``nonfinite``, NaN
+    when a logit is NaN or infinite (``v - v`` is then NaN) and 0 otherwise."""
     row = z_image[0, start:start + count]
     for i in range(count):
         v = _to_float32(row[i])
@@ -129,17 +130,25 @@ def _block_max(z_image, start, count, z_max, cls, nonfinite, with_argmax):
         nonfinite[i] = v - v
     for k in range(1, z_image.shape[0]):
         row = z_image[k, start:start + count]
-        if with_argmax:
-            for i in range(count):
-                v = _to_float32(row[i])
-                greater = v > z_max[i]  # strict: ties keep the lower class
-                z_max[i] = v if greater else z_max[i]
-                cls[i] = k if greater else cls[i]
-                nonfinite[i] += v - v
-        else:
-            for i in range(count):
-                v = _to_float32(row[i])
-                z_max[i] = v if v > z_max[i] else z_max[i]
+        for i in range(count):
+            v = _to_float32(row[i])
+            greater = v > z_max[i]  # strict: ties keep the lower class
+            z_max[i] = v if greater else z_max[i]
+            cls[i] = k if greater else cls[i]
+            nonfinite[i] += v - v
+
+
+@njit(inline="always", fastmath=_FAST)
+def _block_plain_max(z_image, start, count, z_max):
+    """Per pixel of the block: the max logit (what the predict pass needs, and no more)."""
+    row = z_image[0, start:start + count]
+    for i in range(count):
+        z_max[i] = _to_float32(row[i])
+    for k in range(1, z_image.shape[0]):
+        row = z_image[k, start:start + count]
+        for i in range(count):
+            v = _to_float32(row[i])
+            z_max[i] = v if v > z_max[i] else z_max[i]
 
 
 @njit(inline="always", fastmath=_FAST)
@@ -188,7 +197,7 @@ def stats_chunk(z, g, start, n, inv_temperature, valid, S_parts, W_parts):
         for b in range(u * blocks // UNITS, (u + 1) * blocks // UNITS):
             offset = b * BLOCK
             count = min(BLOCK, n - offset)
-            _block_max(z_image, start + offset, count, z_max, cls, nonfinite, True)
+            _block_max(z_image, start + offset, count, z_max, cls, nonfinite)
             _block_exp(z_image, start + offset, count, inv_temperature, z_max, e, 0, e_sum)
             S_block[:] = 0.0
             W_block[:] = 0.0
@@ -213,24 +222,34 @@ def stats_chunk(z, g, start, n, inv_temperature, valid, S_parts, W_parts):
 
 
 @njit(parallel=True, fastmath=_FAST, cache=True)
-def exp_chunk(z, g, start, n, inv_temperature, e):
-    """``e[k, i] = exp((z[g, k, start + i] - max_k z) / T)`` into ``e`` [C, n] (unnormalised softmax)."""
+def centred_softmax_chunk(z, g, start, n, inv_temperature, centre, d):
+    """``d[k, i] = p_k - centre[k]`` into ``d`` [C, n], ``p = softmax(z[g, :, start + i] / T)``.
+
+    The predict pass multiplies ``d`` by the centred prototypes (see
+    ``fastcal._common.centred_prototypes``): centring keeps the distances' float32 precision."""
     z_image = z[g]
+    C = z_image.shape[0]
     blocks = (n + BLOCK - 1) // BLOCK
-    no_sum = np.empty(0, np.float32)
     for b in prange(blocks):
         _prefer_512_bit_vectors()
         offset = b * BLOCK
         count = min(BLOCK, n - offset)
         z_max = np.empty(BLOCK, np.float32)
-        cls = np.empty(BLOCK, np.int32)
-        _block_max(z_image, start + offset, count, z_max, cls, z_max, False)
-        _block_exp(z_image, start + offset, count, inv_temperature, z_max, e, offset, no_sum)
+        e_sum = np.empty(BLOCK, np.float32)
+        _block_plain_max(z_image, start + offset, count, z_max)
+        _block_exp(z_image, start + offset, count, inv_temperature, z_max, d, offset, e_sum)
+        for i in range(count):
+            e_sum[i] = np.float32(1.0) / e_sum[i]
+        for k in range(C):
+            d_k = d[k, offset:offset + count]
+            c_k = centre[k]
+            for i in range(count):
+                d_k[i] = d_k[i] * e_sum[i] - c_k
 
 
 @njit(parallel=True, fastmath=_FAST, cache=True)
-def argmin_chunk(distance, n, labels):
-    """``labels[i] = argmin_k distance[k, i]`` for ``i < n``, lowest k on ties."""
+def argmin_chunk(distance, bias, n, labels):
+    """``labels[i] = argmin_k bias[k] + distance[k, i]`` for ``i < n``, lowest k on ties."""
     C = distance.shape[0]
     blocks = (n + BLOCK - 1) // BLOCK
     for b in prange(blocks):
@@ -241,12 +260,14 @@ def argmin_chunk(distance, n, labels):
         label = np.zeros(BLOCK, np.int32)
         row = distance[0, offset:offset + count]
         for i in range(count):
-            best[i] = row[i]
+            best[i] = bias[0] + row[i]
         for k in range(1, C):
             row = distance[k, offset:offset + count]
+            bias_k = bias[k]
             for i in range(count):
-                smaller = row[i] < best[i]  # strict: ties keep the lower class
-                best[i] = row[i] if smaller else best[i]
+                v = bias_k + row[i]
+                smaller = v < best[i]  # strict: ties keep the lower class
+                best[i] = v if smaller else best[i]
                 label[i] = k if smaller else label[i]
         out = labels[offset:offset + count]
         for i in range(count):

@@ -17,9 +17,12 @@ import torch
 
 
 def soft_labels(logits: torch.Tensor, temperature: float):
-    """Per pixel, class last: ``p`` [..., C], ``cls`` [...] and ``conf`` [...], in float32."""
+    """Per pixel, class last: ``p`` [..., C], ``cls`` [...] and ``conf`` [...], in float32.
+
+    The max logit is subtracted before dividing by ``T`` (softmax does not change), so that
+    no finite float32 logit and no temperature in the accepted range overflows ``z / T``."""
     z = logits.movedim(1, -1).float()
-    p = torch.softmax(z / temperature, dim=-1)
+    p = torch.softmax((z - z.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     cls = z.argmax(dim=-1)
     conf = p.amax(dim=-1)
     return p, cls, conf
@@ -27,12 +30,14 @@ def soft_labels(logits: torch.Tensor, temperature: float):
 
 def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
                     deterministic: bool = True):
-    """``S`` [C, C] and ``W`` [C] in float64, and the number of valid pixels with a non-finite logit."""
+    """``S`` [C, C] and ``W`` [C] in float64, and the number of valid pixels with a non-finite logit.
+
+    Logits are read as float32, so a float64 logit beyond float32's range is non-finite."""
     num_classes = logits.shape[1]
     p, cls, conf = soft_labels(logits, temperature)
     if valid is None:
         valid = torch.ones(cls.shape, dtype=torch.bool, device=cls.device)
-    finite = torch.isfinite(logits.movedim(1, -1)).all(dim=-1)
+    finite = torch.isfinite(logits.movedim(1, -1).float()).all(dim=-1)
     p, cls, conf = p[valid & finite], cls[valid & finite], conf[valid & finite]
     S = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=logits.device)
     W = torch.zeros(num_classes, dtype=torch.float64, device=logits.device)

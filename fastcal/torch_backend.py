@@ -3,8 +3,9 @@
 Same math as :mod:`fastcal.reference`, restructured for memory and speed: the
 pixels are walked in chunks of about ``CHUNK_ELEMENTS`` logits, read in the
 tensor's own layout (no permuted copy of the batch), and every intermediate is a
-chunk-sized buffer. Distances use the expanded form
-``||P[k]||^2 - 2 p . P[k]`` (``||p||^2`` is the same for every k), one GEMM per
+chunk-sized buffer. Distances use the expanded form, centred on the mean
+prototype ``c`` for precision: ``||A[k]||^2 - 2 d . A[k]`` with ``d = p - c`` and
+``A[k] = P[k] - c`` (see :func:`fastcal._common.centred_prototypes`), one GEMM per
 chunk.
 
 Two implementations of the chunk math, chosen by :func:`uses_fused_loops`:
@@ -16,8 +17,8 @@ Two implementations of the chunk math, chosen by :func:`uses_fused_loops`:
   images of at least ``DIRECT_MIN_PIXELS`` pixels are read in place; any other
   layout is copied a chunk at a time into a float32 ``[C, n]`` buffer first.
 - Everything else (more classes, or tensors on another device) runs PyTorch
-  operations on each chunk; the sums run in float32 inside a chunk and are
-  added into float64 totals.
+  operations on each chunk (float32 softmax and distances); the products
+  ``conf * p`` are added into float64 sums.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ._common import split_skipped
+from ._common import centred_prototypes
 
 CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 logits a chunk: per-op overhead vanishes, buffers stay small
 DIRECT_MIN_PIXELS = 4096  # fused loops read an NCHW batch in place when its images are this large
@@ -98,6 +99,8 @@ def _shifted_exp(z: torch.Tensor, temperature: float, buffers: _Buffers, with_ar
     """``e = exp((z - max z) / T)`` in a scratch buffer (the max entry is exactly 1), and with
     ``with_argmax`` the argmax and whether every logit of the pixel is finite."""
     n = z.shape[1]
+    if z.dtype not in _IN_PLACE:  # float64 is read as float32, like everywhere: beyond its range is inf
+        z = z.float()
     z_max = z.amax(dim=0).float()
     e = torch.sub(z, z_max, out=buffers.view(buffers.e, n))  # upcasts half-precision chunks
     if with_argmax:
@@ -164,17 +167,18 @@ def _fused_prototype_stats(logits, temperature, valid):
     return torch.from_numpy(S_parts.sum(axis=0)), torch.from_numpy(W_parts.sum(axis=0)), nonfinite
 
 
-def _fused_predict(logits, Q, labels, temperature):
+def _fused_predict(logits, prototypes, labels, temperature):
     from . import cpu_kernels
 
     buffers = _Buffers(logits.shape[1], logits.device)
     distance_buffer = torch.empty_like(buffers.e)
+    A_times_minus_2, centre, bias = _distance_operands(prototypes)
     inv_temperature = np.float32(1.0 / temperature)
     for select, z, g, start, n in _pieces(logits, buffers):
-        e = buffers.view(buffers.e, n)
-        cpu_kernels.exp_chunk(z, g, start, n, inv_temperature, e.numpy())
-        distance = torch.mm(Q, e, out=buffers.view(distance_buffer, n))
-        cpu_kernels.argmin_chunk(distance.numpy(), n, select(labels).numpy())
+        d = buffers.view(buffers.e, n)
+        cpu_kernels.centred_softmax_chunk(z, g, start, n, inv_temperature, centre.numpy(), d.numpy())
+        distance = torch.mm(A_times_minus_2, d, out=buffers.view(distance_buffer, n))
+        cpu_kernels.argmin_chunk(distance.numpy(), bias.numpy(), n, select(labels).numpy())
 
 
 def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
@@ -200,33 +204,33 @@ def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tenso
         e.mul_(weight * conf)  # conf * p = conf^2 * e
         if not clean:
             e.masked_fill_(~use, 0.0)  # NaN or inf at masked pixels must not leak into the sums
-        S_chunk = torch.zeros(C, C, dtype=torch.float32, device=e.device)
-        S_chunk.index_add_(1, cls, e)
-        S_t += S_chunk
-        W += torch.zeros(C, dtype=torch.float32, device=e.device).index_add_(0, cls, weight)
+        # float64 from the first add: a chunk holds up to a million pixels of one class, whose
+        # float32 running sum would drift by ~1e-5
+        S_t.index_add_(1, cls, e.double())
+        W.index_add_(0, cls, weight.double())
     return S_t.T.contiguous(), W, nonfinite
 
 
-def distance_matrix(prototypes: torch.Tensor) -> torch.Tensor:
-    """``Q[k, j] = ||P_k||^2 - 2 P_kj`` in float32, a row of 1e30 for a skipped class.
-
-    With ``s = sum_j e_j`` and ``p = e / s``, ``s (||P_k||^2 - 2 p . P_k) = (Q e)_k`` and ``s > 0``,
-    so the argmin of ``Q e`` is the label, with no normalisation of ``p``."""
-    P, sq_norms = split_skipped(prototypes)
-    return torch.where(torch.isinf(sq_norms)[:, None], torch.full_like(P, 1e30), sq_norms[:, None] - 2.0 * P)
+def _distance_operands(prototypes: torch.Tensor):
+    """``(-2 A, c, bias)`` of :func:`fastcal._common.centred_prototypes`: a pixel's label is
+    ``argmin_k bias[k] + (-2 A (p - c))[k]`` (scaling by -2 is exact)."""
+    A, centre, bias = centred_prototypes(prototypes)
+    return A.mul_(-2.0), centre, bias
 
 
 def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64):
-    """One GEMM a chunk: the argmin of ``Q e`` (see :func:`distance_matrix`)."""
-    Q = distance_matrix(prototypes)
+    """One GEMM a chunk: the argmin of ``bias - 2 A (p - c)`` (see :func:`_distance_operands`)."""
     labels = torch.empty((logits.shape[0], *logits.shape[2:]), dtype=label_dtype, device=logits.device)
     if uses_fused_loops(logits):
-        _fused_predict(logits, Q, labels, temperature)
+        _fused_predict(logits, prototypes, labels, temperature)
         return labels
+    A_times_minus_2, centre, bias = _distance_operands(prototypes)
     buffers = _Buffers(logits.shape[1], logits.device)
     for index, z in _chunks(logits):
-        e = _shifted_exp(z, temperature, buffers, with_argmax=False)
-        distance = torch.mm(Q, e, out=buffers.view(buffers.scratch, e.shape[1]))
+        d = _shifted_exp(z, temperature, buffers, with_argmax=False)
+        d.div_(d.sum(dim=0)).sub_(centre[:, None])
+        distance = torch.mm(A_times_minus_2, d, out=buffers.view(buffers.scratch, d.shape[1]))
+        distance.add_(bias[:, None])
         gap = torch.sub(distance.amin(dim=0), distance, out=distance)
         out = labels[index]
         out.copy_(_first_zero(gap, gap, buffers).view(out.shape))

@@ -1,14 +1,16 @@
 """The predict pass: per pixel, the class whose prototype is nearest to ``p``.
 
-Math (per pixel, ``scale = log2(e) / T``; ``||p||^2`` is the same for every k)::
+Math (per pixel, ``scale = log2(e) / T``, ``c`` the mean prototype, ``A[k] = P[k] - c``)::
 
     p       = softmax(z / T)
-    label   = argmin_k  ||P[k]||^2 - 2 p . P[k]        (lowest k on ties)
+    label   = argmin_k  ||A[k]||^2 - 2 (p - c) . A[k]  (lowest k on ties)
 
-``p . P^T`` is a ``tl.dot`` (3xTF32: about 2^-22 relative error, below the
-1e-6 distance gaps that decide a label). Prototypes are zero-padded to whole
-blocks with ``||P[k]||^2 = +inf`` for padding and for "skip" classes, so the
-distance loop needs no class mask.
+which is ``argmin_k ||p - P[k]||^2`` (the two differ by ``||p - c||^2``, the same for
+every k); centring keeps every term within a few times the pixel's distances, so
+rounding stays relative to them (see ``fastcal._common.centred_prototypes``).
+``(p - c) . A^T`` is a ``tl.dot`` in 3xTF32 (about 2^-22 relative error). The
+centred prototypes are zero-padded to whole blocks with ``||A[k]||^2 = +inf`` for
+padding and for "skip" classes, so the distance loop needs no class mask.
 
 * ``C <= FUSED_MAX_CLASSES``: the tile holds every class; one read.
 * larger C: an online max / sum over class blocks, then for every k-block a
@@ -23,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import split_skipped
+from .._common import centred_prototypes
 from ._layout import pixel_layout, triton_cdiv
 from ._tile import load_tile, online_softmax_update, tile_position
 from .stats import LOG2E, TILE_ELEMENTS, stats_config
@@ -33,7 +35,7 @@ PREDICT_CHUNK_CLASSES = 32  # p . P^T blocks in 3xTF32 need three operand copies
 
 @triton.jit
 def _predict_kernel(
-    z_ptr, P_ptr, norm_ptr, out_ptr,
+    z_ptr, A_ptr, centre_ptr, bias_ptr, out_ptr,
     C, L, O1, O2, so0, so1, so2, s_l, s_c, scale, C_PAD,
     FUSED: tl.constexpr, C_BLOCK: tl.constexpr, PIX_BLOCK: tl.constexpr,
 ):
@@ -43,9 +45,9 @@ def _predict_kernel(
     if FUSED:
         b_z = tl.where((o_c < C)[:, None], load_tile(z_ptr, o_z, m_pix, o_c, C, s_c), float("-inf"))
         b_e = tl.exp2((b_z - tl.max(b_z, 0)[None, :]) * scale)
-        b_p = b_e / tl.sum(b_e, 0)[None, :]
-        b_P = tl.load(P_ptr + o_c[:, None] * C_PAD + o_c[None, :])
-        b_d = tl.load(norm_ptr + o_c)[:, None] - 2.0 * tl.dot(b_P, b_p, input_precision="tf32x3")
+        b_d = b_e / tl.sum(b_e, 0)[None, :] - tl.load(centre_ptr + o_c)[:, None]
+        b_A = tl.load(A_ptr + o_c[:, None] * C_PAD + o_c[None, :])
+        b_d = tl.load(bias_ptr + o_c)[:, None] - 2.0 * tl.dot(b_A, b_d, input_precision="tf32x3")
         b_label = tl.argmin(tl.where(b_d == b_d, b_d, float("inf")), 0, tie_break_left=True)
     else:
         b_max = tl.full([PIX_BLOCK], float("-inf"), tl.float32)
@@ -62,10 +64,11 @@ def _predict_kernel(
             for j0 in range(0, C, C_BLOCK):
                 o_j = j0 + o_c
                 b_z = load_tile(z_ptr, o_z, m_pix, o_j, C, s_c)
-                b_p = tl.where((o_j < C)[:, None], tl.exp2((b_z - b_max[None, :]) * scale) * b_inv_sum[None, :], 0.0)
-                b_P = tl.load(P_ptr + (k0 + o_c)[:, None] * C_PAD + o_j[None, :])
-                b_dot += tl.dot(b_P, b_p, input_precision="tf32x3")
-            b_d = tl.load(norm_ptr + k0 + o_c)[:, None] - 2.0 * b_dot
+                b_p = tl.exp2((b_z - b_max[None, :]) * scale) * b_inv_sum[None, :]
+                b_p = tl.where((o_j < C)[:, None], b_p - tl.load(centre_ptr + o_j)[:, None], 0.0)
+                b_A = tl.load(A_ptr + (k0 + o_c)[:, None] * C_PAD + o_j[None, :])
+                b_dot += tl.dot(b_A, b_p, input_precision="tf32x3")
+            b_d = tl.load(bias_ptr + k0 + o_c)[:, None] - 2.0 * b_dot
             b_d = tl.where(b_d == b_d, b_d, float("inf"))  # non-finite logits: some label, no NaN
             c_best = tl.min(b_d, 0)
             c_label = tl.argmin(b_d, 0, tie_break_left=True).to(tl.int32) + k0
@@ -84,25 +87,28 @@ def predict_config(num_classes: int) -> dict:
 
 
 def padded_prototypes(prototypes: torch.Tensor, c_block: int):
-    """Prototypes zero-padded to whole blocks, and squared norms (+inf for padding and skipped classes)."""
-    P, sq_norms = split_skipped(prototypes)
-    C = P.shape[0]
+    """Centred prototypes ``A``, centre ``c`` and ``bias = ||A[k]||^2`` zero-padded to whole blocks
+    (``bias = +inf`` for padding and for skipped classes)."""
+    A, centre, bias = centred_prototypes(prototypes)
+    C = A.shape[0]
     c_pad = triton_cdiv(C, c_block) * c_block
-    P_pad = torch.zeros(c_pad, c_pad, dtype=torch.float32, device=P.device)
-    P_pad[:C, :C] = P
-    norms_pad = torch.full((c_pad,), float("inf"), dtype=torch.float32, device=P.device)
-    norms_pad[:C] = sq_norms
-    return P_pad, norms_pad
+    A_pad = torch.zeros(c_pad, c_pad, dtype=torch.float32, device=A.device)
+    A_pad[:C, :C] = A
+    centre_pad = torch.zeros(c_pad, dtype=torch.float32, device=A.device)
+    centre_pad[:C] = centre
+    bias_pad = torch.full((c_pad,), float("inf"), dtype=torch.float32, device=A.device)
+    bias_pad[:C] = bias
+    return A_pad, centre_pad, bias_pad
 
 
 def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64):
     layout = pixel_layout(logits)
     config = predict_config(layout.num_classes)
-    P_pad, norms_pad = padded_prototypes(prototypes.to(logits.device), config["C_BLOCK"])
+    A_pad, centre_pad, bias_pad = padded_prototypes(prototypes.to(logits.device), config["C_BLOCK"])
     labels = torch.empty((logits.shape[0], *logits.shape[2:]), dtype=label_dtype, device=logits.device)
     grid = (layout.num_tiles(config["PIX_BLOCK"]),)
     _predict_kernel[grid](
-        logits, P_pad, norms_pad, labels, *layout.kernel_args(), LOG2E / temperature, P_pad.shape[0],
+        logits, A_pad, centre_pad, bias_pad, labels, *layout.kernel_args(), LOG2E / temperature, A_pad.shape[0],
         FUSED=config["FUSED"], C_BLOCK=config["C_BLOCK"], PIX_BLOCK=config["PIX_BLOCK"],
         num_warps=config["num_warps"], num_stages=config["num_stages"], maxnreg=config["maxnreg"],
     )

@@ -25,3 +25,16 @@ def make_logits(shape, dtype=torch.float32, layout="contiguous", scale=3.0, devi
 
 SHAPES = [(7, 5), (2, 19, 17, 23), (1, 3, 4, 5, 6), (3, 2, 9, 1), (1, 150, 6, 7), (9, 1024)]
 LAYOUTS = ["contiguous", "channels_last", "sliced"]
+
+
+def exact_tie_prototypes(num_classes: int, nearest: tuple, device="cpu") -> torch.Tensor:
+    """Prototypes for the uniform ``p`` of all-equal logits (``1/C``, exact for a power-of-two C):
+    the rows in ``nearest`` are uniform too (distance 0), every other row is one-hot.
+
+    Every value involved, centred or not, is a short dyadic fraction, so every product and every
+    partial sum of the distances is exact in float32: the tie between the ``nearest`` classes is
+    exact whatever the summation order of the GEMM or the vector width.
+    """
+    P = torch.eye(num_classes, device=device)
+    P[list(nearest)] = 1.0 / num_classes
+    return P

@@ -7,7 +7,7 @@ import fastcal
 from fastcal import cpu_kernels, torch_backend
 
 import oracle
-from cases import DTYPES, LAYOUTS, SHAPES, make_logits
+from cases import DTYPES, LAYOUTS, SHAPES, exact_tie_prototypes, make_logits
 
 
 
@@ -67,15 +67,23 @@ def test_empty_classes(backend, empty):
         assert not ((labels == 4) | (labels == 5)).any()
 
 
-def test_ties_take_the_lowest_class(backend):
+def test_argmax_ties_take_the_lowest_class(backend):
     z = torch.zeros(1, 4, 3, 3)
     z[:, 1] = 2.0
     z[:, 3] = 2.0  # argmax ties between 1 and 3
     S, W = fastcal.prototype_stats(z, backend=backend)
     assert W[1] > 0 and W[3] == 0
-    # identical prototypes for classes 0 and 2: the distance tie goes to 0
-    P = torch.full((4, 4), 0.25)
-    assert (fastcal.predict(z, P, backend=backend) == 0).all()
+
+
+@pytest.mark.parametrize("num_classes", [4, 128])
+def test_distance_ties_take_the_lowest_class(backend, num_classes):
+    """Exact ties (see ``cases.exact_tie_prototypes``), whatever the GEMM's summation order."""
+    z = torch.zeros(1, num_classes, 4, 4)
+    every = exact_tie_prototypes(num_classes, range(num_classes))
+    assert (fastcal.predict(z, every, backend=backend) == 0).all()
+    for nearest in [(0, num_classes - 1), (1, num_classes - 2), (num_classes - 1,)]:
+        P = exact_tie_prototypes(num_classes, nearest)
+        assert (fastcal.predict(z, P, backend=backend) == nearest[0]).all()
 
 
 def test_torch_path_chunks_cover_every_pixel(monkeypatch):

@@ -29,31 +29,47 @@ def as_logits(z, g, start, n):
     return torch.from_numpy(np.ascontiguousarray(z[g, :, start:start + n]))[None]
 
 
+@numba.njit
+def exp_each(x, out):
+    for i in range(x.size):
+        out[i] = cpu_kernels._exp_nonpositive(x[i])
+
+
 def test_exp_is_accurate_to_two_ulp():
     x = np.concatenate([-np.geomspace(1e-8, 87.0, 4000), [0.0, -1e-30, -0.5, -np.log(2)]]).astype(np.float32)
-    z = np.stack([np.zeros_like(x), x])[None]  # class 0 is the max, so e[1] = exp(x)
-    e = np.empty((2, x.size), np.float32)
-    cpu_kernels.exp_chunk(z, 0, 0, x.size, np.float32(1.0), e)
-    assert np.all(e[0] == 1.0)
+    e = np.empty_like(x)
+    exp_each(x, e)
+    assert e[x == 0][0] == 1.0
     exact = np.exp(x.astype(np.float64))
-    assert np.max(np.abs(e[1] / exact - 1)) < 2 * FLOAT32_ULP
+    assert np.max(np.abs(e / exact - 1)) < 2 * FLOAT32_ULP
 
 
 def test_exp_below_the_floor_is_negligible():
     x = np.array([-87.5, -100.0, -1e4, -np.inf], np.float32)
-    z = np.stack([np.zeros_like(x), x])[None]
-    e = np.empty((2, x.size), np.float32)
-    cpu_kernels.exp_chunk(z, 0, 0, x.size, np.float32(1.0), e)
-    assert np.all((e[1] >= 0) & (e[1] < 2e-38))
+    e = np.empty_like(x)
+    exp_each(x, e)
+    assert np.all((e >= 0) & (e < 2e-38))
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.3, 4.0])
-def test_exp_chunk_is_the_softmax_up_to_a_factor(temperature):
-    z = image_batch(2, 7, 1000)
-    e = np.empty((7, 600), np.float32)
-    cpu_kernels.exp_chunk(z, 1, 300, 600, np.float32(1 / temperature), e)
+def centred_softmax(z, g, start, n, temperature, centre):
+    d = np.empty((z.shape[1], n), np.float32)
+    cpu_kernels.centred_softmax_chunk(z, g, start, n, np.float32(1 / temperature), centre, d)
+    return d
+
+
+@pytest.mark.parametrize("shift", [0.0, -100.0, 1e4])
+@pytest.mark.parametrize("temperature", [1e-3, 0.3, 1.0, 4.0, 1e3])
+def test_centred_softmax_chunk_matches_oracle(temperature, shift):
+    """Any class may hold the max and the logits may sit anywhere: ``d + c`` is the float64 softmax
+    to a few float32 ulps of its entries."""
+    C = 7
+    z = image_batch(2, C, 1000) + np.float32(shift)
+    z[1, 3, 400:450] += 50.0  # one class far ahead
+    centre = np.random.default_rng(2).random(C).astype(np.float32) / C
+    d = centred_softmax(z, 1, 300, 600, temperature, centre)
     p, _, _ = oracle.soft_labels(oracle.pixels_by_class(as_logits(z, 1, 300, 600)), temperature)
-    np.testing.assert_allclose((e / e.sum(0)).T, p, rtol=8 * FLOAT32_ULP * 7, atol=1e-12)
+    np.testing.assert_allclose(d.T.astype(np.float64) + centre, p, rtol=0, atol=8 * C * FLOAT32_ULP)
+    assert np.all(np.abs(d.T + centre - p) <= 8 * C * FLOAT32_ULP * p + FLOAT32_ULP * centre)
 
 
 # n: fewer blocks than work units, one partial block, many blocks with a partial last one
@@ -101,18 +117,21 @@ def test_stats_chunk_does_not_depend_on_the_thread_count():
 
 @pytest.mark.parametrize("label_dtype", [np.int64, np.int32, np.uint8])
 def test_argmin_chunk_is_exact_and_takes_the_lowest_class_on_ties(label_dtype):
-    distance = np.random.default_rng(1).integers(0, 4, size=(6, 1000)).astype(np.float32)  # many ties
+    rng = np.random.default_rng(1)
+    distance = rng.integers(0, 4, size=(6, 1000)).astype(np.float32)  # many ties
+    bias = rng.integers(0, 2, size=6).astype(np.float32)
     labels = np.full(1000, 99, label_dtype)
-    cpu_kernels.argmin_chunk(distance, 700, labels)
-    assert np.array_equal(labels[:700], distance[:, :700].argmin(axis=0))  # NumPy takes the first minimum
+    cpu_kernels.argmin_chunk(distance, bias, 700, labels)
+    expected = (distance + bias[:, None])[:, :700].argmin(axis=0)  # NumPy takes the first minimum
+    assert np.array_equal(labels[:700], expected)
     assert np.all(labels[700:] == 99)  # nothing beyond n is written
 
 
 def test_argmin_chunk_skips_infinite_rows():
-    distance = np.full((3, 10), np.inf, np.float32)
+    distance = np.zeros((3, 10), np.float32)
     distance[2] = 5.0
     labels = np.empty(10, np.int64)
-    cpu_kernels.argmin_chunk(distance, 10, labels)
+    cpu_kernels.argmin_chunk(distance, np.array([np.inf, np.inf, 1.0], np.float32), 10, labels)
     assert np.all(labels == 2)
 
 
@@ -124,9 +143,8 @@ def test_half_precision_bits_read_as_their_float32_values(dtype, bits):
     results = []
     for z in (x.view(bits).numpy(), x.float().numpy()):
         S, W, bad = run_stats(z, 0, 100, 2500)
-        e = np.empty((7, 2500), np.float32)
-        cpu_kernels.exp_chunk(z, 1, 100, 2500, np.float32(0.7), e)
-        results.append((S, W, bad, e))
+        d = centred_softmax(z, 1, 100, 2500, 1 / 0.7, np.full(7, 1 / 7, np.float32))
+        results.append((S, W, bad, d))
     assert results[0][2] == 0 and run_stats(x.view(bits).numpy(), 0, 0, 10)[2] == 1
     for a, b in zip(*results):
         assert np.array_equal(a, b)

@@ -5,7 +5,7 @@ import torch
 import fastcal
 
 import oracle
-from cases import DTYPES, KERNEL_DEVICE, LAYOUTS, make_logits
+from cases import DTYPES, KERNEL_DEVICE, LAYOUTS, exact_tie_prototypes, make_logits
 
 SHAPES = [(2, 2, 13, 11), (1, 3, 7, 9), (2, 19, 17, 23), (1, 19, 3, 4, 5), (37, 19), (1, 150, 5, 7), (5, 1024)]
 
@@ -44,16 +44,24 @@ def test_skip_policy_never_predicts_empty_classes(num_classes):
     oracle.assert_labels_match(labels, z, P)
 
 
-@pytest.mark.parametrize("num_classes", [4, 70])
+@pytest.mark.parametrize("num_classes", [4, 128])
 def test_distance_ties_take_the_lowest_class(num_classes):
-    z = make_logits((1, num_classes, 4, 4), device=KERNEL_DEVICE)
-    P = torch.full((num_classes, num_classes), 1.0 / num_classes, device=KERNEL_DEVICE)  # every distance equal
-    assert (fastcal.predict(z, P, backend="triton") == 0).all()
-    P[num_classes - 1] = 0.0
-    P[num_classes - 1, 0] = 1.0
-    P[0] = P[num_classes - 1]  # class 0 and the last class tie, across blocks for C = 70
-    expected = fastcal.predict(z, P, backend="reference")
-    assert torch.equal(fastcal.predict(z, P, backend="triton"), expected)
+    """Exact ties (see ``cases.exact_tie_prototypes``), across class blocks for C = 128."""
+    z = torch.zeros(1, num_classes, 4, 4, device=KERNEL_DEVICE)
+    every = exact_tie_prototypes(num_classes, range(num_classes), KERNEL_DEVICE)
+    assert (fastcal.predict(z, every, backend="triton") == 0).all()
+    for nearest in [(0, num_classes - 1), (1, num_classes - 2), (num_classes - 1,)]:
+        P = exact_tie_prototypes(num_classes, nearest, KERNEL_DEVICE)
+        assert (fastcal.predict(z, P, backend="triton") == nearest[0]).all()
+
+
+def test_near_ties_follow_the_oracle():
+    """Prototypes a hair apart: the label is the oracle's wherever float32 can resolve it."""
+    z = make_logits((2, 70, 6, 6), device=KERNEL_DEVICE)
+    P = fitted_prototypes(z)
+    P[69] = P[0] + 1e-6 * torch.randn(70, device=KERNEL_DEVICE).abs()
+    P[35] = P[0] * (1 + 1e-7)
+    oracle.assert_labels_match(fastcal.predict(z, P, backend="triton"), z, P)
 
 
 @pytest.mark.parametrize("label_dtype", [torch.int64, torch.int32, torch.uint8])

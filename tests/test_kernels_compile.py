@@ -63,7 +63,8 @@ def compile_case(case):
     kernel = KERNELS[kernel_name]
     unit_stride = LAYOUTS[layout]
     types = {"z_ptr": LOGIT_TYPES[dtype], "valid_ptr": "*u8", "max_ptr": "*fp32", "conf_ptr": "*fp32",
-             "cls_ptr": "*i32", "bad_ptr": "*i32", "P_ptr": "*fp32", "norm_ptr": "*fp32", "scale": "fp32",
+             "cls_ptr": "*i32", "bad_ptr": "*i32", "A_ptr": "*fp32", "centre_ptr": "*fp32", "bias_ptr": "*fp32",
+             "scale": "fp32",
              **{s: "i32" for s in SCALARS}, **extra}
     sig = {arg: types[arg] for arg in kernel.arg_names if arg not in meta and arg != unit_stride}
     compiled = aot.compile_kernel(kernel, sig, {unit_stride: 1, **meta}, cap, options)
