@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from numbers import Real
 
 import torch
 
@@ -12,6 +13,12 @@ STATE_FORMAT = "fastcal.LabelCalibrator"
 STATE_VERSION = 1
 
 
+# In online mode a class's weight never decays below this (about 1e-271): a class missing from
+# the stream keeps its last prototype at a weight that no pixel (each weighs at least 1/C) notices,
+# instead of sinking through the denormals to 0, where it would count as empty.
+WEIGHT_FLOOR = 2.0**-900
+
+
 class LabelCalibrator:
     """Accumulates ``S`` [C, C] and ``W`` [C] in float64 over ``update`` calls.
 
@@ -19,24 +26,34 @@ class LabelCalibrator:
     ``momentum=m`` (0 < m <= 1) the calibrator follows a drifting stream: each
     ``update`` first scales the sums so far by ``1 - m``, so a batch seen ``t``
     updates ago weighs ``(1 - m)**t`` (a half-life of ``log(2) / -log(1 - m)``
-    updates). A class missing from recent batches keeps its last prototype,
-    since the decay scales its ``S`` and ``W`` alike.
+    updates). A class missing from recent batches keeps its last prototype: the
+    decay scales its ``S`` and ``W`` alike, and never below a weight of
+    ``WEIGHT_FLOOR`` (2^-900), so neither ~1000 updates at m = 0.5 nor ``m = 1``
+    (only the latest batch counts) turn a class seen once back into an empty one.
+
+    A batch with no pixel to count (N = 0, no spatial extent, or every pixel masked
+    out by ``valid``) changes nothing: no decay, no update counted.
 
     The sums live on the device of the first batch (loaded state moves with them);
     later batches must come on the same device. A rejected batch (bad shape, NaN
-    logits...) changes nothing.
+    logits...) changes nothing. Works inside and outside ``torch.inference_mode()``
+    and ``torch.no_grad()``, in any order: the sums are replaced, never updated in place.
     """
 
     def __init__(self, num_classes: int, *, temperature: float = 1.0, empty: str = "onehot",
                  backend: str = "auto", momentum: float | None = None):
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+            raise TypeError(f"num_classes: expected an int >= 2, got {type(num_classes).__name__}")
+        if num_classes < 2:
             raise ValueError(f"num_classes: expected an int >= 2, got {num_classes!r}")
         self.num_classes = num_classes
         self.temperature = _checks.check_temperature(temperature)
         _checks.check_choice("empty", empty, _checks.EMPTY_POLICIES)
         _checks.check_choice("backend", backend, _checks.BACKENDS)
         if momentum is not None:
-            if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (0 < momentum <= 1):
+            if isinstance(momentum, bool) or not isinstance(momentum, Real):
+                raise TypeError(f"momentum: expected None or a number in (0, 1], got {type(momentum).__name__}")
+            if not (0 < momentum <= 1):
                 raise ValueError(f"momentum: expected None or a number in (0, 1], got {momentum!r}")
             momentum = float(momentum)
         self.empty, self.backend, self.momentum = empty, backend, momentum
@@ -44,35 +61,75 @@ class LabelCalibrator:
 
     def reset(self) -> None:
         """Forget every statistic; the next batch may come on any device."""
-        device = getattr(self, "S", torch.empty(0)).device
-        self.S = torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64, device=device)
-        self.W = torch.zeros(self.num_classes, dtype=torch.float64, device=device)
-        self.num_updates = 0
-        self.num_pixels = 0
+        device = getattr(self, "_S_shared", torch.empty(0)).device
+        self._set_shared(torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64, device=device),
+                         torch.zeros(self.num_classes, dtype=torch.float64, device=device), 0, 0)
         self._device_fixed = False
+
+    def _set_shared(self, S, W, num_updates, num_pixels) -> None:
+        """Make ``S``, ``W`` and the counters the state every rank shares (after a reduction, a load or
+        a reset), with nothing local on top."""
+        self._S_shared, self._W_shared = S, W
+        self._S_local, self._W_local = torch.zeros_like(S), torch.zeros_like(W)
+        self._shared_counts = (num_updates, num_pixels)
+        self._local_updates = self._local_pixels = 0
+
+    @property
+    def S(self) -> torch.Tensor:
+        """[C, C] float64 sums ``sum conf * p`` per argmax class."""
+        return self._S_shared + self._S_local
+
+    @property
+    def W(self) -> torch.Tensor:
+        """[C] float64 sums ``sum conf`` per argmax class."""
+        return self._W_shared + self._W_local
+
+    @property
+    def num_updates(self) -> int:
+        """Batches added (summed over ranks by :meth:`all_reduce`); empty batches do not count."""
+        return self._shared_counts[0] + self._local_updates
+
+    @property
+    def num_pixels(self) -> int:
+        """Valid pixels added (summed over ranks by :meth:`all_reduce`)."""
+        return self._shared_counts[1] + self._local_pixels
 
     def _check_batch(self, logits: torch.Tensor) -> None:
         _checks.check_logits(logits)
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"logits: expected C={self.num_classes} classes on dim 1, got {logits.shape[1]}")
-        if self._device_fixed and logits.device != self.S.device:
-            raise ValueError(f"logits: on {logits.device}, but this calibrator's sums are on {self.S.device}")
+        if self._device_fixed and logits.device != self._S_shared.device:
+            raise ValueError(f"logits: on {logits.device}, but this calibrator's sums are on {self._S_shared.device}")
+
+    def _decay_factors(self) -> torch.Tensor:
+        """Per class, what one update multiplies its ``S`` row and ``W`` by: ``1 - m``, or more where
+        that would take the weight below ``WEIGHT_FLOOR``."""
+        W = self.W
+        keep = torch.full_like(W, 1.0 - self.momentum)
+        return torch.where(W > 0, torch.maximum(keep, WEIGHT_FLOOR / W.clamp_min(WEIGHT_FLOOR)), keep)
 
     def update(self, logits: torch.Tensor, valid: torch.Tensor | None = None) -> "LabelCalibrator":
         """Add a batch's statistics. Raises, changing nothing, on bad input or non-finite logits."""
         self._check_batch(logits)
         S, W = api.prototype_stats(logits, temperature=self.temperature, valid=valid, backend=self.backend)
+        pixels = int(valid.sum()) if valid is not None else api.pixel_count(logits)
+        if pixels == 0:
+            return self
         if not self._device_fixed:
-            self.S, self.W = self.S.to(logits.device), self.W.to(logits.device)
+            self._move_to(logits.device)
             self._device_fixed = True
         if self.momentum is not None and self.num_updates:
-            self.S.mul_(1.0 - self.momentum)
-            self.W.mul_(1.0 - self.momentum)
-        self.S += S
-        self.W += W
-        self.num_updates += 1
-        self.num_pixels += int(valid.sum()) if valid is not None else api.pixel_count(logits)
+            factors = self._decay_factors()
+            self._S_shared, self._W_shared = self._S_shared * factors[:, None], self._W_shared * factors
+            self._S_local, self._W_local = self._S_local * factors[:, None], self._W_local * factors
+        self._S_local, self._W_local = self._S_local + S, self._W_local + W
+        self._local_updates += 1
+        self._local_pixels += pixels
         return self
+
+    def _move_to(self, device) -> None:
+        self._S_shared, self._W_shared = self._S_shared.to(device), self._W_shared.to(device)
+        self._S_local, self._W_local = self._S_local.to(device), self._W_local.to(device)
 
     @property
     def prototypes(self) -> torch.Tensor:
@@ -93,20 +150,47 @@ class LabelCalibrator:
 
     # ----- distributed -----------------------------------------------------------------
     def all_reduce(self, group=None) -> "LabelCalibrator":
-        """Sum ``S`` and ``W`` (and the counters) over a ``torch.distributed`` process group.
+        """Combine the updates every rank made since the last reduction; afterwards every rank holds
+        the same statistics, those of one process that saw all the batches.
 
-        Call it once on every rank after the local updates; afterwards every rank
-        holds the statistics of the whole dataset. The sums must sit on a device
-        the group's backend serves (CPU for gloo, CUDA for nccl).
+        Cumulative mode: the sums are added, as if one process had seen every batch.
+        Online mode (``momentum``): the ranks are taken to step in lockstep, as data-parallel
+        workers do: the ``t``-th update of every rank since the last reduction is one step of the
+        stream, with the ranks' batches together, so one process fed those combined batches holds
+        the same sums. A rank with fewer updates (uneven shards) has its batches in the first steps;
+        a rank with none contributes nothing.
+
+        Call it on every rank (it is a collective), as often as you like: a reduction with no
+        update in between changes nothing, and state from :meth:`load_state_dict` counts as
+        already shared. The sums travel on the device the group's backend needs (CUDA for nccl,
+        CPU otherwise), whatever device a rank's sums are on, and come back to it.
         """
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("all_reduce: torch.distributed is not initialized (call init_process_group first)")
-        counters = torch.tensor([self.num_updates, self.num_pixels], dtype=torch.float64, device=self.S.device)
-        for tensor in (self.S, self.W, counters):
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-        self.num_updates, self.num_pixels = int(counters[0].item()), int(counters[1].item())
+        device = self._S_shared.device
+        if dist.get_backend(group) != "nccl":
+            wire = torch.device("cpu")
+        else:
+            wire = device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+        steps = torch.tensor([self._local_updates], dtype=torch.int64, device=wire)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=group)
+        lag = int(steps.item()) - self._local_updates
+        catch_up = 1.0 if self.momentum is None else (1.0 - self.momentum) ** lag
+        C = self.num_classes
+        payload = torch.cat([
+            (self._S_local * catch_up).flatten(), self._W_local * catch_up,
+            torch.tensor([self._local_updates, self._local_pixels], dtype=torch.float64, device=device),
+        ]).to(wire)
+        if dist.get_rank(group) == 0:  # the shared part enters the sum once, caught up with the longest rank
+            payload[: C * C] += (self._S_shared * catch_up).flatten().to(wire)
+            payload[C * C: C * C + C] += (self._W_shared * catch_up).to(wire)
+        dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=group)
+        payload = payload.to(device)
+        updates, pixels = self._shared_counts
+        self._set_shared(payload[: C * C].view(C, C).clone(), payload[C * C: C * C + C].clone(),
+                         updates + int(payload[-2].item()), pixels + int(payload[-1].item()))
         return self
 
     # ----- saved state ------------------------------------------------------------------
@@ -148,27 +232,38 @@ class LabelCalibrator:
                 raise ValueError(f"state[{name!r}]: expected shape {shape}, got {tuple(tensor.shape)}")
             if not torch.isfinite(tensor).all() or (tensor < 0).any():
                 raise ValueError(f"state[{name!r}]: sums must be finite and non-negative")
+        if state.get("momentum") != self.momentum:
+            raise ValueError(
+                f"state: statistics were decayed with momentum {state.get('momentum')!r}, "
+                f"this calibrator uses {self.momentum}"
+            )
         counts = [state.get("num_updates"), state.get("num_pixels")]
         if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
             raise ValueError("state: num_updates and num_pixels must be non-negative ints")
-        device = self.S.device  # an unfixed calibrator still moves to the first batch's device
-        self.S, self.W = S.to(device, copy=True), W.to(device, copy=True)
-        self.num_updates, self.num_pixels = counts
+        device = self._S_shared.device  # an unfixed calibrator still moves to the first batch's device
+        self._set_shared(S.to(device, copy=True), W.to(device, copy=True), *counts)
         return self
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the state atomically (a temporary file, then a rename): a crash never leaves half a file."""
+        """Write the state atomically: a temporary file in the same folder, flushed to disk
+        (``fsync``), renamed over ``path``, then the folder flushed. A crash at any point leaves
+        either the previous file or the new one, never half a file. The file gets the mode a new
+        file gets under the process's umask (e.g. 0644 under umask 022)."""
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".fastcal-", suffix=".tmp")
         try:
+            os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp creates 0600 whatever the umask
             with os.fdopen(fd, "wb") as f:
                 torch.save(self.state_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+        _fsync_directory(directory)
 
     def load(self, path: str | os.PathLike) -> "LabelCalibrator":
         """Load a file written by :meth:`save`; a corrupt or foreign file raises ``ValueError``."""
@@ -184,3 +279,24 @@ class LabelCalibrator:
         mode = "cumulative" if self.momentum is None else f"momentum={self.momentum}"
         return (f"LabelCalibrator(num_classes={self.num_classes}, temperature={self.temperature}, "
                 f"empty={self.empty!r}, backend={self.backend!r}, {mode}, updates={self.num_updates})")
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make a rename in ``directory`` durable (POSIX); where folders cannot be opened (Windows),
+    the rename is as durable as the platform makes it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder; the file itself is already on disk
+    finally:
+        os.close(fd)

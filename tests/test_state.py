@@ -1,5 +1,8 @@
 """Saved state (versioned, safe, corrupt files refused) and the online (momentum) mode."""
+import contextlib
 import math
+import os
+import stat
 
 import pytest
 import torch
@@ -117,3 +120,128 @@ def test_online_mode_tracks_a_drifting_stream():
     print(f"agreement with the current domain's oracle: online {agree_online:.3f}, cumulative {agree_cumulative:.3f}")
     assert agree_online > 0.97
     assert agree_online > agree_cumulative + 0.05
+
+
+# ----- online mode: edge cases --------------------------------------------------------------
+def test_empty_batches_change_nothing():
+    cal = fitted(momentum=0.5)
+    S, W, updates = cal.S.clone(), cal.W.clone(), cal.num_updates
+    cal.update(torch.randn(0, 5, 6, 6))
+    cal.update(make_logits((2, 5, 6, 6)), valid=torch.zeros(2, 6, 6, dtype=torch.bool))
+    assert torch.equal(cal.S, S) and torch.equal(cal.W, W) and cal.num_updates == updates
+
+
+def test_momentum_one_keeps_the_last_prototype_of_absent_classes():
+    z = make_logits((2, 4, 6, 6))
+    cal = fastcal.LabelCalibrator(4, momentum=1.0).update(z)
+    before = cal.prototypes
+    only_class_0 = z.clone()
+    only_class_0[:, 0] += 100.0
+    cal.update(only_class_0)
+    assert cal.missing_classes == []
+    S0, W0 = fastcal.prototype_stats(only_class_0)
+    torch.testing.assert_close(cal.prototypes[0], (S0[0] / W0[0]).float())  # the latest batch alone
+    torch.testing.assert_close(cal.prototypes[1:], before[1:], rtol=1e-6, atol=0)
+
+
+def test_a_long_stream_never_sinks_to_denormals():
+    z = make_logits((1, 4, 5, 5))
+    cal = fastcal.LabelCalibrator(4, momentum=0.5).update(z)
+    first = cal.prototypes
+    only_class_0 = z.clone()
+    only_class_0[:, 0] += 100.0
+    for _ in range(1500):  # 0.5**1500 is far below the smallest float64
+        cal.update(only_class_0)
+    W = cal.W
+    assert cal.missing_classes == [] and bool((W >= 0.999 * fastcal.calibrator.WEIGHT_FLOOR).all())
+    assert bool((W[1:] < 1e-250).all())  # absent classes weigh nothing against any pixel
+    torch.testing.assert_close(cal.prototypes[1:], first[1:], rtol=1e-6, atol=0)
+
+
+def test_load_refuses_another_momentum(tmp_path):
+    fitted(momentum=0.25).save(tmp_path / "online.pt")
+    for momentum in (None, 0.5):
+        with pytest.raises(ValueError, match="momentum 0.25"):
+            fastcal.LabelCalibrator(5, momentum=momentum).load(tmp_path / "online.pt")
+    assert fastcal.LabelCalibrator(5, momentum=0.25).load(tmp_path / "online.pt").num_updates == 3
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"num_classes": 2.0}, TypeError), ({"num_classes": "3"}, TypeError), ({"num_classes": True}, TypeError),
+    ({"num_classes": 1}, ValueError), ({"momentum": "0.1"}, TypeError), ({"momentum": True}, TypeError),
+    ({"momentum": 1.5}, ValueError), ({"momentum": 0}, ValueError),
+])
+def test_wrong_types_raise_type_error_and_wrong_values_value_error(kwargs, error):
+    with pytest.raises(error, match=next(iter(kwargs))):
+        fastcal.LabelCalibrator(**{"num_classes": 3, **kwargs})
+
+
+# ----- inference mode ------------------------------------------------------------------------
+MODES = {"plain": contextlib.nullcontext, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+
+
+@pytest.mark.parametrize("momentum", [None, 0.5])
+@pytest.mark.parametrize("create, reset, load, update", [
+    ("inference_mode", "plain", "plain", "plain"), ("plain", "inference_mode", "plain", "plain"),
+    ("plain", "plain", "inference_mode", "plain"), ("inference_mode", "no_grad", "inference_mode", "plain"),
+    ("plain", "plain", "plain", "inference_mode"), ("no_grad", "inference_mode", "no_grad", "inference_mode"),
+])
+def test_works_inside_and_outside_inference_mode_in_any_order(create, reset, load, update, momentum, tmp_path):
+    batches = [make_logits((1, 5, 6, 6)) for _ in range(3)]
+    expected = fastcal.LabelCalibrator(5, momentum=momentum)
+    for batch in batches:
+        expected.update(batch)
+    with MODES[create]():
+        cal = fastcal.LabelCalibrator(5, momentum=momentum).update(batches[0])
+    with MODES[reset]():
+        cal.reset()
+    with MODES[update]():
+        cal.update(batches[0])
+    cal.save(tmp_path / "state.pt")
+    with MODES[load]():
+        cal.load(tmp_path / "state.pt")
+    with MODES[update]():
+        cal.update(batches[1])
+    with MODES["plain" if update == "inference_mode" else "inference_mode"]():  # and switch once more
+        cal.update(batches[2])
+    torch.testing.assert_close(cal.S, expected.S, rtol=1e-12, atol=0)
+    assert torch.equal(cal.predict(batches[0]), expected.predict(batches[0]))
+
+
+# ----- save ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_save_keeps_the_umask_mode(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        fitted().save(tmp_path / "state.pt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "state.pt").stat().st_mode) == 0o666 & ~umask
+
+
+def test_save_flushes_the_file_and_the_folder_before_and_after_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", stat.S_ISDIR(os.fstat(fd).st_mode))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace",)), real_replace(a, b))[1])
+    fitted().save(tmp_path / "state.pt")
+    assert events == [("fsync", False), ("replace",), ("fsync", True)]
+
+
+def test_an_interrupted_save_leaves_the_previous_file(tmp_path, monkeypatch):
+    first = fitted()
+    first.save(tmp_path / "state.pt")
+    second = fitted()
+    second.update(make_logits((1, 5, 4, 4)))
+
+    def dies_half_way(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # the user pressed Ctrl-C while the file was being written
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        second.save(tmp_path / "state.pt")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
+    assert same_state(fastcal.LabelCalibrator(5).load(tmp_path / "state.pt"), first)
