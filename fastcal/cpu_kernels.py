@@ -36,10 +36,15 @@ distances and writes one label.
 """
 from __future__ import annotations
 
+import os
+import sys
+import threading
+import time
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import event
 from numba.extending import intrinsic
 
 BLOCK = 256  # pixels a block: [C, 256] float32 exp values, 19 KiB for C = 19, 256 KiB at most
@@ -58,6 +63,86 @@ _LN2_LO = np.float32(-2.12194440e-4)
 EXP_FLOOR = np.float32(-87.0)  # exp(-87) = 1.6e-38, just above the smallest normal float32
 
 
+_LOOPS = {}  # name -> dispatcher of the parallel loops, for the compile notice
+_CACHED = {}  # name -> whether compiled loops are kept on disk
+
+
+def _parallel_loop(fn):
+    """``njit(parallel=True)``, cached on disk where Numba finds a writable folder (beside the
+    package, ``NUMBA_CACHE_DIR`` or the user's cache folder); without one (read-only containers)
+    the loops compile once per process instead of failing."""
+    dispatcher = njit(parallel=True, fastmath=_FAST)(fn)
+    try:
+        dispatcher.enable_caching()
+        _CACHED[fn.__name__] = True
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        _CACHED[fn.__name__] = False
+    _LOOPS[fn.__name__] = dispatcher
+    return dispatcher
+
+
+# ----- calling the loops safely ---------------------------------------------------------------
+# One call at a time: Numba's workqueue threading layer (its fallback without OpenMP or TBB) aborts
+# the process on concurrent calls, and each call already keeps every core busy.
+_lock = threading.Lock()
+_forked = False  # whether this process is a child forked from one that had imported fastcal
+_LOGIT_TYPES = {"float32": "float32", "uint16": "float16", "int16": "bfloat16"}
+
+
+def _after_fork_in_child() -> None:
+    global _lock, _forked
+    _lock = threading.Lock()  # another thread may have held it at the fork
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def forked_child() -> bool:
+    """Whether this process was forked from one that had imported fastcal: there GNU OpenMP's thread
+    pools (the loops' and PyTorch's) are gone, and a parallel region started before the fork hangs
+    or kills the child."""
+    return _forked
+
+
+def available() -> bool:
+    """Whether the loops may run in this process: not in a forked child, where the parent's OpenMP
+    runtime may be in any state (PyTorch operations on one thread serve such a child, e.g. a
+    DataLoader worker)."""
+    return not _forked
+
+
+class _CompileNotice(event.Listener):
+    """Tells the user on stderr when one of the loops compiles (seconds, once per dtype)."""
+
+    def __init__(self):
+        self.started = None
+
+    def on_start(self, ev):
+        dispatcher = ev.data["dispatcher"]
+        name = next((n for n, d in _LOOPS.items() if d is dispatcher), None)
+        if name is None or self.started is not None:
+            return
+        self.started = time.perf_counter()
+        z_type = ev.data["args"][0]
+        logits = _LOGIT_TYPES.get(str(getattr(z_type, "dtype", "")), str(z_type))
+        where = ("later runs load it from Numba's cache" if _CACHED[name]
+                 else "no writable cache folder: set NUMBA_CACHE_DIR to keep it across runs")
+        print(f"fastcal: compiling the CPU loop {name} for {logits} data ({where})...", file=sys.stderr, flush=True)
+
+    def on_end(self, ev):
+        if self.started is not None and ev.data["dispatcher"] in _LOOPS.values():
+            print(f"fastcal: compiled in {time.perf_counter() - self.started:.1f} s", file=sys.stderr, flush=True)
+            self.started = None
+
+
+def run(loop, *args):
+    """Call one of the parallel loops below: one call at a time, telling the user when it compiles."""
+    with _lock, event.install_listener("numba:compile", _CompileNotice()):
+        return loop(*args)
+
+
+# ----- the loops ------------------------------------------------------------------------------
 @intrinsic
 def _float32_from_bits(typingctx, bits):
     """Reinterpret an int32 as a float32 (how ``2^t`` is built without a libm call)."""
@@ -169,7 +254,7 @@ def _block_exp(z_image, start, count, inv_temperature, z_max, e, e_start, e_sum)
                 e_sum[i] += v
 
 
-@njit(parallel=True, fastmath=_FAST, cache=True)
+@_parallel_loop
 def stats_chunk(z, g, start, n, inv_temperature, valid, S_parts, W_parts):
     """Add ``S[cls] += conf * p`` and ``W[cls] += conf`` over pixels ``start .. start + n`` of image
     ``g`` into ``S_parts[u]`` [C, C] and ``W_parts[u]`` [C] (float64, one slot per work unit ``u``).
@@ -221,7 +306,7 @@ def stats_chunk(z, g, start, n, inv_temperature, valid, S_parts, W_parts):
     return nonfinite_parts.sum()
 
 
-@njit(parallel=True, fastmath=_FAST, cache=True)
+@_parallel_loop
 def centred_softmax_chunk(z, g, start, n, inv_temperature, centre, d):
     """``d[k, i] = p_k - centre[k]`` into ``d`` [C, n], ``p = softmax(z[g, :, start + i] / T)``.
 
@@ -247,7 +332,7 @@ def centred_softmax_chunk(z, g, start, n, inv_temperature, centre, d):
                 d_k[i] = d_k[i] * e_sum[i] - c_k
 
 
-@njit(parallel=True, fastmath=_FAST, cache=True)
+@_parallel_loop
 def argmin_chunk(distance, bias, n, labels):
     """``labels[i] = argmin_k bias[k] + distance[k, i]`` for ``i < n``, lowest k on ties."""
     C = distance.shape[0]

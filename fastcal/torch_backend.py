@@ -22,6 +22,7 @@ Two implementations of the chunk math, chosen by :func:`uses_fused_loops`:
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterator
 
@@ -119,10 +120,11 @@ def _shifted_exp(z: torch.Tensor, temperature: float, buffers: _Buffers, with_ar
 
 def uses_fused_loops(logits: torch.Tensor) -> bool:
     """Whether the chunk math runs the fused CPU loops: CPU tensors with at most
-    ``cpu_kernels.MAX_CLASSES`` classes."""
+    ``cpu_kernels.MAX_CLASSES`` classes, in a process where they may run (see
+    :func:`fastcal.cpu_kernels.available`)."""
     from . import cpu_kernels
 
-    return logits.device.type == "cpu" and logits.shape[1] <= cpu_kernels.MAX_CLASSES
+    return logits.device.type == "cpu" and logits.shape[1] <= cpu_kernels.MAX_CLASSES and cpu_kernels.available()
 
 
 # how the fused loops read each dtype in place: float16 and bfloat16 as their bits
@@ -162,8 +164,8 @@ def _fused_prototype_stats(logits, temperature, valid):
         valid = valid.contiguous().view(torch.uint8)
     for select, z, g, start, n in _pieces(logits, _Buffers(C, logits.device)):
         mask = all_valid if valid is None else select(valid).numpy()
-        nonfinite += int(cpu_kernels.stats_chunk(z, g, start, n, np.float32(1.0 / temperature), mask,
-                                                 S_parts, W_parts))
+        nonfinite += int(cpu_kernels.run(cpu_kernels.stats_chunk, z, g, start, n, np.float32(1.0 / temperature),
+                                         mask, S_parts, W_parts))
     return torch.from_numpy(S_parts.sum(axis=0)), torch.from_numpy(W_parts.sum(axis=0)), nonfinite
 
 
@@ -176,11 +178,32 @@ def _fused_predict(logits, prototypes, labels, temperature):
     inv_temperature = np.float32(1.0 / temperature)
     for select, z, g, start, n in _pieces(logits, buffers):
         d = buffers.view(buffers.e, n)
-        cpu_kernels.centred_softmax_chunk(z, g, start, n, inv_temperature, centre.numpy(), d.numpy())
+        cpu_kernels.run(cpu_kernels.centred_softmax_chunk, z, g, start, n, inv_temperature, centre.numpy(), d.numpy())
         distance = torch.mm(A_times_minus_2, d, out=buffers.view(distance_buffer, n))
-        cpu_kernels.argmin_chunk(distance.numpy(), bias.numpy(), n, select(labels).numpy())
+        cpu_kernels.run(cpu_kernels.argmin_chunk, distance.numpy(), bias.numpy(), n, select(labels).numpy())
 
 
+def _fork_safe(function):
+    """Run ``function`` on one thread in a forked child (see :func:`fastcal.cpu_kernels.forked_child`),
+    as PyTorch's DataLoader workers do: a parallel region there would wait forever for the parent's
+    OpenMP threads. The caller's thread count is restored afterwards."""
+    @functools.wraps(function)
+    def wrapper(logits, *args, **kwargs):
+        from . import cpu_kernels
+
+        if logits.device.type != "cpu" or not cpu_kernels.forked_child():
+            return function(logits, *args, **kwargs)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return function(logits, *args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper
+
+
+@_fork_safe
 def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
                     deterministic: bool = True):
     if uses_fused_loops(logits):
@@ -218,6 +241,7 @@ def _distance_operands(prototypes: torch.Tensor):
     return A.mul_(-2.0), centre, bias
 
 
+@_fork_safe
 def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64):
     """One GEMM a chunk: the argmin of ``bias - 2 A (p - c)`` (see :func:`_distance_operands`)."""
     labels = torch.empty((logits.shape[0], *logits.shape[2:]), dtype=label_dtype, device=logits.device)

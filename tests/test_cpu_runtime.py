@@ -1,0 +1,119 @@
+"""The fused CPU loops where real programs run them: without a cache folder, after fork(), from
+several threads under Numba's workqueue layer, and the first call's compile notice. Each case runs
+in a fresh Python process, as a user's program would."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+PROLOGUE = """
+import os, sys, threading
+import torch
+{setup}
+import fastcal
+from fastcal import torch_backend
+sys.path.insert(0, {tests!r})
+import oracle
+torch.manual_seed(0)
+z = torch.randn(2, 19, 64, 64) * 3
+P = fastcal.prototypes_from_stats(*fastcal.prototype_stats(z, backend="reference"))
+def check():
+    \"\"\"Both passes of the default CPU path against the float64 oracle.\"\"\"
+    oracle.assert_stats_close(*fastcal.prototype_stats(z), *oracle.stats(z))
+    oracle.assert_labels_match(fastcal.predict(z, P), z, P)
+"""
+
+
+def run_python(body: str, env: dict | None = None, setup: str = "", timeout=300):
+    """Run ``body`` after the prologue (``setup`` runs before fastcal is imported)."""
+    code = PROLOGUE.format(setup=textwrap.dedent(setup), tests=os.path.dirname(__file__)) + textwrap.dedent(body)
+    environment = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env={key: value for key, value in environment.items() if value is not None})
+
+
+def assert_ok(result):
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
+def test_without_a_writable_cache_folder():
+    """Numba finds no cache locator (read-only package and home, NUMBA_CACHE_DIR unset): the loops
+    compile in the process and say so."""
+    result = run_python("""
+    from fastcal import cpu_kernels
+    assert not any(cpu_kernels._CACHED.values())
+    check()
+    """, env={"NUMBA_CACHE_DIR": None}, setup="""
+    from numba.core import caching
+    def read_only(locator):  # what every folder of a read-only container answers
+        raise PermissionError(30, "Read-only file system")
+    caching._CacheLocator.ensure_cache_path = read_only
+    """)
+    assert_ok(result)
+    assert "set NUMBA_CACHE_DIR" in result.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX-only")
+def test_a_child_forked_after_the_loops_ran_still_calibrates():
+    """The child runs PyTorch operations on one thread (as DataLoader workers do): OpenMP's thread
+    pools, the loops' and PyTorch's, do not survive fork(), and a parallel region there hangs."""
+    result = run_python("""
+    check()  # the parent starts the loops' threads and PyTorch's
+    threads = torch.get_num_threads()
+    pid = os.fork()
+    if pid == 0:
+        import faulthandler
+        faulthandler.dump_traceback_later(120, exit=True)  # a hang fails the test instead of blocking it
+        try:
+            assert not torch_backend.uses_fused_loops(z)  # the child takes the PyTorch operations
+            S, W = fastcal.prototype_stats(z)
+            labels = fastcal.predict(z, P)
+            assert torch.get_num_threads() == threads  # the caller's setting is back
+            torch.set_num_threads(1)  # the oracle's own PyTorch operations need it here too
+            oracle.assert_stats_close(S, W, *oracle.stats(z))
+            oracle.assert_labels_match(labels, z, P)
+        except BaseException as error:
+            print("child:", repr(error), file=sys.stderr)
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status}"
+    check()  # and the parent keeps its loops
+    assert torch_backend.uses_fused_loops(z)
+    """)
+    assert_ok(result)
+
+
+def test_concurrent_calls_under_the_workqueue_layer():
+    result = run_python("""
+    import numba
+    results, errors = {}, []
+    def work(i):
+        try:
+            for _ in range(3):
+                results[i] = fastcal.prototype_stats(z), fastcal.predict(z, P)
+        except BaseException as error:
+            errors.append(error)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    assert not errors, errors
+    assert numba.threading_layer() == "workqueue"
+    for (S, W), labels in results.values():
+        oracle.assert_stats_close(S, W, *oracle.stats(z))
+        oracle.assert_labels_match(labels, z, P)
+    """, env={"NUMBA_THREADING_LAYER": "workqueue"})
+    assert_ok(result)
+
+
+def test_first_call_tells_the_user_it_compiles(tmp_path):
+    env = {"NUMBA_CACHE_DIR": str(tmp_path)}
+    first = run_python("check()", env)
+    assert_ok(first)
+    assert "fastcal: compiling the CPU loop stats_chunk for float32 data" in first.stderr
+    assert "fastcal: compiled in" in first.stderr
+    again = run_python("check()", env)  # loaded from the cache
+    assert_ok(again)
+    assert "compiling" not in again.stderr
