@@ -1,4 +1,4 @@
-"""Benchmark workloads, providers and the bytes model of DESIGN section 3."""
+"""Benchmark workloads, providers and the bytes model of docs/design.md, section 5."""
 from __future__ import annotations
 
 import math
@@ -36,7 +36,7 @@ LABEL_BYTES = 8  # int64 labels
 
 
 def bytes_moved(workload: Workload, dtype: torch.dtype, pass_name: str) -> int:
-    """DESIGN's model: stats reads the logits once; predict reads them and writes a label;
+    """The bytes model (docs/design.md): stats reads the logits once; predict reads them and writes a label;
     calibrate does both. ``copy`` and ``exp`` read and write the logits once."""
     logits = workload.pixels * workload.num_classes * dtype.itemsize
     return {"stats": logits, "predict": logits + workload.pixels * LABEL_BYTES,

@@ -18,6 +18,27 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _check_interpreter_numpy() -> None:
+    """triton <= 3.7's interpreter fails under numpy >= 2.4 ("only 0-dimensional arrays can be
+    converted to Python scalars", triton-lang/triton#9171): say so once instead of in every test."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy
+    import triton
+
+    def version(text):
+        return tuple(int(part) for part in text.split(".")[:2])
+
+    if version(triton.__version__) <= (3, 7) and version(numpy.__version__) >= (2, 4):
+        raise pytest.UsageError(
+            f"triton {triton.__version__}'s interpreter does not work with numpy {numpy.__version__} "
+            "(triton-lang/triton#9171): install 'numpy<2.4' or triton >= 3.8 to run the kernel tests on CPU"
+        )
+
+
+_check_interpreter_numpy()
+
 # tests/test_benchmarks.py imports the benchmark package that sits beside tests/
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 

@@ -1,4 +1,4 @@
-"""Every bad input of DESIGN section 2 raises a clear error and changes no state."""
+"""Every bad input named in the contract (docs/design.md, README "The contract") raises a clear error and changes no state."""
 import math
 
 import pytest
@@ -50,7 +50,7 @@ def test_c_below_two():
         fastcal.LabelCalibrator(1)
 
 
-@pytest.mark.parametrize("temperature", [0, -1.0, math.inf, math.nan])
+@pytest.mark.parametrize("temperature", [0, -1.0, math.inf, math.nan, 1e-38, 1e-300, 3.5e38, 1e300])
 def test_bad_temperature_value(temperature):
     with pytest.raises(ValueError, match="temperature: expected a positive finite number"):
         fastcal.calibrate(Z, temperature=temperature)
@@ -150,3 +150,14 @@ def test_bad_state_dict_changes_nothing():
         assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1]) and before[2:] == after[2:]
     with pytest.raises(TypeError, match="state: expected a dict"):
         cal.load_state_dict([1])
+
+
+@pytest.mark.parametrize("temperature", [1.2e-38, 3.4e38])
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_temperatures_at_the_ends_of_the_range_work(temperature, backend):
+    """float32's normal range is accepted: one-hot soft labels at one end, uniform at the other."""
+    labels = fastcal.calibrate(Z, temperature=temperature, backend=backend)
+    assert labels.shape == (2, 5, 5) and bool(((labels >= 0) & (labels < 4)).all())
+    S, W = fastcal.prototype_stats(Z, temperature=temperature, backend=backend)
+    assert torch.isfinite(S).all() and torch.isclose(W.sum(), torch.tensor(50.0 if temperature < 1 else 50 / 4,
+                                                                           dtype=torch.float64))
