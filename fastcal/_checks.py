@@ -56,19 +56,18 @@ def check_temperature(temperature) -> float:
     return temperature
 
 
-def check_valid(valid, logits: torch.Tensor) -> None:
+def check_valid(valid, logits: torch.Tensor, shape: tuple | None = None) -> None:
+    """``valid``: None or a bool tensor of ``shape`` (default: the logits without the class dim)."""
     if valid is None:
         return
     if not isinstance(valid, torch.Tensor):
         raise TypeError(f"valid: expected a bool tensor or None, got {type(valid).__name__}")
     if valid.dtype != torch.bool:
         raise TypeError(f"valid: expected dtype torch.bool, got {valid.dtype}")
-    expected = (logits.shape[0], *logits.shape[2:])
+    expected = tuple(shape) if shape is not None else (logits.shape[0], *logits.shape[2:])
     if tuple(valid.shape) != expected:
-        raise ValueError(
-            f"valid: expected shape {expected} (logits without the class dim), "
-            f"got {tuple(valid.shape)}"
-        )
+        what = "the output size" if shape is not None else "logits without the class dim"
+        raise ValueError(f"valid: expected shape {expected} ({what}), got {tuple(valid.shape)}")
     if valid.device != logits.device:
         raise ValueError(f"valid: on {valid.device}, but logits are on {logits.device}")
 

@@ -6,7 +6,7 @@ from types import ModuleType
 
 import torch
 
-from . import _checks, reference, torch_backend
+from . import _checks, _upsample, reference, torch_backend
 
 
 def resolve_backend(backend: str, device: torch.device) -> ModuleType:
@@ -27,11 +27,13 @@ def resolve_backend(backend: str, device: torch.device) -> ModuleType:
     return _triton
 
 
-def pixel_count(logits: torch.Tensor) -> int:
-    return logits.shape[0] * math.prod(logits.shape[2:])
+def pixel_count(logits: torch.Tensor, upsample=None) -> int:
+    """Pixels of the labels: of the logits, or of the upsampled output."""
+    return math.prod(_upsample.output_shape(logits, upsample))
 
 
-def prototype_stats(logits, *, temperature=1.0, valid=None, backend="auto", deterministic=None):
+def prototype_stats(logits, *, temperature=1.0, valid=None, backend="auto", deterministic=None,
+                    size=None, scale_factor=None, align_corners=False):
     """Prototype sums ``S`` [C, C] and weights ``W`` [C] of a batch of logits, as float64.
 
     ``S[k] = sum conf(x) p(x)`` and ``W[k] = sum conf(x)`` over the valid pixels
@@ -40,19 +42,24 @@ def prototype_stats(logits, *, temperature=1.0, valid=None, backend="auto", dete
     ``torch.are_deterministic_algorithms_enabled()``; only the Triton backend
     has a non-deterministic (atomic) mode. Raises ``ValueError`` when a valid
     pixel has a NaN or infinite logit.
+
+    ``size=(H, W)`` or ``scale_factor=`` (with ``align_corners=``) computes the statistics of
+    ``F.interpolate(logits, size, scale_factor, mode="bilinear", align_corners)`` (in float32)
+    without writing it; ``valid`` is then at the output size. Logits must be [N, C, H, W].
     """
     _checks.check_logits(logits)
     temperature = _checks.check_temperature(temperature)
-    _checks.check_valid(valid, logits)
+    upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
+    _checks.check_valid(valid, logits, _upsample.output_shape(logits, upsample))
     module = resolve_backend(backend, logits.device)
     C = logits.shape[1]
-    if pixel_count(logits) == 0:
+    if pixel_count(logits, upsample) == 0:
         zeros = torch.zeros(C, C, dtype=torch.float64, device=logits.device)
         return zeros, zeros[0].clone()
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     with torch.no_grad():  # calibration never back-propagates; logits straight from a model may carry grad
-        S, W, nonfinite = module.prototype_stats(logits.detach(), temperature, valid, deterministic)
+        S, W, nonfinite = module.prototype_stats(logits.detach(), temperature, valid, deterministic, upsample)
     if nonfinite:
         raise ValueError(
             f"logits: {nonfinite} valid pixel(s) have NaN or infinite logits; "
@@ -91,41 +98,53 @@ def prototypes_from_stats(S, W, *, empty="onehot") -> torch.Tensor:
     return reference.prototypes_from_stats(S, W, empty)
 
 
-def predict(logits, prototypes, *, temperature=1.0, backend="auto", label_dtype=torch.int64):
+def predict(logits, prototypes, *, temperature=1.0, backend="auto", label_dtype=torch.int64,
+            size=None, scale_factor=None, align_corners=False):
     """Labels ``argmin_k ||p(x) - P[k]||^2`` (lowest k on ties) as [N, *spatial].
 
     A NaN row of ``prototypes`` marks a class that is never predicted. Every
     pixel gets a label; the label of a pixel with non-finite logits is
     unspecified. ``label_dtype`` may be int64 (default), int32 or uint8.
+    ``size`` / ``scale_factor`` / ``align_corners``: labels of the bilinearly upsampled logits
+    [N, H, W], as in :func:`prototype_stats`.
     """
     _checks.check_logits(logits)
     temperature = _checks.check_temperature(temperature)
+    upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
     C = logits.shape[1]
     _checks.check_prototypes(prototypes, C, logits.device)
     _checks.check_label_dtype(label_dtype, C)
     module = resolve_backend(backend, logits.device)
-    if pixel_count(logits) == 0:
-        return torch.empty((logits.shape[0], *logits.shape[2:]), dtype=label_dtype, device=logits.device)
+    if pixel_count(logits, upsample) == 0:
+        return torch.empty(_upsample.output_shape(logits, upsample), dtype=label_dtype, device=logits.device)
     with torch.no_grad():
-        return module.predict(logits.detach(), prototypes.detach(), temperature, label_dtype)
+        return module.predict(logits.detach(), prototypes.detach(), temperature, label_dtype, upsample)
 
 
 def calibrate(logits, prototypes=None, *, temperature=1.0, valid=None, empty="onehot",
-              backend="auto", label_dtype=torch.int64, deterministic=None):
+              backend="auto", label_dtype=torch.int64, deterministic=None,
+              size=None, scale_factor=None, align_corners=False):
     """Calibrated labels for ``logits`` [N, C, *spatial] -> [N, *spatial].
 
     With ``prototypes=None`` the prototypes are built from these logits
     (transductive: one stats pass, then one predict pass); ``valid`` masks
     pixels out of the statistics, and every pixel still gets a label.
+    ``size`` / ``scale_factor`` / ``align_corners``: calibrate the bilinearly upsampled logits
+    (labels and ``valid`` at the output size) without writing them, as in :func:`prototype_stats`.
     """
     _checks.check_choice("empty", empty, _checks.EMPTY_POLICIES)
+    resize = {"size": size, "scale_factor": scale_factor, "align_corners": align_corners}
     if prototypes is None:
         S, W = prototype_stats(logits, temperature=temperature, valid=valid, backend=backend,
-                               deterministic=deterministic)
-        if pixel_count(logits) == 0:  # nothing to build prototypes from, nothing to label
+                               deterministic=deterministic, **resize)
+        upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
+        if pixel_count(logits, upsample) == 0:  # nothing to build prototypes from, nothing to label
             _checks.check_label_dtype(label_dtype, logits.shape[1])
-            return torch.empty((logits.shape[0], *logits.shape[2:]), dtype=label_dtype, device=logits.device)
+            return torch.empty(_upsample.output_shape(logits, upsample), dtype=label_dtype, device=logits.device)
         prototypes = prototypes_from_stats(S, W, empty=empty)
     elif valid is not None:
-        _checks.check_valid(valid, logits)
-    return predict(logits, prototypes, temperature=temperature, backend=backend, label_dtype=label_dtype)
+        _checks.check_logits(logits)
+        upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
+        _checks.check_valid(valid, logits, _upsample.output_shape(logits, upsample))
+    return predict(logits, prototypes, temperature=temperature, backend=backend, label_dtype=label_dtype,
+                   **resize)

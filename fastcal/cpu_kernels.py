@@ -254,6 +254,92 @@ def _block_exp(z_image, start, count, inv_temperature, z_max, e, e_start, e_sum)
                 e_sum[i] += v
 
 
+@njit(inline="always", fastmath=_FAST)
+def _stats_block(src, src_start, count, inv_temperature, valid, valid_start, masked, scratch, S_u, W_u):
+    """Add the block's ``S[cls] += conf * p``, ``W[cls] += conf`` (pixels ``src_start ..`` of ``src``
+    [C, L]) into ``S_u``, ``W_u`` through float32 block sums; returns the non-finite valid pixels."""
+    z_max, cls, nonfinite, e_sum, e, S_block, W_block = scratch
+    C = src.shape[0]
+    _block_max(src, src_start, count, z_max, cls, nonfinite)
+    _block_exp(src, src_start, count, inv_temperature, z_max, e, 0, e_sum)
+    S_block[:] = 0.0
+    W_block[:] = 0.0
+    bad = 0
+    for i in range(count):
+        if masked and valid[valid_start + i] == 0:
+            continue
+        if nonfinite[i] != 0.0:
+            bad += 1
+            continue
+        conf = np.float32(1.0) / e_sum[i]
+        weight = conf * conf
+        k = cls[i]
+        W_block[k] += conf
+        for j in range(C):
+            S_block[k, j] += weight * e[j, i]
+    for k in range(C):  # float32 within a block of pixels, float64 beyond
+        W_u[k] += W_block[k]
+        for j in range(C):
+            S_u[k, j] += S_block[k, j]
+    return bad
+
+
+@njit(inline="always")
+def _stats_scratch(C):
+    return (np.empty(BLOCK, np.float32), np.empty(BLOCK, np.int32), np.empty(BLOCK, np.float32),
+            np.empty(BLOCK, np.float32), np.empty((C, BLOCK), np.float32), np.empty((C, C), np.float32),
+            np.empty(C, np.float32))
+
+
+@njit(inline="always", fastmath=_FAST)
+def _centred_block(src, src_start, count, inv_temperature, centre, d, d_start):
+    """``d[k, d_start + i] = p_k - centre[k]`` for the block's pixels ``src_start ..`` of ``src``."""
+    z_max = np.empty(BLOCK, np.float32)
+    e_sum = np.empty(BLOCK, np.float32)
+    _block_plain_max(src, src_start, count, z_max)
+    _block_exp(src, src_start, count, inv_temperature, z_max, d, d_start, e_sum)
+    for i in range(count):
+        e_sum[i] = np.float32(1.0) / e_sum[i]
+    for k in range(src.shape[0]):
+        d_k = d[k, d_start:d_start + count]
+        c_k = centre[k]
+        for i in range(count):
+            d_k[i] = d_k[i] * e_sum[i] - c_k
+
+
+@njit(inline="always", fastmath=_FAST)
+def _block_upsample(z_image, start, count, width, rows, cols, out):
+    """``out[k, i]``: the bilinear value of output pixel ``start + i`` (row-major, ``width`` columns).
+
+    ``rows`` = (offset of source row y0, of y1, weight of y1) per output row, ``cols`` = (x0, x1,
+    weight of x1) per output column, as ``fastcal._upsample`` computes them; ``z_image`` [C, H*W]."""
+    row0, row1, row_weight = rows
+    col0, col1, col_weight = cols
+    o00 = np.empty(BLOCK, np.int64)
+    o01 = np.empty(BLOCK, np.int64)
+    o10 = np.empty(BLOCK, np.int64)
+    o11 = np.empty(BLOCK, np.int64)
+    wy = np.empty(BLOCK, np.float32)
+    wx = np.empty(BLOCK, np.float32)
+    for i in range(count):
+        y = (start + i) // width
+        x = start + i - y * width
+        o00[i] = row0[y] + col0[x]
+        o01[i] = row0[y] + col1[x]
+        o10[i] = row1[y] + col0[x]
+        o11[i] = row1[y] + col1[x]
+        wy[i] = row_weight[y]
+        wx[i] = col_weight[x]
+    one = np.float32(1.0)
+    for k in range(z_image.shape[0]):
+        row = z_image[k]
+        out_k = out[k]
+        for i in range(count):
+            top = (one - wx[i]) * _to_float32(row[o00[i]]) + wx[i] * _to_float32(row[o01[i]])
+            bottom = (one - wx[i]) * _to_float32(row[o10[i]]) + wx[i] * _to_float32(row[o11[i]])
+            out_k[i] = (one - wy[i]) * top + wy[i] * bottom
+
+
 @_parallel_loop
 def stats_chunk(z, g, start, n, inv_temperature, valid, S_parts, W_parts):
     """Add ``S[cls] += conf * p`` and ``W[cls] += conf`` over pixels ``start .. start + n`` of image
@@ -262,46 +348,44 @@ def stats_chunk(z, g, start, n, inv_temperature, valid, S_parts, W_parts):
     ``valid``: uint8 [n], or empty for all pixels valid. Returns how many valid pixels have a NaN or
     infinite logit; those add nothing to the sums.
     """
-    C = z.shape[1]
     z_image = z[g]
     blocks = (n + BLOCK - 1) // BLOCK
     nonfinite_parts = np.zeros(UNITS, np.int64)
     masked = valid.shape[0] > 0
     for u in prange(UNITS):
         _prefer_512_bit_vectors()
-        z_max = np.empty(BLOCK, np.float32)
-        cls = np.empty(BLOCK, np.int32)
-        nonfinite = np.empty(BLOCK, np.float32)
-        e_sum = np.empty(BLOCK, np.float32)
-        e = np.empty((C, BLOCK), np.float32)
-        S_block = np.empty((C, C), np.float32)
-        W_block = np.empty(C, np.float32)
-        S_u = S_parts[u]
-        W_u = W_parts[u]
+        scratch = _stats_scratch(z.shape[1])
         bad = 0
         for b in range(u * blocks // UNITS, (u + 1) * blocks // UNITS):
             offset = b * BLOCK
             count = min(BLOCK, n - offset)
-            _block_max(z_image, start + offset, count, z_max, cls, nonfinite)
-            _block_exp(z_image, start + offset, count, inv_temperature, z_max, e, 0, e_sum)
-            S_block[:] = 0.0
-            W_block[:] = 0.0
-            for i in range(count):
-                if masked and valid[offset + i] == 0:
-                    continue
-                if nonfinite[i] != 0.0:
-                    bad += 1
-                    continue
-                conf = np.float32(1.0) / e_sum[i]
-                weight = conf * conf
-                k = cls[i]
-                W_block[k] += conf
-                for j in range(C):
-                    S_block[k, j] += weight * e[j, i]
-            for k in range(C):  # float32 within a block of pixels, float64 beyond
-                W_u[k] += W_block[k]
-                for j in range(C):
-                    S_u[k, j] += S_block[k, j]
+            bad += _stats_block(z_image, start + offset, count, inv_temperature, valid, offset, masked, scratch,
+                                S_parts[u], W_parts[u])
+        nonfinite_parts[u] = bad
+    return nonfinite_parts.sum()
+
+
+@_parallel_loop
+def upsampled_stats_chunk(z, g, start, n, inv_temperature, valid, S_parts, W_parts, width, rows, cols):
+    """:func:`stats_chunk` over output pixels ``start .. start + n`` of the bilinear upsampling of
+    image ``g`` (``z`` [G, C, H*W] at the input resolution, ``width`` output columns): each block's
+    logits are interpolated into a [C, BLOCK] buffer and never written anywhere else."""
+    z_image = z[g]
+    C = z.shape[1]
+    blocks = (n + BLOCK - 1) // BLOCK
+    nonfinite_parts = np.zeros(UNITS, np.int64)
+    masked = valid.shape[0] > 0
+    for u in prange(UNITS):
+        _prefer_512_bit_vectors()
+        scratch = _stats_scratch(C)
+        block = np.empty((C, BLOCK), np.float32)
+        bad = 0
+        for b in range(u * blocks // UNITS, (u + 1) * blocks // UNITS):
+            offset = b * BLOCK
+            count = min(BLOCK, n - offset)
+            _block_upsample(z_image, start + offset, count, width, rows, cols, block)
+            bad += _stats_block(block, 0, count, inv_temperature, valid, offset, masked, scratch,
+                                S_parts[u], W_parts[u])
         nonfinite_parts[u] = bad
     return nonfinite_parts.sum()
 
@@ -313,23 +397,25 @@ def centred_softmax_chunk(z, g, start, n, inv_temperature, centre, d):
     The predict pass multiplies ``d`` by the centred prototypes (see
     ``fastcal._common.centred_prototypes``): centring keeps the distances' float32 precision."""
     z_image = z[g]
-    C = z_image.shape[0]
+    blocks = (n + BLOCK - 1) // BLOCK
+    for b in prange(blocks):
+        _prefer_512_bit_vectors()
+        offset = b * BLOCK
+        _centred_block(z_image, start + offset, min(BLOCK, n - offset), inv_temperature, centre, d, offset)
+
+
+@_parallel_loop
+def upsampled_centred_softmax_chunk(z, g, start, n, inv_temperature, centre, d, width, rows, cols):
+    """:func:`centred_softmax_chunk` of the bilinear upsampling (see :func:`upsampled_stats_chunk`)."""
+    z_image = z[g]
     blocks = (n + BLOCK - 1) // BLOCK
     for b in prange(blocks):
         _prefer_512_bit_vectors()
         offset = b * BLOCK
         count = min(BLOCK, n - offset)
-        z_max = np.empty(BLOCK, np.float32)
-        e_sum = np.empty(BLOCK, np.float32)
-        _block_plain_max(z_image, start + offset, count, z_max)
-        _block_exp(z_image, start + offset, count, inv_temperature, z_max, d, offset, e_sum)
-        for i in range(count):
-            e_sum[i] = np.float32(1.0) / e_sum[i]
-        for k in range(C):
-            d_k = d[k, offset:offset + count]
-            c_k = centre[k]
-            for i in range(count):
-                d_k[i] = d_k[i] * e_sum[i] - c_k
+        block = np.empty((z.shape[1], BLOCK), np.float32)
+        _block_upsample(z_image, start + offset, count, width, rows, cols, block)
+        _centred_block(block, 0, count, inv_temperature, centre, d, offset)
 
 
 @_parallel_loop

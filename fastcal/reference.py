@@ -14,6 +14,13 @@ needs several times the memory of the logits.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+
+def upsampled(logits: torch.Tensor, upsample) -> torch.Tensor:
+    """``F.interpolate`` (bilinear) of the float32 logits, with the caller's ``size`` or ``scale_factor``."""
+    resize = {"size": upsample.size} if upsample.scale_factor is None else {"scale_factor": upsample.scale_factor}
+    return F.interpolate(logits.float(), mode="bilinear", align_corners=upsample.align_corners, **resize)
 
 
 def soft_labels(logits: torch.Tensor, temperature: float):
@@ -29,10 +36,13 @@ def soft_labels(logits: torch.Tensor, temperature: float):
 
 
 def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
-                    deterministic: bool = True):
+                    deterministic: bool = True, upsample=None):
     """``S`` [C, C] and ``W`` [C] in float64, and the number of valid pixels with a non-finite logit.
 
-    Logits are read as float32, so a float64 logit beyond float32's range is non-finite."""
+    Logits are read as float32, so a float64 logit beyond float32's range is non-finite. With
+    ``upsample``, the statistics of ``F.interpolate`` of the float32 logits."""
+    if upsample is not None:
+        logits = upsampled(logits, upsample)
     num_classes = logits.shape[1]
     p, cls, conf = soft_labels(logits, temperature)
     if valid is None:
@@ -60,12 +70,15 @@ def prototypes_from_stats(S: torch.Tensor, W: torch.Tensor, empty: str) -> torch
     return P.float()
 
 
-def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64):
+def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64,
+            upsample=None):
     """``argmin_k ||p(x) - P[k]||^2``; a NaN row of ``prototypes`` is never chosen.
 
     The pixels x classes x classes differences are formed a block of pixels at a
     time, so memory stays bounded (about 64 MiB) whatever the batch size.
     """
+    if upsample is not None:
+        logits = upsampled(logits, upsample)
     p, _, _ = soft_labels(logits, temperature)
     P = prototypes.float()
     skipped = torch.isnan(P).all(dim=1)

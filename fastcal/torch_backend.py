@@ -29,6 +29,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from . import _upsample
 from ._common import centred_prototypes
 
 CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 logits a chunk: per-op overhead vanishes, buffers stay small
@@ -152,7 +153,32 @@ def _pieces(logits: torch.Tensor, buffers: _Buffers):
         yield (lambda t, index=index: t[index].view(-1)), z.view(1, C, n).numpy(), 0, 0, n
 
 
-def _fused_prototype_stats(logits, temperature, valid):
+def _upsample_tables(logits: torch.Tensor, upsample):
+    """The loops' source tables (see :func:`fastcal.cpu_kernels._block_upsample`) as NumPy arrays."""
+    (y0, y1, wy), (x0, x1, wx) = upsample.axes(tuple(logits.shape[2:]))
+    width_in = logits.shape[3]
+    rows = ((y0 * width_in).numpy(), (y1 * width_in).numpy(), wy.numpy())
+    return (upsample.size[1], rows, (x0.numpy(), x1.numpy(), wx.numpy()))
+
+
+def _upsampled_pieces(logits: torch.Tensor, upsample):
+    """As :func:`_pieces`, over the output pixels of the upsampling; ``z`` [N, C, H*W] holds the
+    input-resolution logits (in place for NCHW float32 / float16 / bfloat16, else a float32 copy
+    of the small input)."""
+    N, C, H, W = logits.shape
+    L = math.prod(upsample.size)
+    pixels = max(1, CHUNK_ELEMENTS // C)
+    if logits.dtype in _IN_PLACE and logits.is_contiguous():
+        z = logits.view(N, C, H * W).view(_IN_PLACE[logits.dtype]).numpy()
+    else:
+        z = logits.float().contiguous().view(N, C, H * W).numpy()
+    for g in range(N):
+        for start in range(0, L, pixels):
+            n = min(pixels, L - start)
+            yield (lambda t, g=g, start=start, n=n: t.view(N, L)[g, start:start + n]), z, g, start, n
+
+
+def _fused_prototype_stats(logits, temperature, valid, upsample):
     from . import cpu_kernels
 
     C = logits.shape[1]
@@ -162,23 +188,33 @@ def _fused_prototype_stats(logits, temperature, valid):
     nonfinite = 0
     if valid is not None:
         valid = valid.contiguous().view(torch.uint8)
-    for select, z, g, start, n in _pieces(logits, _Buffers(C, logits.device)):
+    if upsample is None:
+        loop, pieces, tables = cpu_kernels.stats_chunk, _pieces(logits, _Buffers(C, logits.device)), ()
+    else:
+        loop, pieces, tables = cpu_kernels.upsampled_stats_chunk, _upsampled_pieces(logits, upsample), \
+            _upsample_tables(logits, upsample)
+    for select, z, g, start, n in pieces:
         mask = all_valid if valid is None else select(valid).numpy()
-        nonfinite += int(cpu_kernels.run(cpu_kernels.stats_chunk, z, g, start, n, np.float32(1.0 / temperature),
-                                         mask, S_parts, W_parts))
+        nonfinite += int(cpu_kernels.run(loop, z, g, start, n, np.float32(1.0 / temperature), mask, S_parts,
+                                         W_parts, *tables))
     return torch.from_numpy(S_parts.sum(axis=0)), torch.from_numpy(W_parts.sum(axis=0)), nonfinite
 
 
-def _fused_predict(logits, prototypes, labels, temperature):
+def _fused_predict(logits, prototypes, labels, temperature, upsample):
     from . import cpu_kernels
 
     buffers = _Buffers(logits.shape[1], logits.device)
     distance_buffer = torch.empty_like(buffers.e)
     A_times_minus_2, centre, bias = _distance_operands(prototypes)
     inv_temperature = np.float32(1.0 / temperature)
-    for select, z, g, start, n in _pieces(logits, buffers):
+    if upsample is None:
+        loop, pieces, tables = cpu_kernels.centred_softmax_chunk, _pieces(logits, buffers), ()
+    else:
+        loop, pieces, tables = cpu_kernels.upsampled_centred_softmax_chunk, _upsampled_pieces(logits, upsample), \
+            _upsample_tables(logits, upsample)
+    for select, z, g, start, n in pieces:
         d = buffers.view(buffers.e, n)
-        cpu_kernels.run(cpu_kernels.centred_softmax_chunk, z, g, start, n, inv_temperature, centre.numpy(), d.numpy())
+        cpu_kernels.run(loop, z, g, start, n, inv_temperature, centre.numpy(), d.numpy(), *tables)
         distance = torch.mm(A_times_minus_2, d, out=buffers.view(distance_buffer, n))
         cpu_kernels.run(cpu_kernels.argmin_chunk, distance.numpy(), bias.numpy(), n, select(labels).numpy())
 
@@ -203,17 +239,35 @@ def _fork_safe(function):
     return wrapper
 
 
+def _upsampled_chunks(logits: torch.Tensor, upsample):
+    """As :func:`_chunks` for the upsampling: ``(index, z)`` with ``z`` [C, n] float32, the bilinear
+    values of a band of output rows of one image, gathered from the input with PyTorch operations."""
+    N, C = logits.shape[:2]
+    (y0, y1, wy), (x0, x1, wx) = upsample.axes(tuple(logits.shape[2:]), logits.device)
+    height, width = upsample.size
+    rows = max(1, CHUNK_ELEMENTS // (C * width))
+    for g in range(N):
+        image = logits[g]
+        for r0 in range(0, height, rows):
+            band = slice(r0, min(r0 + rows, height))
+            top, bottom = image[:, y0[band]].float(), image[:, y1[band]].float()  # [C, rows, W_in]
+            top = (1 - wx) * top[:, :, x0] + wx * top[:, :, x1]
+            bottom = (1 - wx) * bottom[:, :, x0] + wx * bottom[:, :, x1]
+            weight = wy[band][:, None]
+            yield (g, band), ((1 - weight) * top + weight * bottom).reshape(C, -1)
+
+
 @_fork_safe
 def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
-                    deterministic: bool = True):
+                    deterministic: bool = True, upsample=None):
     if uses_fused_loops(logits):
-        return _fused_prototype_stats(logits, temperature, valid)
+        return _fused_prototype_stats(logits, temperature, valid, upsample)
     C = logits.shape[1]
     S_t = torch.zeros(C, C, dtype=torch.float64, device=logits.device)  # S transposed: [j, k]
     W = torch.zeros(C, dtype=torch.float64, device=logits.device)
     nonfinite = 0
     buffers = _Buffers(C, logits.device)
-    for index, z in _chunks(logits):
+    for index, z in _chunks(logits) if upsample is None else _upsampled_chunks(logits, upsample):
         e, cls, use = _shifted_exp(z, temperature, buffers, with_argmax=True)
         conf = e.sum(dim=0).reciprocal_()
         if valid is not None:
@@ -242,15 +296,16 @@ def _distance_operands(prototypes: torch.Tensor):
 
 
 @_fork_safe
-def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64):
+def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64,
+            upsample=None):
     """One GEMM a chunk: the argmin of ``bias - 2 A (p - c)`` (see :func:`_distance_operands`)."""
-    labels = torch.empty((logits.shape[0], *logits.shape[2:]), dtype=label_dtype, device=logits.device)
+    labels = torch.empty(_upsample.output_shape(logits, upsample), dtype=label_dtype, device=logits.device)
     if uses_fused_loops(logits):
-        _fused_predict(logits, prototypes, labels, temperature)
+        _fused_predict(logits, prototypes, labels, temperature, upsample)
         return labels
     A_times_minus_2, centre, bias = _distance_operands(prototypes)
     buffers = _Buffers(logits.shape[1], logits.device)
-    for index, z in _chunks(logits):
+    for index, z in _chunks(logits) if upsample is None else _upsampled_chunks(logits, upsample):
         d = _shifted_exp(z, temperature, buffers, with_argmax=False)
         d.div_(d.sum(dim=0)).sub_(centre[:, None])
         distance = torch.mm(A_times_minus_2, d, out=buffers.view(buffers.scratch, d.shape[1]))
