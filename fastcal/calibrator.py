@@ -7,7 +7,7 @@ from numbers import Real
 
 import torch
 
-from . import _checks, api
+from . import _checks, _upsample, api
 
 STATE_FORMAT = "fastcal.LabelCalibrator"
 STATE_VERSION = 1
@@ -108,11 +108,17 @@ class LabelCalibrator:
         keep = torch.full_like(W, 1.0 - self.momentum)
         return torch.where(W > 0, torch.maximum(keep, WEIGHT_FLOOR / W.clamp_min(WEIGHT_FLOOR)), keep)
 
-    def update(self, logits: torch.Tensor, valid: torch.Tensor | None = None) -> "LabelCalibrator":
-        """Add a batch's statistics. Raises, changing nothing, on bad input or non-finite logits."""
+    def update(self, logits: torch.Tensor, valid: torch.Tensor | None = None, *, size=None, scale_factor=None,
+               align_corners=False) -> "LabelCalibrator":
+        """Add a batch's statistics. Raises, changing nothing, on bad input or non-finite logits.
+
+        ``size`` / ``scale_factor`` / ``align_corners``: the statistics of the bilinearly upsampled
+        logits (``valid`` at the output size), as in :func:`fastcal.prototype_stats`."""
         self._check_batch(logits)
-        S, W = api.prototype_stats(logits, temperature=self.temperature, valid=valid, backend=self.backend)
-        pixels = int(valid.sum()) if valid is not None else api.pixel_count(logits)
+        S, W = api.prototype_stats(logits, temperature=self.temperature, valid=valid, backend=self.backend,
+                                   size=size, scale_factor=scale_factor, align_corners=align_corners)
+        upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
+        pixels = int(valid.sum()) if valid is not None else api.pixel_count(logits, upsample)
         if pixels == 0:
             return self
         if not self._device_fixed:
@@ -141,12 +147,15 @@ class LabelCalibrator:
         """Classes no pixel has been assigned to so far (``W == 0``)."""
         return torch.nonzero(self.W == 0).flatten().tolist()
 
-    def predict(self, logits: torch.Tensor, *, label_dtype=torch.int64) -> torch.Tensor:
-        """Calibrated labels [N, *spatial] with the current prototypes."""
+    def predict(self, logits: torch.Tensor, *, label_dtype=torch.int64, size=None, scale_factor=None,
+                align_corners=False) -> torch.Tensor:
+        """Calibrated labels [N, *spatial] with the current prototypes (of the bilinearly upsampled
+        logits with ``size`` / ``scale_factor``, as in :func:`fastcal.predict`)."""
         self._check_batch(logits)
         prototypes = self.prototypes.to(logits.device)
         return api.predict(logits, prototypes, temperature=self.temperature, backend=self.backend,
-                           label_dtype=label_dtype)
+                           label_dtype=label_dtype, size=size, scale_factor=scale_factor,
+                           align_corners=align_corners)
 
     # ----- distributed -----------------------------------------------------------------
     def all_reduce(self, group=None) -> "LabelCalibrator":

@@ -48,16 +48,20 @@ def _images(batch):
 def _logits(output):
     if isinstance(output, dict):  # torchvision segmentation models return {"out": logits, ...}
         return output["out"]
-    return output
+    return getattr(output, "logits", output)  # HuggingFace models return an output object with .logits
 
 
 def fit_calibrator(model: Callable, loader: Iterable, num_classes: int, *, device=None,
-                   calibrator: LabelCalibrator | None = None, progress: bool = True, **calibrator_kwargs):
+                   calibrator: LabelCalibrator | None = None, progress: bool = True, size=None,
+                   scale_factor=None, align_corners=False, **calibrator_kwargs):
     """Run ``model`` over ``loader`` in inference mode and accumulate a :class:`LabelCalibrator`.
 
     ``loader`` yields image tensors, ``(images, ...)`` tuples or dicts with ``"image"``;
-    ``model`` returns logits ``[N, C, H, W]`` or a dict with ``"out"`` (torchvision).
-    Labels in the loader, if any, are never looked at.
+    ``model`` returns logits ``[N, C, H, W]``, a dict with ``"out"`` (torchvision) or an object
+    with ``.logits`` (HuggingFace).
+    Labels in the loader, if any, are never looked at. ``size`` / ``scale_factor`` /
+    ``align_corners`` upsample the model's logits on the fly (see :func:`fastcal.prototype_stats`),
+    for models whose output is smaller than their input.
     """
     calibrator = calibrator or LabelCalibrator(num_classes, **calibrator_kwargs)
     if device is None:
@@ -72,7 +76,8 @@ def fit_calibrator(model: Callable, loader: Iterable, num_classes: int, *, devic
     try:
         with torch.inference_mode():
             for batch in loader:
-                calibrator.update(_logits(model(_images(batch).to(device))))
+                calibrator.update(_logits(model(_images(batch).to(device))), size=size,
+                                  scale_factor=scale_factor, align_corners=align_corners)
                 bar.update()
     finally:
         bar.close()
