@@ -25,15 +25,15 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def prototype_stats(logits, temperature, valid, deterministic=False):
+def prototype_stats(logits, temperature, valid, deterministic=False, upsample=None):
     from .kernels.stats import prototype_stats as stats
 
     with _on_device(logits.device):
-        return stats(logits, temperature, valid, deterministic)
+        return stats(logits, temperature, valid, deterministic, upsample)
 
 
-def predict(logits, prototypes, temperature, label_dtype=torch.int64):
+def predict(logits, prototypes, temperature, label_dtype=torch.int64, upsample=None):
     from .kernels.predict import predict as predict_labels
 
     with _on_device(logits.device):
-        return predict_labels(logits, prototypes, temperature, label_dtype)
+        return predict_labels(logits, prototypes, temperature, label_dtype, upsample)

@@ -35,10 +35,16 @@ class PixelLayout:
     def num_tiles(self, pix_block: int) -> int:
         return self.num_outer * triton_cdiv(self.inner_size, pix_block)
 
+    upsample = False
+
     def kernel_args(self) -> tuple:
         """Positional arguments every fastcal kernel takes after its pointers, in this order."""
         (_, o1, o2), (so0, so1, so2) = self.outer_sizes, self.outer_strides
         return (self.num_classes, self.inner_size, o1, o2, so0, so1, so2, self.inner_stride, self.class_stride)
+
+    def upsample_args(self, device) -> tuple:
+        """The upsampling tables and output size the kernels take last: none here."""
+        return _no_tables(device)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -68,3 +74,47 @@ def pixel_layout(logits: torch.Tensor) -> PixelLayout:
         class_stride=logits.stride(1),
         num_classes=logits.shape[1],
     )
+
+
+def _no_tables(device):
+    return (torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.float32, device=device), 0, 0)
+
+
+@dataclass(frozen=True)
+class UpsampledLayout:
+    """The pixels of the bilinear upsampling of [N, C, H, W] logits: the labels' [N, H_UP, W_UP],
+    walked in tiles of consecutive output pixels (``_tile.upsampled_position``)."""
+    logits_strides: tuple[int, int, int, int]
+    num_classes: int
+    num_images: int
+    size: tuple[int, int]
+    offsets: torch.Tensor   # int64: y0 and y1 row offsets, then x0 and x1 column offsets
+    weights: torch.Tensor   # float32: weights along y, then along x
+
+    upsample = True
+
+    @property
+    def num_pixels(self) -> int:
+        return self.num_images * self.size[0] * self.size[1]
+
+    def num_tiles(self, pix_block: int) -> int:
+        return triton_cdiv(self.num_pixels, pix_block)
+
+    def kernel_args(self) -> tuple:
+        """As ``PixelLayout.kernel_args``: L is every output pixel, so0 the image stride."""
+        s_n, s_c = self.logits_strides[:2]
+        return (self.num_classes, self.num_pixels, 1, 1, s_n, 0, 0, 1, s_c)
+
+    def upsample_args(self, device) -> tuple:
+        return (self.offsets, self.weights, *self.size)
+
+
+def launch_layout(logits: torch.Tensor, upsample=None):
+    """``pixel_layout(logits)``, or the ``UpsampledLayout`` of ``upsample`` (see ``fastcal._upsample``)."""
+    if upsample is None:
+        return pixel_layout(logits)
+    (y0, y1, wy), (x0, x1, wx) = upsample.axes(tuple(logits.shape[2:]), logits.device)
+    s_h, s_w = logits.stride(2), logits.stride(3)
+    offsets = torch.cat([y0 * s_h, y1 * s_h, x0 * s_w, x1 * s_w])
+    return UpsampledLayout(tuple(logits.stride()), logits.shape[1], logits.shape[0], upsample.size,
+                           offsets, torch.cat([wy, wx]))

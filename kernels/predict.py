@@ -26,8 +26,9 @@ import triton
 import triton.language as tl
 
 from .._common import centred_prototypes
-from ._layout import pixel_layout, triton_cdiv
-from ._tile import load_tile, online_softmax_update, tile_position
+from .._upsample import output_shape
+from ._layout import launch_layout, triton_cdiv
+from ._tile import load_classes, online_softmax_update, pixel_position
 from .stats import LOG2E, TILE_ELEMENTS, stats_config
 
 PREDICT_CHUNK_CLASSES = 32  # p . P^T blocks in 3xTF32 need three operand copies: smaller blocks than stats
@@ -36,14 +37,16 @@ PREDICT_CHUNK_CLASSES = 32  # p . P^T blocks in 3xTF32 need three operand copies
 @triton.jit
 def _predict_kernel(
     z_ptr, A_ptr, centre_ptr, bias_ptr, out_ptr,
-    C, L, O1, O2, so0, so1, so2, s_l, s_c, scale, C_PAD,
-    FUSED: tl.constexpr, C_BLOCK: tl.constexpr, PIX_BLOCK: tl.constexpr,
+    C, L, O1, O2, so0, so1, so2, s_l, s_c, scale, C_PAD, off_ptr, wgt_ptr, H_UP, W_UP,
+    FUSED: tl.constexpr, UPSAMPLE: tl.constexpr, C_BLOCK: tl.constexpr, PIX_BLOCK: tl.constexpr,
 ):
     tile = tl.program_id(0)
-    o_z, o_pix, m_pix = tile_position(tile, L, O1, O2, so0, so1, so2, s_l, PIX_BLOCK)
+    o_z, o01, o10, o11, wy, wx, o_pix, m_pix = pixel_position(
+        tile, L, O1, O2, so0, so1, so2, s_l, off_ptr, wgt_ptr, H_UP, W_UP, UPSAMPLE, PIX_BLOCK)
     o_c = tl.arange(0, C_BLOCK)
     if FUSED:
-        b_z = tl.where((o_c < C)[:, None], load_tile(z_ptr, o_z, m_pix, o_c, C, s_c), float("-inf"))
+        b_z = load_classes(z_ptr, o_z, o01, o10, o11, wy, wx, m_pix, o_c, C, s_c, UPSAMPLE)
+        b_z = tl.where((o_c < C)[:, None], b_z, float("-inf"))
         b_e = tl.exp2((b_z - tl.max(b_z, 0)[None, :]) * scale)
         b_d = b_e / tl.sum(b_e, 0)[None, :] - tl.load(centre_ptr + o_c)[:, None]
         b_A = tl.load(A_ptr + o_c[:, None] * C_PAD + o_c[None, :])
@@ -54,7 +57,8 @@ def _predict_kernel(
         b_sum = tl.zeros([PIX_BLOCK], tl.float32)
         for j0 in range(0, C, C_BLOCK):
             o_j = j0 + o_c
-            b_z = tl.where((o_j < C)[:, None], load_tile(z_ptr, o_z, m_pix, o_j, C, s_c), float("-inf"))
+            b_z = load_classes(z_ptr, o_z, o01, o10, o11, wy, wx, m_pix, o_j, C, s_c, UPSAMPLE)
+            b_z = tl.where((o_j < C)[:, None], b_z, float("-inf"))
             b_max, b_sum = online_softmax_update(b_max, b_sum, b_z, scale)
         b_inv_sum = 1.0 / b_sum
         b_best = tl.full([PIX_BLOCK], float("inf"), tl.float32)
@@ -63,7 +67,7 @@ def _predict_kernel(
             b_dot = tl.zeros([C_BLOCK, PIX_BLOCK], tl.float32)
             for j0 in range(0, C, C_BLOCK):
                 o_j = j0 + o_c
-                b_z = load_tile(z_ptr, o_z, m_pix, o_j, C, s_c)
+                b_z = load_classes(z_ptr, o_z, o01, o10, o11, wy, wx, m_pix, o_j, C, s_c, UPSAMPLE)
                 b_p = tl.exp2((b_z - b_max[None, :]) * scale) * b_inv_sum[None, :]
                 b_p = tl.where((o_j < C)[:, None], b_p - tl.load(centre_ptr + o_j)[:, None], 0.0)
                 b_A = tl.load(A_ptr + (k0 + o_c)[:, None] * C_PAD + o_j[None, :])
@@ -101,15 +105,16 @@ def padded_prototypes(prototypes: torch.Tensor, c_block: int):
     return A_pad, centre_pad, bias_pad
 
 
-def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64):
-    layout = pixel_layout(logits)
+def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64,
+            upsample=None):
+    layout = launch_layout(logits, upsample)
     config = predict_config(layout.num_classes)
     A_pad, centre_pad, bias_pad = padded_prototypes(prototypes.to(logits.device), config["C_BLOCK"])
-    labels = torch.empty((logits.shape[0], *logits.shape[2:]), dtype=label_dtype, device=logits.device)
+    labels = torch.empty(output_shape(logits, upsample), dtype=label_dtype, device=logits.device)
     grid = (layout.num_tiles(config["PIX_BLOCK"]),)
     _predict_kernel[grid](
         logits, A_pad, centre_pad, bias_pad, labels, *layout.kernel_args(), LOG2E / temperature, A_pad.shape[0],
-        FUSED=config["FUSED"], C_BLOCK=config["C_BLOCK"], PIX_BLOCK=config["PIX_BLOCK"],
+        *layout.upsample_args(logits.device), FUSED=config["FUSED"], UPSAMPLE=layout.upsample, C_BLOCK=config["C_BLOCK"], PIX_BLOCK=config["PIX_BLOCK"],
         num_warps=config["num_warps"], num_stages=config["num_stages"], maxnreg=config["maxnreg"],
     )
     return labels

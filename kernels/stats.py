@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import pixel_layout, triton_cdiv
-from ._tile import is_finite, load_tile, online_softmax_update, tile_position
+from ._layout import launch_layout, triton_cdiv
+from ._tile import is_finite, load_classes, online_softmax_update, pixel_position
 
 LOG2E = 1.4426950408889634
 FUSED_MAX_CLASSES = 64
@@ -59,8 +59,8 @@ def onehot_dot(b_onehot, b_x):
 @triton.jit
 def _row_stats_kernel(
     z_ptr, valid_ptr, max_ptr, conf_ptr, cls_ptr, bad_ptr,
-    C, L, O1, O2, so0, so1, so2, s_l, s_c, scale, n_tiles,
-    HAS_VALID: tl.constexpr, C_BLOCK: tl.constexpr, PIX_BLOCK: tl.constexpr,
+    C, L, O1, O2, so0, so1, so2, s_l, s_c, scale, n_tiles, off_ptr, wgt_ptr, H_UP, W_UP,
+    HAS_VALID: tl.constexpr, UPSAMPLE: tl.constexpr, C_BLOCK: tl.constexpr, PIX_BLOCK: tl.constexpr,
 ):
     """Per pixel: running max, argmax and sum of exponentials over class blocks.
 
@@ -68,7 +68,8 @@ def _row_stats_kernel(
     (int32): reads ``C * sizeof(dtype)`` and writes 12 bytes per pixel.
     """
     tile = tl.program_id(0)
-    o_z, o_pix, m_pix = tile_position(tile, L, O1, O2, so0, so1, so2, s_l, PIX_BLOCK)
+    o_z, o01, o10, o11, wy, wx, o_pix, m_pix = pixel_position(
+        tile, L, O1, O2, so0, so1, so2, s_l, off_ptr, wgt_ptr, H_UP, W_UP, UPSAMPLE, PIX_BLOCK)
     o_c = tl.arange(0, C_BLOCK)
     b_max = tl.full([PIX_BLOCK], float("-inf"), tl.float32)
     b_sum = tl.zeros([PIX_BLOCK], tl.float32)
@@ -76,7 +77,7 @@ def _row_stats_kernel(
     b_finite = m_pix
     for c0 in range(0, C, C_BLOCK):
         o_cls = c0 + o_c
-        b_raw = load_tile(z_ptr, o_z, m_pix, o_cls, C, s_c)
+        b_raw = load_classes(z_ptr, o_z, o01, o10, o11, wy, wx, m_pix, o_cls, C, s_c, UPSAMPLE)
         m_cls = (o_cls < C)[:, None]
         m_finite = is_finite(b_raw)
         b_finite &= tl.min(tl.where(m_cls, m_finite, True).to(tl.int32), 0) > 0
@@ -98,8 +99,8 @@ def _row_stats_kernel(
 @triton.jit
 def _stats_kernel(
     z_ptr, valid_ptr, max_ptr, conf_ptr, cls_ptr, S_ptr, W_ptr, bad_ptr,
-    C, L, O1, O2, so0, so1, so2, s_l, s_c, scale, n_tiles,
-    HAS_VALID: tl.constexpr, FUSED: tl.constexpr, PARTIALS: tl.constexpr,
+    C, L, O1, O2, so0, so1, so2, s_l, s_c, scale, n_tiles, off_ptr, wgt_ptr, H_UP, W_UP,
+    HAS_VALID: tl.constexpr, FUSED: tl.constexpr, PARTIALS: tl.constexpr, UPSAMPLE: tl.constexpr,
     C_BLOCK: tl.constexpr, PIX_BLOCK: tl.constexpr,
 ):
     """Block ``S[k-block, j-block]`` (and ``W[k-block]``) over this program's pixel tiles.
@@ -119,8 +120,9 @@ def _stats_kernel(
     b_W = tl.zeros([C_BLOCK], tl.float32)
     n_bad = tl.zeros([PIX_BLOCK], tl.int32)
     for tile in range(pid, n_tiles, tl.num_programs(0)):
-        o_z, o_pix, m_pix = tile_position(tile, L, O1, O2, so0, so1, so2, s_l, PIX_BLOCK)
-        b_raw = load_tile(z_ptr, o_z, m_pix, o_j, C, s_c)
+        o_z, o01, o10, o11, wy, wx, o_pix, m_pix = pixel_position(
+            tile, L, O1, O2, so0, so1, so2, s_l, off_ptr, wgt_ptr, H_UP, W_UP, UPSAMPLE, PIX_BLOCK)
+        b_raw = load_classes(z_ptr, o_z, o01, o10, o11, wy, wx, m_pix, o_j, C, s_c, UPSAMPLE)
         if FUSED:
             m_finite = is_finite(b_raw)
             b_finite = tl.min(tl.where(m_j, m_finite, True).to(tl.int32), 0) > 0
@@ -177,9 +179,10 @@ def max_programs(device: torch.device) -> int:
 
 
 def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
-                    deterministic: bool = False):
-    """``(S float64 [C, C], W float64 [C], number of valid pixels with a non-finite logit)``."""
-    layout = pixel_layout(logits)
+                    deterministic: bool = False, upsample=None):
+    """``(S float64 [C, C], W float64 [C], number of valid pixels with a non-finite logit)``;
+    with ``upsample``, of the bilinear upsampling computed tile by tile (``_tile.load_classes``)."""
+    layout = launch_layout(logits, upsample)
     C, device = layout.num_classes, logits.device
     config = stats_config(C)
     c_block, pix_block, fused = config["C_BLOCK"], config["PIX_BLOCK"], config["FUSED"]
@@ -207,12 +210,13 @@ def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tenso
         row_cls = torch.empty(layout.num_pixels, dtype=torch.int32, device=device)
         _row_stats_kernel[(n_tiles,)](
             logits, valid_arg, row_max, row_conf, row_cls, bad, *layout.kernel_args(), scale, n_tiles,
-            HAS_VALID=has_valid, C_BLOCK=c_block, PIX_BLOCK=pix_block, num_warps=config["num_warps"],
+            *layout.upsample_args(device), HAS_VALID=has_valid, UPSAMPLE=layout.upsample, C_BLOCK=c_block, PIX_BLOCK=pix_block, num_warps=config["num_warps"],
             num_stages=config["num_stages"], maxnreg=config["maxnreg"],
         )
     _stats_kernel[(n_programs, n_blocks, n_blocks)](
         logits, valid_arg, row_max, row_conf, row_cls, S, W, bad, *layout.kernel_args(), scale, n_tiles,
-        HAS_VALID=has_valid, FUSED=fused, PARTIALS=deterministic, C_BLOCK=c_block, PIX_BLOCK=pix_block,
+        *layout.upsample_args(device), HAS_VALID=has_valid, FUSED=fused, PARTIALS=deterministic,
+        UPSAMPLE=layout.upsample, C_BLOCK=c_block, PIX_BLOCK=pix_block,
         num_warps=config["num_warps"], num_stages=config["num_stages"], maxnreg=config["maxnreg"],
     )
     if deterministic:

@@ -17,7 +17,7 @@ CAPABILITIES = [80, 90]
 LOGIT_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 # NCHW has contiguous pixels (stride 1 is specialised by the JIT), channels_last contiguous classes
 LAYOUTS = {"nchw": "s_l", "channels_last": "s_c"}
-SCALARS = ["C", "L", "O1", "O2", "so0", "so1", "so2", "s_l", "s_c", "n_tiles", "C_PAD"]
+SCALARS = ["C", "L", "O1", "O2", "so0", "so1", "so2", "s_l", "s_c", "n_tiles", "C_PAD", "H_UP", "W_UP"]
 CLASS_COUNTS = range(2, 1025)  # above 64 classes the configuration no longer changes
 
 
@@ -30,28 +30,35 @@ def launch_options(config: dict) -> dict:
     return {key: config[key] for key in ("num_warps", "num_stages", "maxnreg")}
 
 
+def upsamples(layout):
+    """Bilinear upsampling reads NCHW logits from the model's output (s_l = 1 still holds: the
+    launcher passes 1 there, unused)."""
+    return (False, True) if layout == "nchw" else (False,)
+
+
 def cases():
     for config, dtype, layout, cap in itertools.product(dispatcher_configs(stats.stats_config), LOGIT_TYPES,
                                                         LAYOUTS, CAPABILITIES):
         meta = {"C_BLOCK": config["C_BLOCK"], "PIX_BLOCK": config["PIX_BLOCK"]}
         tag = f"{dtype}-{layout}-sm{cap}-C{config['C_BLOCK']}{'' if config['FUSED'] else '-chunked'}"
-        for has_valid, partials in itertools.product([False, True], [False, True]):
+        for has_valid, partials, upsample in itertools.product([False, True], [False, True], upsamples(layout)):
             sums = "*fp32" if partials else "*fp64"
-            yield (f"stats-{tag}-valid{int(has_valid)}-partials{int(partials)}", "stats._stats_kernel",
-                   dtype, layout, cap, {"S_ptr": sums, "W_ptr": sums},
-                   {**meta, "HAS_VALID": has_valid, "FUSED": config["FUSED"], "PARTIALS": partials},
-                   launch_options(config))
+            yield (f"stats-{tag}-valid{int(has_valid)}-partials{int(partials)}-up{int(upsample)}",
+                   "stats._stats_kernel", dtype, layout, cap, {"S_ptr": sums, "W_ptr": sums},
+                   {**meta, "HAS_VALID": has_valid, "FUSED": config["FUSED"], "PARTIALS": partials,
+                    "UPSAMPLE": upsample}, launch_options(config))
         if not config["FUSED"]:
-            for has_valid in (False, True):
-                yield (f"row_stats-{tag}-valid{int(has_valid)}", "stats._row_stats_kernel", dtype, layout, cap, {},
-                       {**meta, "HAS_VALID": has_valid}, launch_options(config))
+            for has_valid, upsample in itertools.product([False, True], upsamples(layout)):
+                yield (f"row_stats-{tag}-valid{int(has_valid)}-up{int(upsample)}", "stats._row_stats_kernel", dtype,
+                       layout, cap, {}, {**meta, "HAS_VALID": has_valid, "UPSAMPLE": upsample},
+                       launch_options(config))
     for config, dtype, layout, cap in itertools.product(dispatcher_configs(predict.predict_config), LOGIT_TYPES,
                                                         LAYOUTS, CAPABILITIES):
         meta = {"C_BLOCK": config["C_BLOCK"], "PIX_BLOCK": config["PIX_BLOCK"], "FUSED": config["FUSED"]}
         tag = f"{dtype}-{layout}-sm{cap}-C{config['C_BLOCK']}{'' if config['FUSED'] else '-chunked'}"
-        for label in ("i64", "i32", "u8"):
-            yield (f"predict-{tag}-{label}", "predict._predict_kernel", dtype, layout, cap, {"out_ptr": f"*{label}"},
-                   meta, launch_options(config))
+        for label, upsample in itertools.product(("i64", "i32", "u8"), upsamples(layout)):
+            yield (f"predict-{tag}-{label}-up{int(upsample)}", "predict._predict_kernel", dtype, layout, cap,
+                   {"out_ptr": f"*{label}"}, {**meta, "UPSAMPLE": upsample}, launch_options(config))
 
 
 KERNELS = {"stats._stats_kernel": stats._stats_kernel, "stats._row_stats_kernel": stats._row_stats_kernel,
@@ -64,6 +71,7 @@ def compile_case(case):
     unit_stride = LAYOUTS[layout]
     types = {"z_ptr": LOGIT_TYPES[dtype], "valid_ptr": "*u8", "max_ptr": "*fp32", "conf_ptr": "*fp32",
              "cls_ptr": "*i32", "bad_ptr": "*i32", "A_ptr": "*fp32", "centre_ptr": "*fp32", "bias_ptr": "*fp32",
+             "off_ptr": "*i64", "wgt_ptr": "*fp32",
              "scale": "fp32",
              **{s: "i32" for s in SCALARS}, **extra}
     sig = {arg: types[arg] for arg in kernel.arg_names if arg not in meta and arg != unit_stride}
