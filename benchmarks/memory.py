@@ -59,10 +59,11 @@ def _main(workload: str, dtype: str, provider: str, *passes: str) -> None:
 
     torch.set_num_threads(torch.get_num_threads())
     logits = make_logits(WORKLOADS[workload], DTYPES[dtype], "cpu")
-    prototypes = prototypes_for(logits)
+    resize = WORKLOADS[workload].resize
+    prototypes = prototypes_for(logits, resize)
     result = {}
     for pass_name in passes:
-        fn = pass_function(provider, pass_name, logits, prototypes)
+        fn = pass_function(provider, pass_name, logits, prototypes, resize)
         fn()  # first call: one-off allocations (thread pools, caches) are not the pass's memory
         result[pass_name] = peak_above_input(fn, "cpu")
     print(json.dumps(result))

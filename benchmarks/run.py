@@ -52,7 +52,7 @@ def add_memory(rows: list[dict]) -> None:
         return  # measured inside the benchmark
     wanted: dict[tuple, list[str]] = {}
     for r in rows:
-        if r["provider"] in ("torch", "torch-ops", "reference"):
+        if r["provider"] in ("torch", "torch-ops", "reference", "interpolate+torch", "interpolate+torch-ops"):
             wanted.setdefault((r["workload"], r["dtype"], r["provider"]), []).append(r["pass_name"])
     for (workload, dtype, provider), passes in wanted.items():
         print(f"memory: {workload} {dtype} {provider} ...", flush=True)
@@ -66,6 +66,8 @@ def derive(rows: list[dict]) -> None:
     copy = {(r["workload"], r["dtype"]): r for r in rows if r["provider"] == "copy"}
     ref = {(r["workload"], r["dtype"], r["pass_name"]): r for r in rows if r["provider"] == "reference"}
     exp = {(r["workload"], r["dtype"]): r for r in rows if r["provider"] == "exp"}
+    materialised = {(r["workload"], r["dtype"], r["pass_name"], r["provider"].split("+", 1)[1]): r
+                    for r in rows if r["provider"].startswith("interpolate+")}
     for r in rows:
         r["gbps"] = r["bytes"] / r["seconds"] / 1e9
         r["mpix_per_s"] = r["pixels"] / r["seconds"] / 1e6
@@ -76,6 +78,8 @@ def derive(rows: list[dict]) -> None:
             r["speedup_vs_reference"] = ref[(*key, r["pass_name"])]["seconds"] / r["seconds"]
         if key in exp and r["provider"] not in ("copy", "exp"):
             r["times_exp"] = r["seconds"] / exp[key]["seconds"]
+        if (*key, r["pass_name"], r["provider"]) in materialised:
+            r["speedup_vs_materialised"] = materialised[(*key, r["pass_name"], r["provider"])]["seconds"] / r["seconds"]
         if "peak_bytes" in r:
             r["peak_over_logits"] = r["peak_bytes"] / bytes_of_logits(r)
 
@@ -84,7 +88,7 @@ def bytes_of_logits(r: dict) -> int:
     from benchmarks.workloads import DTYPES, WORKLOADS
 
     w = WORKLOADS[r["workload"]]
-    return w.pixels * w.num_classes * DTYPES[r["dtype"]].itemsize
+    return w.input_pixels * w.num_classes * DTYPES[r["dtype"]].itemsize
 
 
 def fmt(value, spec: str, missing: str = "") -> str:
@@ -94,15 +98,17 @@ def fmt(value, spec: str, missing: str = "") -> str:
 def markdown(rows: list[dict], left_out: list, seconds: float) -> str:
     lines = [f"Machine: {machine()}. Suite time: {seconds:.0f} s.", "",
              "| workload | dtype | pass | provider | time (ms) | Mpixel/s | GB/s | % of copy | x reference "
-             "| x exp | peak above input (MiB) |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    order = {"copy": 0, "exp": 1, "triton": 2, "torch": 3, "torch-ops": 4, "compile": 5, "reference": 6}
+             "| x exp | x interpolate-then | peak above input (MiB) |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    order = {"copy": 0, "exp": 1, "triton": 2, "interpolate+triton": 3, "torch": 4, "interpolate+torch": 5,
+             "torch-ops": 6, "interpolate+torch-ops": 7, "compile": 8, "reference": 9}
     passes = {"copy": 0, "exp": 0, "stats": 1, "predict": 2, "calibrate": 3}
     for r in sorted(rows, key=lambda r: (r["workload"], r["dtype"], passes[r["pass_name"]], order[r["provider"]])):
         lines.append(
             f"| {r['workload']} | {r['dtype']} | {r['pass_name']} | {r['provider']} | {r['seconds'] * 1e3:.1f} "
             f"| {r['mpix_per_s']:.3g} | {r['gbps']:.1f} | {fmt(r.get('fraction_of_copy'), '.0%')} "
             f"| {fmt(r.get('speedup_vs_reference'), '.1f')} | {fmt(r.get('times_exp'), '.2f')} "
+            f"| {fmt(r.get('speedup_vs_materialised'), '.2f')} "
             f"| {fmt(r.get('peak_bytes') and r['peak_bytes'] / 2**20, '.1f')} |")
     if left_out:
         lines += ["", "Not run on this device:"] + [f"- {what}: {why}" for what, why in left_out]

@@ -19,7 +19,7 @@ ROWS, _ = cases(DEVICE)
 @functools.lru_cache(maxsize=1)  # one input alive at a time: rows are ordered by workload and dtype
 def inputs(workload: str, dtype: str):
     logits = make_logits(WORKLOADS[workload], DTYPES[dtype], DEVICE)
-    return logits, prototypes_for(logits)
+    return logits, prototypes_for(logits, WORKLOADS[workload].resize)
 
 
 def synchronized(fn):
@@ -38,7 +38,7 @@ def synchronized(fn):
 def test_pass(benchmark, row):
     workload, dtype, provider, pass_name = row
     logits, prototypes = inputs(workload, dtype)
-    fn = synchronized(pass_function(provider, pass_name, logits, prototypes))
+    fn = synchronized(pass_function(provider, pass_name, logits, prototypes, WORKLOADS[workload].resize))
     slow = provider in ("reference", "compile") and DEVICE == "cpu"
     if provider == "compile":
         fn()  # compilation is not part of the pass

@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import fastcal
 from fastcal import reference
@@ -13,15 +14,27 @@ from fastcal import reference
 @dataclass(frozen=True)
 class Workload:
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]           # the logits the model outputs
+    upsample_to: tuple[int, int] | None = None  # labels' (H, W) when the logits are upsampled on the fly
+    align_corners: bool = False
 
     @property
     def num_classes(self) -> int:
         return self.shape[1]
 
     @property
-    def pixels(self) -> int:
+    def input_pixels(self) -> int:
         return self.shape[0] * math.prod(self.shape[2:])
+
+    @property
+    def pixels(self) -> int:
+        """Pixels labelled: those of the logits, or of the upsampled output."""
+        return self.shape[0] * math.prod(self.upsample_to) if self.upsample_to else self.input_pixels
+
+    @property
+    def resize(self) -> dict:
+        """The keyword arguments that upsample on the fly (none for a plain workload)."""
+        return {"size": self.upsample_to, "align_corners": self.align_corners} if self.upsample_to else {}
 
 
 WORKLOADS = {
@@ -29,7 +42,13 @@ WORKLOADS = {
     "cityscapes-n4": Workload("cityscapes-n4", (4, 19, 1024, 2048)),
     "ade20k": Workload("ade20k", (1, 150, 512, 512)),
     "imagenet-cls": Workload("imagenet-cls", (65536, 1000)),
+    # model outputs at 1/4 (SegFormer) and 1/8 (DeepLab) of a Cityscapes frame, labelled at full size
+    "segformer-up4": Workload("segformer-up4", (1, 19, 256, 512), (1024, 2048), align_corners=False),
+    "deeplab-up8": Workload("deeplab-up8", (1, 19, 128, 256), (1024, 2048), align_corners=True),
 }
+# providers that first write the upsampled logits with F.interpolate, then run the backend on them
+MATERIALISED = {"interpolate+torch": "torch", "interpolate+torch-ops": "torch-ops",
+                "interpolate+triton": "triton"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PASSES = ("stats", "predict", "calibrate")
 LABEL_BYTES = 8  # int64 labels
@@ -37,11 +56,14 @@ LABEL_BYTES = 8  # int64 labels
 
 def bytes_moved(workload: Workload, dtype: torch.dtype, pass_name: str) -> int:
     """The bytes model (docs/design.md): stats reads the logits once; predict reads them and writes a label;
-    calibrate does both. ``copy`` and ``exp`` read and write the logits once."""
-    logits = workload.pixels * workload.num_classes * dtype.itemsize
+    calibrate does both; ``copy`` reads and writes the logits once. With on-the-fly upsampling these
+    are the bytes the task requires: the model's (small) logits read once per pass and the labels
+    written, whoever materialises more. ``exp`` reads and writes logits of the labels' size: one
+    exp per class and labelled pixel, the floor of the softmax."""
+    logits = workload.input_pixels * workload.num_classes * dtype.itemsize
     return {"stats": logits, "predict": logits + workload.pixels * LABEL_BYTES,
-            "calibrate": 2 * logits + workload.pixels * LABEL_BYTES,
-            "copy": 2 * logits, "exp": 2 * logits}[pass_name]
+            "calibrate": 2 * logits + workload.pixels * LABEL_BYTES, "copy": 2 * logits,
+            "exp": 2 * workload.pixels * workload.num_classes * dtype.itemsize}[pass_name]
 
 
 def make_logits(workload: Workload, dtype: torch.dtype, device: str) -> torch.Tensor:
@@ -64,14 +86,26 @@ _compiled_stats = _compiled(reference.prototype_stats)
 _compiled_predict = _compiled(reference.predict)
 
 
-def pass_function(provider: str, pass_name: str, logits: torch.Tensor, prototypes: torch.Tensor):
-    """A zero-argument callable running ``pass_name`` with ``provider`` on ``logits``."""
+def pass_function(provider: str, pass_name: str, logits: torch.Tensor, prototypes: torch.Tensor,
+                  resize: dict | None = None):
+    """A zero-argument callable running ``pass_name`` with ``provider`` on ``logits`` (upsampled
+    as ``resize`` says: on the fly, or written first by the ``interpolate+`` providers)."""
+    resize = resize or {}
     if provider == "copy":
         out = torch.empty_like(logits)
         return lambda: out.copy_(logits)
     if provider == "exp":  # into a preallocated tensor: a fresh output would time page faults
-        out = torch.empty_like(logits)
-        return lambda: torch.exp(logits, out=out)
+        source = F.interpolate(logits, mode="bilinear", **resize) if resize else logits
+        out = torch.empty_like(source)
+        return lambda: torch.exp(source, out=out)
+    if provider in MATERIALISED:
+        backend = MATERIALISED[provider]
+
+        def materialised():
+            upsampled = F.interpolate(logits, mode="bilinear", **resize)
+            return pass_function(backend, pass_name, upsampled, prototypes)()
+
+        return materialised
     if provider == "compile":
         stats = lambda: _compiled_stats(logits, 1.0, None)  # noqa: E731
         predict = lambda: _compiled_predict(logits, prototypes, 1.0)  # noqa: E731
@@ -82,13 +116,13 @@ def pass_function(provider: str, pass_name: str, logits: torch.Tensor, prototype
 
         return {"stats": stats, "predict": predict, "calibrate": calibrate}[pass_name]
     if provider == "torch-ops":  # the torch backend with PyTorch operations instead of the fused CPU loops
-        fused = pass_function("torch", pass_name, logits, prototypes)
+        fused = pass_function("torch", pass_name, logits, prototypes, resize)
         return lambda: _without_fused_loops(fused)
     backend = provider
     return {
-        "stats": lambda: fastcal.prototype_stats(logits, backend=backend),
-        "predict": lambda: fastcal.predict(logits, prototypes, backend=backend),
-        "calibrate": lambda: fastcal.calibrate(logits, backend=backend),
+        "stats": lambda: fastcal.prototype_stats(logits, backend=backend, **resize),
+        "predict": lambda: fastcal.predict(logits, prototypes, backend=backend, **resize),
+        "calibrate": lambda: fastcal.calibrate(logits, backend=backend, **resize),
     }[pass_name]
 
 
@@ -112,8 +146,14 @@ def cases(device: str):
     torch.compile runs on that image only too (see the reason in ``left_out``).
     """
     rows, left_out = [], []
+    upsampled = [w for w in WORKLOADS if WORKLOADS[w].upsample_to]
+    plain = [w for w in WORKLOADS if w not in upsampled]
     if device == "cuda":
-        for w, d, p in _product(WORKLOADS, DTYPES, ("copy", "triton", "torch", "reference", "compile")):
+        for w, d in _product(upsampled, ("float32", "float16")):
+            rows += [(w, d, "copy", "copy"), (w, d, "exp", "exp")]
+            rows += [(w, d, p, s) for p in ("triton", "interpolate+triton") for s in PASSES]
+            rows += [(w, d, "reference", "calibrate")]
+        for w, d, p in _product(plain, DTYPES, ("copy", "triton", "torch", "reference", "compile")):
             if p == "compile" and w != "cityscapes-n1":
                 continue
             rows += [(w, d, p, s) for s in ((p,) if p == "copy" else PASSES)]
@@ -121,7 +161,14 @@ def cases(device: str):
                          "the reference's predict loops over pixel blocks, which torch.compile unrolls: "
                          "thousands of blocks for the classification workload"))
         return rows, left_out
-    for w, d in _product(WORKLOADS, ("float32", "float16")):
+    for w, d in _product(upsampled, ("float32", "float16")):
+        rows += [(w, d, "copy", "copy"), (w, d, "exp", "exp")]
+        rows += [(w, d, p, s) for p in ("torch", "interpolate+torch") for s in PASSES]
+        if d == "float32":
+            rows += [(w, d, p, "calibrate") for p in ("torch-ops", "interpolate+torch-ops", "reference")]
+        else:
+            left_out.append((f"{w} {d} torch-ops, reference", "float32 shows them; the CPU suite stays short"))
+    for w, d in _product(plain, ("float32", "float16")):
         rows += [(w, d, "copy", "copy"), (w, d, "exp", "exp")]
         rows += [(w, d, "torch", s) for s in PASSES]
         if w == "cityscapes-n1":
@@ -141,7 +188,8 @@ def _product(*iterables):
     return itertools.product(*iterables)
 
 
-def prototypes_for(logits: torch.Tensor) -> torch.Tensor:
-    """The prototypes the predict pass uses: those of the logits themselves."""
-    S, W = fastcal.prototype_stats(logits, backend="torch" if logits.device.type == "cpu" else "auto")
+def prototypes_for(logits: torch.Tensor, resize: dict | None = None) -> torch.Tensor:
+    """The prototypes the predict pass uses: those of the (upsampled) logits themselves."""
+    S, W = fastcal.prototype_stats(logits, backend="torch" if logits.device.type == "cpu" else "auto",
+                                   **(resize or {}))
     return fastcal.prototypes_from_stats(S, W)

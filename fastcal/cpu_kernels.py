@@ -308,36 +308,60 @@ def _centred_block(src, src_start, count, inv_temperature, centre, d, d_start):
 
 
 @njit(inline="always", fastmath=_FAST)
-def _block_upsample(z_image, start, count, width, rows, cols, out):
-    """``out[k, i]``: the bilinear value of output pixel ``start + i`` (row-major, ``width`` columns).
-
-    ``rows`` = (offset of source row y0, of y1, weight of y1) per output row, ``cols`` = (x0, x1,
-    weight of x1) per output column, as ``fastcal._upsample`` computes them; ``z_image`` [C, H*W]."""
-    row0, row1, row_weight = rows
+def _source_row(z_image, offset, cols, out):
+    """``out[k, x]``: source row ``offset`` (of ``z_image`` [C, H*W]) interpolated along x to the
+    output columns: ``(1 - wx) z[x0] + wx z[x1]``."""
     col0, col1, col_weight = cols
-    o00 = np.empty(BLOCK, np.int64)
-    o01 = np.empty(BLOCK, np.int64)
-    o10 = np.empty(BLOCK, np.int64)
-    o11 = np.empty(BLOCK, np.int64)
-    wy = np.empty(BLOCK, np.float32)
-    wx = np.empty(BLOCK, np.float32)
-    for i in range(count):
-        y = (start + i) // width
-        x = start + i - y * width
-        o00[i] = row0[y] + col0[x]
-        o01[i] = row0[y] + col1[x]
-        o10[i] = row1[y] + col0[x]
-        o11[i] = row1[y] + col1[x]
-        wy[i] = row_weight[y]
-        wx[i] = col_weight[x]
     one = np.float32(1.0)
     for k in range(z_image.shape[0]):
-        row = z_image[k]
+        source = z_image[k]
         out_k = out[k]
-        for i in range(count):
-            top = (one - wx[i]) * _to_float32(row[o00[i]]) + wx[i] * _to_float32(row[o01[i]])
-            bottom = (one - wx[i]) * _to_float32(row[o10[i]]) + wx[i] * _to_float32(row[o11[i]])
-            out_k[i] = (one - wy[i]) * top + wy[i] * bottom
+        for x in range(out.shape[1]):
+            out_k[x] = ((one - col_weight[x]) * _to_float32(source[offset + col0[x]])
+                        + col_weight[x] * _to_float32(source[offset + col1[x]]))
+
+
+@njit(inline="always")
+def _cached_source_row(z_image, offset, keep, cols, rows_cache, cached):
+    """The slot of ``rows_cache`` [2, C, W_out] holding source row ``offset`` interpolated along x,
+    computing it into the slot that does not hold row ``keep`` when it is not there yet."""
+    for slot in range(2):
+        if cached[slot] == offset:
+            return slot
+    slot = 1 if cached[0] == keep else 0
+    _source_row(z_image, offset, cols, rows_cache[slot])
+    cached[slot] = offset
+    return slot
+
+
+@njit(inline="always", fastmath=_FAST)
+def _block_upsample(z_image, start, count, width, rows, cols, out, rows_cache, cached):
+    """``out[k, i]``: the bilinear value of output pixel ``start + i`` (row-major, ``width`` columns),
+    ``(1 - wy) ((1 - wx) z[y0, x0] + wx z[y0, x1]) + wy ((1 - wx) z[y1, x0] + wx z[y1, x1])`` as
+    ``F.interpolate`` forms it.
+
+    The two source rows of an output row are interpolated along x once and kept in ``rows_cache``
+    (``cached`` holds their offsets), so consecutive blocks and output rows of a work unit reuse
+    them: the gathers along x happen once per source row, the blend along y is contiguous.
+    ``rows`` = (offset of source row y0, of y1, weight of y1) per output row, ``cols`` = (x0, x1,
+    weight of x1) per output column, as ``fastcal._upsample`` computes them."""
+    row0, row1, row_weight = rows
+    one = np.float32(1.0)
+    i = 0
+    while i < count:
+        y = (start + i) // width
+        x_start = start + i - y * width
+        segment = min(count - i, width - x_start)  # the block's pixels on output row y
+        top = _cached_source_row(z_image, row0[y], row1[y], cols, rows_cache, cached)
+        bottom = _cached_source_row(z_image, row1[y], row0[y], cols, rows_cache, cached)
+        wy = row_weight[y]
+        for k in range(z_image.shape[0]):
+            top_k = rows_cache[top, k, x_start:x_start + segment]
+            bottom_k = rows_cache[bottom, k, x_start:x_start + segment]
+            out_k = out[k, i:i + segment]
+            for j in range(segment):
+                out_k[j] = (one - wy) * top_k[j] + wy * bottom_k[j]
+        i += segment
 
 
 @_parallel_loop
@@ -379,11 +403,13 @@ def upsampled_stats_chunk(z, g, start, n, inv_temperature, valid, S_parts, W_par
         _prefer_512_bit_vectors()
         scratch = _stats_scratch(C)
         block = np.empty((C, BLOCK), np.float32)
+        rows_cache = np.empty((2, C, width), np.float32)
+        cached = np.full(2, -1, np.int64)
         bad = 0
         for b in range(u * blocks // UNITS, (u + 1) * blocks // UNITS):
             offset = b * BLOCK
             count = min(BLOCK, n - offset)
-            _block_upsample(z_image, start + offset, count, width, rows, cols, block)
+            _block_upsample(z_image, start + offset, count, width, rows, cols, block, rows_cache, cached)
             bad += _stats_block(block, 0, count, inv_temperature, valid, offset, masked, scratch,
                                 S_parts[u], W_parts[u])
         nonfinite_parts[u] = bad
@@ -405,17 +431,23 @@ def centred_softmax_chunk(z, g, start, n, inv_temperature, centre, d):
 
 
 @_parallel_loop
-def upsampled_centred_softmax_chunk(z, g, start, n, inv_temperature, centre, d, width, rows, cols):
-    """:func:`centred_softmax_chunk` of the bilinear upsampling (see :func:`upsampled_stats_chunk`)."""
+def upsampled_centred_softmax_chunk(z, g, start, n, inv_temperature, centre, d, units, width, rows, cols):
+    """:func:`centred_softmax_chunk` of the bilinear upsampling (see :func:`upsampled_stats_chunk`);
+    ``units`` contiguous runs of blocks (one a thread: the more blocks a run has, the more of them
+    share their source rows)."""
     z_image = z[g]
+    C = z.shape[1]
     blocks = (n + BLOCK - 1) // BLOCK
-    for b in prange(blocks):
+    for u in prange(units):
         _prefer_512_bit_vectors()
-        offset = b * BLOCK
-        count = min(BLOCK, n - offset)
-        block = np.empty((z.shape[1], BLOCK), np.float32)
-        _block_upsample(z_image, start + offset, count, width, rows, cols, block)
-        _centred_block(block, 0, count, inv_temperature, centre, d, offset)
+        block = np.empty((C, BLOCK), np.float32)
+        rows_cache = np.empty((2, C, width), np.float32)
+        cached = np.full(2, -1, np.int64)
+        for b in range(u * blocks // units, (u + 1) * blocks // units):
+            offset = b * BLOCK
+            count = min(BLOCK, n - offset)
+            _block_upsample(z_image, start + offset, count, width, rows, cols, block, rows_cache, cached)
+            _centred_block(block, 0, count, inv_temperature, centre, d, offset)
 
 
 @_parallel_loop
@@ -443,3 +475,4 @@ def argmin_chunk(distance, bias, n, labels):
         out = labels[offset:offset + count]
         for i in range(count):
             out[i] = label[i]
+

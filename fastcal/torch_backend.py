@@ -26,6 +26,7 @@ import functools
 import math
 from typing import Iterator
 
+import numba
 import numpy as np
 import torch
 
@@ -161,13 +162,12 @@ def _upsample_tables(logits: torch.Tensor, upsample):
     return (upsample.size[1], rows, (x0.numpy(), x1.numpy(), wx.numpy()))
 
 
-def _upsampled_pieces(logits: torch.Tensor, upsample):
-    """As :func:`_pieces`, over the output pixels of the upsampling; ``z`` [N, C, H*W] holds the
-    input-resolution logits (in place for NCHW float32 / float16 / bfloat16, else a float32 copy
-    of the small input)."""
+def _upsampled_pieces(logits: torch.Tensor, upsample, pixels: int):
+    """As :func:`_pieces`, over the output pixels of the upsampling, ``pixels`` at a time; ``z``
+    [N, C, H*W] holds the input-resolution logits (in place for NCHW float32 / float16 / bfloat16,
+    else a float32 copy of the small input)."""
     N, C, H, W = logits.shape
     L = math.prod(upsample.size)
-    pixels = max(1, CHUNK_ELEMENTS // C)
     if logits.dtype in _IN_PLACE and logits.is_contiguous():
         z = logits.view(N, C, H * W).view(_IN_PLACE[logits.dtype]).numpy()
     else:
@@ -191,8 +191,10 @@ def _fused_prototype_stats(logits, temperature, valid, upsample):
     if upsample is None:
         loop, pieces, tables = cpu_kernels.stats_chunk, _pieces(logits, _Buffers(C, logits.device)), ()
     else:
-        loop, pieces, tables = cpu_kernels.upsampled_stats_chunk, _upsampled_pieces(logits, upsample), \
-            _upsample_tables(logits, upsample)
+        # a whole image a call: the stats pass needs no chunk buffer, and each work unit then
+        # interpolates each source row along x once
+        loop, pieces, tables = cpu_kernels.upsampled_stats_chunk, \
+            _upsampled_pieces(logits, upsample, math.prod(upsample.size)), _upsample_tables(logits, upsample)
     for select, z, g, start, n in pieces:
         mask = all_valid if valid is None else select(valid).numpy()
         nonfinite += int(cpu_kernels.run(loop, z, g, start, n, np.float32(1.0 / temperature), mask, S_parts,
@@ -210,8 +212,9 @@ def _fused_predict(logits, prototypes, labels, temperature, upsample):
     if upsample is None:
         loop, pieces, tables = cpu_kernels.centred_softmax_chunk, _pieces(logits, buffers), ()
     else:
-        loop, pieces, tables = cpu_kernels.upsampled_centred_softmax_chunk, _upsampled_pieces(logits, upsample), \
-            _upsample_tables(logits, upsample)
+        loop, pieces = cpu_kernels.upsampled_centred_softmax_chunk, \
+            _upsampled_pieces(logits, upsample, CHUNK_ELEMENTS // logits.shape[1])
+        tables = (numba.get_num_threads(), *_upsample_tables(logits, upsample))
     for select, z, g, start, n in pieces:
         d = buffers.view(buffers.e, n)
         cpu_kernels.run(loop, z, g, start, n, inv_temperature, centre.numpy(), d.numpy(), *tables)

@@ -3,7 +3,10 @@ import torch
 
 from benchmarks import memory, run, workloads
 
+import oracle
+
 TINY = workloads.Workload("tiny", (2, 5, 8, 8))
+TINY_UP = workloads.Workload("tiny-up", (1, 5, 6, 8), (24, 32), align_corners=True)
 
 
 def test_providers_compute_what_they_claim():
@@ -16,6 +19,25 @@ def test_providers_compute_what_they_claim():
     assert torch.equal(workloads.pass_function("copy", "copy", logits, prototypes)(), logits)
 
 
+def test_upsampling_providers_compute_what_they_claim():
+    logits = workloads.make_logits(TINY_UP, torch.float32, "cpu")
+    prototypes = workloads.prototypes_for(logits, TINY_UP.resize)
+    upsampled = oracle.interpolate(logits, (24, 32), align_corners=True)
+    for provider in ("torch", "interpolate+torch", "torch-ops", "interpolate+torch-ops", "reference"):
+        labels = workloads.pass_function(provider, "predict", logits, prototypes, TINY_UP.resize)()
+        assert labels.shape == (1, 24, 32)
+        oracle.assert_labels_match(labels, upsampled, prototypes, logit_error=1e-6 * float(logits.abs().max()))
+    exp = workloads.pass_function("exp", "exp", logits, prototypes, TINY_UP.resize)()
+    assert exp.shape == (1, 5, 24, 32)
+
+
+def test_bytes_model_of_upsampling_counts_what_the_task_requires():
+    logits_bytes = 5 * 48 * 4
+    assert workloads.bytes_moved(TINY_UP, torch.float32, "stats") == logits_bytes
+    assert workloads.bytes_moved(TINY_UP, torch.float32, "calibrate") == 2 * logits_bytes + 24 * 32 * 8
+    assert workloads.bytes_moved(TINY_UP, torch.float32, "exp") == 2 * 5 * 24 * 32 * 4
+
+
 def test_bytes_model():
     logits_bytes = 2 * 5 * 64 * 2
     assert workloads.bytes_moved(TINY, torch.float16, "stats") == logits_bytes
@@ -26,7 +48,8 @@ def test_bytes_model():
 def test_cpu_rows_and_left_out_rows_cover_every_workload():
     rows, left_out = workloads.cases("cpu")
     assert {r[0] for r in rows} == set(workloads.WORKLOADS)
-    assert all(r[2] in ("copy", "exp", "torch", "torch-ops", "reference", "compile") for r in rows)
+    assert all(r[2] in ("copy", "exp", "torch", "torch-ops", "reference", "compile", "interpolate+torch",
+                        "interpolate+torch-ops") for r in rows)
     assert left_out and all(reason for _, reason in left_out)
 
 
@@ -50,9 +73,11 @@ def test_table_derivation():
     rows = [{**base, "provider": "copy", "pass_name": "copy", "bytes": 800, "seconds": 1.0},
             {**base, "provider": "exp", "pass_name": "exp", "bytes": 800, "seconds": 1.0},
             {**base, "provider": "reference", "pass_name": "stats", "bytes": 400, "seconds": 8.0},
+            {**base, "provider": "interpolate+torch", "pass_name": "stats", "bytes": 400, "seconds": 5.0},
             {**base, "provider": "torch", "pass_name": "stats", "bytes": 400, "seconds": 2.0, "peak_bytes": 2 << 20}]
     run.derive(rows)
     fast = rows[-1]
+    assert fast["speedup_vs_materialised"] == 2.5
     assert fast["speedup_vs_reference"] == 4.0 and fast["times_exp"] == 2.0
     assert fast["fraction_of_copy"] == 0.25
     table = run.markdown(rows, [("x", "why")], 1.0)
