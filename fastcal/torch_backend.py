@@ -29,6 +29,7 @@ from typing import Iterator
 import numba
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import _upsample
 from ._common import centred_prototypes
@@ -244,20 +245,23 @@ def _fork_safe(function):
 
 def _upsampled_chunks(logits: torch.Tensor, upsample):
     """As :func:`_chunks` for the upsampling: ``(index, z)`` with ``z`` [C, n] float32, the bilinear
-    values of a band of output rows of one image, gathered from the input with PyTorch operations."""
+    values of a band of output rows of one image. Along x, ``F.interpolate`` of the band's source
+    rows (their own rows kept: the mapping along y is then the identity, along x the global one);
+    along y, a blend of the two source rows of each output row."""
     N, C = logits.shape[:2]
-    (y0, y1, wy), (x0, x1, wx) = upsample.axes(tuple(logits.shape[2:]), logits.device)
+    (y0, y1, wy), _ = upsample.axes(tuple(logits.shape[2:]), logits.device)
     height, width = upsample.size
     rows = max(1, CHUNK_ELEMENTS // (C * width))
     for g in range(N):
-        image = logits[g]
         for r0 in range(0, height, rows):
             band = slice(r0, min(r0 + rows, height))
-            top, bottom = image[:, y0[band]].float(), image[:, y1[band]].float()  # [C, rows, W_in]
-            top = (1 - wx) * top[:, :, x0] + wx * top[:, :, x1]
-            bottom = (1 - wx) * bottom[:, :, x0] + wx * bottom[:, :, x1]
-            weight = wy[band][:, None]
-            yield (g, band), ((1 - weight) * top + weight * bottom).reshape(C, -1)
+            lo, hi = int(y0[band][0]), int(y1[band][-1]) + 1
+            source = logits[g:g + 1, :, lo:hi].float()
+            along_x = {"scale_factor": (1.0, upsample.scale_factor[1])} if upsample.scale_factor \
+                else {"size": (hi - lo, width)}
+            rows_x = F.interpolate(source, mode="bilinear", align_corners=upsample.align_corners, **along_x)[0]
+            top, bottom = rows_x.index_select(1, y0[band] - lo), rows_x.index_select(1, y1[band] - lo)
+            yield (g, band), torch.lerp(top, bottom, wy[band][:, None]).reshape(C, -1)
 
 
 @_fork_safe
