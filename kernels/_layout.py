@@ -37,6 +37,12 @@ class PixelLayout:
 
     upsample = False
 
+    def aligned(self, logits) -> bool:
+        """Whether the JIT will see 16-byte-aligned logits with contiguous pixels and sizes divisible
+        by 16, the specialisation the pipelined launch configurations are tuned for."""
+        return (logits.data_ptr() % 16 == 0 and self.inner_stride == 1 and self.inner_size % 16 == 0
+                and self.class_stride % 16 == 0)
+
     def kernel_args(self) -> tuple:
         """Positional arguments every fastcal kernel takes after its pointers, in this order."""
         (_, o1, o2), (so0, so1, so2) = self.outer_sizes, self.outer_strides
@@ -92,6 +98,9 @@ class UpsampledLayout:
     weights: torch.Tensor   # float32: weights along y, then along x
 
     upsample = True
+
+    def aligned(self, logits) -> bool:
+        return False  # four gathered neighbours a pixel: the conservative configuration
 
     @property
     def num_pixels(self) -> int:

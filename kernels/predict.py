@@ -27,67 +27,76 @@ import triton.language as tl
 
 from .._common import centred_prototypes
 from .._upsample import output_shape
+from ._launch import Launch
 from ._layout import launch_layout, triton_cdiv
 from ._tile import load_classes, online_softmax_update, pixel_position
-from .stats import LOG2E, TILE_ELEMENTS, stats_config
+from .stats import CONSERVATIVE, FUSED_MAX_CLASSES, LOG2E, max_programs
 
 PREDICT_CHUNK_CLASSES = 32  # p . P^T blocks in 3xTF32 need three operand copies: smaller blocks than stats
+PREDICT_FUSED = {"tile_elements": 4096, "num_stages": {4: 3, 2: 5}}
+PREDICT_CHUNKED = {"tile_elements": 2048, "num_stages": {4: 3, 2: 5}}
 
 
 @triton.jit
 def _predict_kernel(
     z_ptr, A_ptr, centre_ptr, bias_ptr, out_ptr,
-    C, L, O1, O2, so0, so1, so2, s_l, s_c, scale, C_PAD, off_ptr, wgt_ptr, H_UP, W_UP,
+    C, L, O1, O2, so0, so1, so2, s_l, s_c, scale, C_PAD, n_tiles, off_ptr, wgt_ptr, H_UP, W_UP,
     FUSED: tl.constexpr, UPSAMPLE: tl.constexpr, C_BLOCK: tl.constexpr, PIX_BLOCK: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    o_z, o01, o10, o11, wy, wx, o_pix, m_pix = pixel_position(
-        tile, L, O1, O2, so0, so1, so2, s_l, off_ptr, wgt_ptr, H_UP, W_UP, UPSAMPLE, PIX_BLOCK)
-    o_c = tl.arange(0, C_BLOCK)
-    if FUSED:
-        b_z = load_classes(z_ptr, o_z, o01, o10, o11, wy, wx, m_pix, o_c, C, s_c, UPSAMPLE)
-        b_z = tl.where((o_c < C)[:, None], b_z, float("-inf"))
-        b_e = tl.exp2((b_z - tl.max(b_z, 0)[None, :]) * scale)
-        b_d = b_e / tl.sum(b_e, 0)[None, :] - tl.load(centre_ptr + o_c)[:, None]
-        b_A = tl.load(A_ptr + o_c[:, None] * C_PAD + o_c[None, :])
-        b_d = tl.load(bias_ptr + o_c)[:, None] - 2.0 * tl.dot(b_A, b_d, input_precision="tf32x3")
-        b_label = tl.argmin(tl.where(b_d == b_d, b_d, float("inf")), 0, tie_break_left=True)
-    else:
-        b_max = tl.full([PIX_BLOCK], float("-inf"), tl.float32)
-        b_sum = tl.zeros([PIX_BLOCK], tl.float32)
-        for j0 in range(0, C, C_BLOCK):
-            o_j = j0 + o_c
-            b_z = load_classes(z_ptr, o_z, o01, o10, o11, wy, wx, m_pix, o_j, C, s_c, UPSAMPLE)
-            b_z = tl.where((o_j < C)[:, None], b_z, float("-inf"))
-            b_max, b_sum = online_softmax_update(b_max, b_sum, b_z, scale)
-        b_inv_sum = 1.0 / b_sum
-        b_best = tl.full([PIX_BLOCK], float("inf"), tl.float32)
-        b_label = tl.zeros([PIX_BLOCK], tl.int32)
-        for k0 in range(0, C, C_BLOCK):
-            b_dot = tl.zeros([C_BLOCK, PIX_BLOCK], tl.float32)
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):  # persistent: the loop is pipelined
+        o_z, o01, o10, o11, wy, wx, o_pix, m_pix = pixel_position(
+            tile, L, O1, O2, so0, so1, so2, s_l, off_ptr, wgt_ptr, H_UP, W_UP, UPSAMPLE, PIX_BLOCK)
+        o_c = tl.arange(0, C_BLOCK)
+        if FUSED:
+            b_z = load_classes(z_ptr, o_z, o01, o10, o11, wy, wx, m_pix, o_c, C, s_c, UPSAMPLE)
+            b_z = tl.where((o_c < C)[:, None], b_z, float("-inf"))
+            b_e = tl.exp2((b_z - tl.max(b_z, 0)[None, :]) * scale)
+            b_d = b_e / tl.sum(b_e, 0)[None, :] - tl.load(centre_ptr + o_c)[:, None]
+            b_A = tl.load(A_ptr + o_c[:, None] * C_PAD + o_c[None, :])
+            b_d = tl.load(bias_ptr + o_c)[:, None] - 2.0 * tl.dot(b_A, b_d, input_precision="tf32x3")
+            b_label = tl.argmin(tl.where(b_d == b_d, b_d, float("inf")), 0, tie_break_left=True)
+        else:
+            b_max = tl.full([PIX_BLOCK], float("-inf"), tl.float32)
+            b_sum = tl.zeros([PIX_BLOCK], tl.float32)
             for j0 in range(0, C, C_BLOCK):
                 o_j = j0 + o_c
                 b_z = load_classes(z_ptr, o_z, o01, o10, o11, wy, wx, m_pix, o_j, C, s_c, UPSAMPLE)
-                b_p = tl.exp2((b_z - b_max[None, :]) * scale) * b_inv_sum[None, :]
-                b_p = tl.where((o_j < C)[:, None], b_p - tl.load(centre_ptr + o_j)[:, None], 0.0)
-                b_A = tl.load(A_ptr + (k0 + o_c)[:, None] * C_PAD + o_j[None, :])
-                b_dot += tl.dot(b_A, b_p, input_precision="tf32x3")
-            b_d = tl.load(bias_ptr + k0 + o_c)[:, None] - 2.0 * b_dot
-            b_d = tl.where(b_d == b_d, b_d, float("inf"))  # non-finite logits: some label, no NaN
-            c_best = tl.min(b_d, 0)
-            c_label = tl.argmin(b_d, 0, tie_break_left=True).to(tl.int32) + k0
-            b_label = tl.where(c_best < b_best, c_label, b_label)  # strict: ties keep the lower block
-            b_best = tl.minimum(b_best, c_best)
-    tl.store(out_ptr + o_pix, b_label.to(out_ptr.dtype.element_ty), mask=m_pix)
+                b_z = tl.where((o_j < C)[:, None], b_z, float("-inf"))
+                b_max, b_sum = online_softmax_update(b_max, b_sum, b_z, scale)
+            b_inv_sum = 1.0 / b_sum
+            b_best = tl.full([PIX_BLOCK], float("inf"), tl.float32)
+            b_label = tl.zeros([PIX_BLOCK], tl.int32)
+            for k0 in range(0, C, C_BLOCK):
+                b_dot = tl.zeros([C_BLOCK, PIX_BLOCK], tl.float32)
+                for j0 in range(0, C, C_BLOCK):
+                    o_j = j0 + o_c
+                    b_z = load_classes(z_ptr, o_z, o01, o10, o11, wy, wx, m_pix, o_j, C, s_c, UPSAMPLE)
+                    b_p = tl.exp2((b_z - b_max[None, :]) * scale) * b_inv_sum[None, :]
+                    b_p = tl.where((o_j < C)[:, None], b_p - tl.load(centre_ptr + o_j)[:, None], 0.0)
+                    b_A = tl.load(A_ptr + (k0 + o_c)[:, None] * C_PAD + o_j[None, :])
+                    b_dot += tl.dot(b_A, b_p, input_precision="tf32x3")
+                b_d = tl.load(bias_ptr + k0 + o_c)[:, None] - 2.0 * b_dot
+                b_d = tl.where(b_d == b_d, b_d, float("inf"))  # non-finite logits: some label, no NaN
+                c_best = tl.min(b_d, 0)
+                c_label = tl.argmin(b_d, 0, tie_break_left=True).to(tl.int32) + k0
+                b_label = tl.where(c_best < b_best, c_label, b_label)  # strict: ties keep the lower block
+                b_best = tl.minimum(b_best, c_best)
+        tl.store(out_ptr + o_pix, b_label.to(out_ptr.dtype.element_ty), mask=m_pix)
 
 
-def predict_config(num_classes: int) -> dict:
-    """Block sizes the launcher picks for ``num_classes``: the stats pass's, but smaller class blocks
-    when the class axis is chunked."""
-    config = stats_config(num_classes)
-    if not config["FUSED"]:
-        config.update(C_BLOCK=PREDICT_CHUNK_CLASSES, PIX_BLOCK=TILE_ELEMENTS // PREDICT_CHUNK_CLASSES)
-    return config
+def predict_config(num_classes: int, element_size: int = 4, aligned: bool = True) -> dict:
+    """Block sizes and launch options (see ``stats.FUSED_STATS`` for how they were chosen): the
+    stats pass's class blocks when they hold every class, smaller ones when the class axis is
+    chunked; 4-warp persistent programs, 4 per SM, with pipelined tile loads when ``aligned``."""
+    fused = num_classes <= FUSED_MAX_CLASSES
+    c_block = max(16, triton.next_power_of_2(num_classes)) if fused else PREDICT_CHUNK_CLASSES
+    if aligned:
+        chosen = PREDICT_FUSED if fused else PREDICT_CHUNKED
+        tile_elements, stages = chosen["tile_elements"], chosen["num_stages"][4 if element_size >= 4 else 2]
+    else:
+        tile_elements, stages = CONSERVATIVE["tile_elements"], CONSERVATIVE["num_stages"]
+    return {"FUSED": fused, "C_BLOCK": c_block, "PIX_BLOCK": tile_elements // c_block, "num_warps": 4,
+            "num_stages": stages, "maxnreg": 255, "programs_per_sm": 4}
 
 
 def padded_prototypes(prototypes: torch.Tensor, c_block: int):
@@ -105,16 +114,27 @@ def padded_prototypes(prototypes: torch.Tensor, c_block: int):
     return A_pad, centre_pad, bias_pad
 
 
+def predict_launch(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64,
+                   upsample=None, programs: int | None = None):
+    """The launch of the predict pass and the labels it fills: ``(launch, labels)``. Programs are
+    persistent (``programs``, default 4 per SM), so the tile loads of the loop are pipelined."""
+    layout = launch_layout(logits, upsample)
+    config = predict_config(layout.num_classes, logits.element_size(), layout.aligned(logits))
+    A_pad, centre_pad, bias_pad = (t.to(logits.device) for t in padded_prototypes(prototypes, config["C_BLOCK"]))
+    labels = torch.empty(output_shape(logits, upsample), dtype=label_dtype, device=logits.device)
+    n_tiles = layout.num_tiles(config["PIX_BLOCK"])
+    launch = Launch(
+        _predict_kernel, (min(n_tiles, programs or max_programs(logits.device, config["programs_per_sm"])),),
+        (logits, A_pad, centre_pad, bias_pad, labels, *layout.kernel_args(), LOG2E / temperature, A_pad.shape[0],
+         n_tiles, *layout.upsample_args(logits.device)),
+        {"FUSED": config["FUSED"], "UPSAMPLE": layout.upsample, "C_BLOCK": config["C_BLOCK"],
+         "PIX_BLOCK": config["PIX_BLOCK"]},
+        {key: config[key] for key in ("num_warps", "maxnreg")} | {"num_stages": 1 if layout.upsample else config["num_stages"]})
+    return launch, labels
+
+
 def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64,
             upsample=None):
-    layout = launch_layout(logits, upsample)
-    config = predict_config(layout.num_classes)
-    A_pad, centre_pad, bias_pad = padded_prototypes(prototypes.to(logits.device), config["C_BLOCK"])
-    labels = torch.empty(output_shape(logits, upsample), dtype=label_dtype, device=logits.device)
-    grid = (layout.num_tiles(config["PIX_BLOCK"]),)
-    _predict_kernel[grid](
-        logits, A_pad, centre_pad, bias_pad, labels, *layout.kernel_args(), LOG2E / temperature, A_pad.shape[0],
-        *layout.upsample_args(logits.device), FUSED=config["FUSED"], UPSAMPLE=layout.upsample, C_BLOCK=config["C_BLOCK"], PIX_BLOCK=config["PIX_BLOCK"],
-        num_warps=config["num_warps"], num_stages=config["num_stages"], maxnreg=config["maxnreg"],
-    )
+    launch, labels = predict_launch(logits, prototypes, temperature, label_dtype, upsample)
+    launch()
     return labels

@@ -33,13 +33,25 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import Launch
 from ._layout import launch_layout, triton_cdiv
 from ._tile import is_finite, load_classes, online_softmax_update, pixel_position
 
 LOG2E = 1.4426950408889634
 FUSED_MAX_CLASSES = 64
 CHUNK_CLASSES = 64
-TILE_ELEMENTS = 1024          # logits per [classes, pixels] tile: 8 values a thread at 4 warps
+# Launch configurations, by bytes per logit (4: float32, 2: float16 / bfloat16). Each keeps enough
+# bytes of logits requested per SM to cover DRAM latency on an H100/H200 (resident programs x tiles
+# in flight x tile bytes; benchmarks/bandwidth_model.py) with no register spills: persistent
+# programs prefetch num_stages - 1 tiles into shared memory (cp.async), and the fused stats kernel
+# runs small 2-warp programs, 8 per SM, because its one-hot reduction needs many registers.
+# These pipelined configurations are for the JIT's aligned NCHW specialisation (16-byte-aligned
+# logits, contiguous pixels, sizes divisible by 16: tests/test_bandwidth_model.py compiles them);
+# any other launch gets the conservative one, which compiles without spills in every variant.
+FUSED_STATS = {"tile_elements": 1024, "num_warps": 2, "num_stages": {4: 4, 2: 7}, "programs_per_sm": 8}
+CHUNKED_STATS = {"pixels": 32, "num_warps": 4, "num_stages": {4: 3, 2: 5}, "programs_per_sm": 4}
+ROW_STATS = {"pixels": {4: 32, 2: 64}, "num_warps": 4, "num_stages": 1}
+CONSERVATIVE = {"tile_elements": 1024, "num_warps": 4, "num_stages": 1, "programs_per_sm": 4}
 PARTIALS_BUDGET = 1 << 28     # bytes of per-program partials in deterministic mode
 
 
@@ -159,32 +171,39 @@ def _stats_kernel(
         tl.atomic_add(bad_ptr, tl.sum(n_bad, 0))
 
 
-def stats_config(num_classes: int) -> dict:
-    """Block sizes the launcher picks for ``num_classes``."""
-    if num_classes <= FUSED_MAX_CLASSES:
-        c_block = max(16, triton.next_power_of_2(num_classes))
+def stats_config(num_classes: int, element_size: int = 4, aligned: bool = True) -> dict:
+    """Block sizes and launch options the launcher picks for ``num_classes`` logits of
+    ``element_size`` bytes, pipelined for ``aligned`` NCHW launches (see ``FUSED_STATS``).
+    maxnreg=255: left alone, ptxas caps some variants at 128 registers and spills."""
+    size = 4 if element_size >= 4 else 2
+    fused = num_classes <= FUSED_MAX_CLASSES
+    c_block = max(16, triton.next_power_of_2(num_classes)) if fused else CHUNK_CLASSES
+    if not aligned:
+        chosen, pix_block, stages = CONSERVATIVE, CONSERVATIVE["tile_elements"] // c_block, CONSERVATIVE["num_stages"]
+    elif fused:
+        chosen, pix_block, stages = FUSED_STATS, FUSED_STATS["tile_elements"] // c_block, FUSED_STATS["num_stages"][size]
     else:
-        c_block = CHUNK_CLASSES
-    # num_stages=1: prefetching the next tile of the persistent loop costs more registers than
-    # a thread has; resident warps hide the load latency instead. maxnreg=255: left alone, ptxas
-    # caps some variants at 128 registers and spills to local memory.
-    return {"FUSED": num_classes <= FUSED_MAX_CLASSES, "C_BLOCK": c_block, "PIX_BLOCK": TILE_ELEMENTS // c_block,
-            "num_warps": 4, "num_stages": 1, "maxnreg": 255}
+        chosen, pix_block, stages = CHUNKED_STATS, CHUNKED_STATS["pixels"], CHUNKED_STATS["num_stages"][size]
+    return {"FUSED": fused, "C_BLOCK": c_block, "PIX_BLOCK": pix_block, "num_warps": chosen["num_warps"],
+            "num_stages": stages, "maxnreg": 255, "programs_per_sm": chosen["programs_per_sm"],
+            "ROW_PIX_BLOCK": ROW_STATS["pixels"][size] if aligned else CONSERVATIVE["tile_elements"] // c_block}
 
 
-def max_programs(device: torch.device) -> int:
+def max_programs(device: torch.device, per_sm: int = 4) -> int:
+    """Persistent programs: ``per_sm`` per SM on CUDA; a few in the interpreter, which runs programs
+    one after another."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter runs programs one after another; a few keep the loops short
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
 
 
-def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
-                    deterministic: bool = False, upsample=None):
-    """``(S float64 [C, C], W float64 [C], number of valid pixels with a non-finite logit)``;
-    with ``upsample``, of the bilinear upsampling computed tile by tile (``_tile.load_classes``)."""
+def stats_launches(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
+                   deterministic: bool = False, upsample=None, programs: int | None = None):
+    """The launches of the stats pass, and the tensors they fill: ``(launches, S, W, bad)``.
+    ``programs``: the persistent grid (default: the configuration's programs per SM)."""
     layout = launch_layout(logits, upsample)
     C, device = layout.num_classes, logits.device
-    config = stats_config(C)
+    config = stats_config(C, logits.element_size(), layout.aligned(logits))
     c_block, pix_block, fused = config["C_BLOCK"], config["PIX_BLOCK"], config["FUSED"]
     scale = LOG2E / temperature
     n_tiles = layout.num_tiles(pix_block)
@@ -192,8 +211,12 @@ def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tenso
     valid_arg = valid.contiguous().view(torch.uint8) if has_valid else logits
     bad = torch.zeros(1, dtype=torch.int32, device=device)
     n_blocks = triton_cdiv(C, c_block)
+    options = {key: config[key] for key in ("num_warps", "num_stages", "maxnreg")}
+    if layout.upsample:  # four gathered neighbours a pixel, mostly cache hits: no prefetch, fewer registers
+        options["num_stages"] = 1
+    tables = layout.upsample_args(device)
 
-    n_programs = min(n_tiles, max_programs(device))
+    n_programs = min(n_tiles, programs or max_programs(device, config["programs_per_sm"]))
     if deterministic:
         n_programs = max(1, min(n_programs, PARTIALS_BUDGET // (4 * C * C)))
         S = torch.empty(n_programs, C, C, dtype=torch.float32, device=device)
@@ -202,23 +225,36 @@ def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tenso
         S = torch.zeros(C, C, dtype=torch.float64, device=device)
         W = torch.zeros(C, dtype=torch.float64, device=device)
 
+    launches = []
     if fused:
         row_max = row_conf = row_cls = logits  # unused by the fused kernel
     else:
         row_max = torch.empty(layout.num_pixels, dtype=torch.float32, device=device)
         row_conf = torch.empty_like(row_max)
         row_cls = torch.empty(layout.num_pixels, dtype=torch.int32, device=device)
-        _row_stats_kernel[(n_tiles,)](
-            logits, valid_arg, row_max, row_conf, row_cls, bad, *layout.kernel_args(), scale, n_tiles,
-            *layout.upsample_args(device), HAS_VALID=has_valid, UPSAMPLE=layout.upsample, C_BLOCK=c_block, PIX_BLOCK=pix_block, num_warps=config["num_warps"],
-            num_stages=config["num_stages"], maxnreg=config["maxnreg"],
-        )
-    _stats_kernel[(n_programs, n_blocks, n_blocks)](
-        logits, valid_arg, row_max, row_conf, row_cls, S, W, bad, *layout.kernel_args(), scale, n_tiles,
-        *layout.upsample_args(device), HAS_VALID=has_valid, FUSED=fused, PARTIALS=deterministic,
-        UPSAMPLE=layout.upsample, C_BLOCK=c_block, PIX_BLOCK=pix_block,
-        num_warps=config["num_warps"], num_stages=config["num_stages"], maxnreg=config["maxnreg"],
-    )
+        row_pix_block = config["ROW_PIX_BLOCK"]
+        row_tiles = layout.num_tiles(row_pix_block)
+        launches.append(Launch(
+            _row_stats_kernel, (row_tiles,),
+            (logits, valid_arg, row_max, row_conf, row_cls, bad, *layout.kernel_args(), scale, row_tiles, *tables),
+            {"HAS_VALID": has_valid, "UPSAMPLE": layout.upsample, "C_BLOCK": c_block, "PIX_BLOCK": row_pix_block},
+            {**options, "num_warps": ROW_STATS["num_warps"], "num_stages": ROW_STATS["num_stages"]}))
+    launches.append(Launch(
+        _stats_kernel, (n_programs, n_blocks, n_blocks),
+        (logits, valid_arg, row_max, row_conf, row_cls, S, W, bad, *layout.kernel_args(), scale, n_tiles, *tables),
+        {"HAS_VALID": has_valid, "FUSED": fused, "PARTIALS": deterministic, "UPSAMPLE": layout.upsample,
+         "C_BLOCK": c_block, "PIX_BLOCK": pix_block},
+        options))
+    return launches, S, W, bad
+
+
+def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
+                    deterministic: bool = False, upsample=None):
+    """``(S float64 [C, C], W float64 [C], number of valid pixels with a non-finite logit)``;
+    with ``upsample``, of the bilinear upsampling computed tile by tile (``_tile.load_classes``)."""
+    launches, S, W, bad = stats_launches(logits, temperature, valid, deterministic, upsample)
+    for launch in launches:
+        launch()
     if deterministic:
         S, W = S.double().sum(dim=0), W.double().sum(dim=0)
     return S, W, int(bad.item())

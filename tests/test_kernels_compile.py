@@ -11,7 +11,7 @@ import pytest
 
 from fastcal.kernels import predict, stats
 
-import aot
+from benchmarks import aot
 
 CAPABILITIES = [80, 90]
 LOGIT_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
@@ -21,13 +21,18 @@ SCALARS = ["C", "L", "O1", "O2", "so0", "so1", "so2", "s_l", "s_c", "n_tiles", "
 CLASS_COUNTS = range(2, 1025)  # above 64 classes the configuration no longer changes
 
 
-def dispatcher_configs(config_of):
-    """Every distinct launch configuration ``config_of`` returns."""
-    return {tuple(sorted(config_of(c).items())): config_of(c) for c in CLASS_COUNTS}.values()
+def dispatcher_configs(config_of, element_size):
+    """Every distinct conservative launch configuration ``config_of`` returns for logits of
+    ``element_size`` bytes: what any launch may get. The pipelined configurations of aligned NCHW
+    launches are compiled with the JIT's specialisations in tests/test_bandwidth_model.py."""
+    return {tuple(sorted(config_of(c, element_size, False).items())): config_of(c, element_size, False)
+            for c in CLASS_COUNTS}.values()
 
 
-def launch_options(config: dict) -> dict:
-    return {key: config[key] for key in ("num_warps", "num_stages", "maxnreg")}
+def launch_options(config: dict, upsample: bool = False) -> dict:
+    """As the launchers pass them: upsampling launches are not pipelined."""
+    options = {key: config[key] for key in ("num_warps", "num_stages", "maxnreg")}
+    return {**options, "num_stages": 1} if upsample else options
 
 
 def upsamples(layout):
@@ -36,29 +41,34 @@ def upsamples(layout):
     return (False, True) if layout == "nchw" else (False,)
 
 
+ELEMENT_SIZES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
 def cases():
-    for config, dtype, layout, cap in itertools.product(dispatcher_configs(stats.stats_config), LOGIT_TYPES,
-                                                        LAYOUTS, CAPABILITIES):
-        meta = {"C_BLOCK": config["C_BLOCK"], "PIX_BLOCK": config["PIX_BLOCK"]}
-        tag = f"{dtype}-{layout}-sm{cap}-C{config['C_BLOCK']}{'' if config['FUSED'] else '-chunked'}"
-        for has_valid, partials, upsample in itertools.product([False, True], [False, True], upsamples(layout)):
-            sums = "*fp32" if partials else "*fp64"
-            yield (f"stats-{tag}-valid{int(has_valid)}-partials{int(partials)}-up{int(upsample)}",
-                   "stats._stats_kernel", dtype, layout, cap, {"S_ptr": sums, "W_ptr": sums},
-                   {**meta, "HAS_VALID": has_valid, "FUSED": config["FUSED"], "PARTIALS": partials,
-                    "UPSAMPLE": upsample}, launch_options(config))
-        if not config["FUSED"]:
-            for has_valid, upsample in itertools.product([False, True], upsamples(layout)):
-                yield (f"row_stats-{tag}-valid{int(has_valid)}-up{int(upsample)}", "stats._row_stats_kernel", dtype,
-                       layout, cap, {}, {**meta, "HAS_VALID": has_valid, "UPSAMPLE": upsample},
-                       launch_options(config))
-    for config, dtype, layout, cap in itertools.product(dispatcher_configs(predict.predict_config), LOGIT_TYPES,
-                                                        LAYOUTS, CAPABILITIES):
-        meta = {"C_BLOCK": config["C_BLOCK"], "PIX_BLOCK": config["PIX_BLOCK"], "FUSED": config["FUSED"]}
-        tag = f"{dtype}-{layout}-sm{cap}-C{config['C_BLOCK']}{'' if config['FUSED'] else '-chunked'}"
-        for label, upsample in itertools.product(("i64", "i32", "u8"), upsamples(layout)):
-            yield (f"predict-{tag}-{label}-up{int(upsample)}", "predict._predict_kernel", dtype, layout, cap,
-                   {"out_ptr": f"*{label}"}, {**meta, "UPSAMPLE": upsample}, launch_options(config))
+    for dtype, layout, cap in itertools.product(LOGIT_TYPES, LAYOUTS, CAPABILITIES):
+        for config in dispatcher_configs(stats.stats_config, ELEMENT_SIZES[dtype]):
+            meta = {"C_BLOCK": config["C_BLOCK"], "PIX_BLOCK": config["PIX_BLOCK"]}
+            tag = f"{dtype}-{layout}-sm{cap}-C{config['C_BLOCK']}{'' if config['FUSED'] else '-chunked'}"
+            for has_valid, partials, upsample in itertools.product([False, True], [False, True], upsamples(layout)):
+                sums = "*fp32" if partials else "*fp64"
+                yield (f"stats-{tag}-valid{int(has_valid)}-partials{int(partials)}-up{int(upsample)}",
+                       "stats._stats_kernel", dtype, layout, cap, {"S_ptr": sums, "W_ptr": sums},
+                       {**meta, "HAS_VALID": has_valid, "FUSED": config["FUSED"], "PARTIALS": partials,
+                        "UPSAMPLE": upsample}, launch_options(config, upsample))
+            if not config["FUSED"]:
+                row_options = {**launch_options(config), "num_warps": stats.ROW_STATS["num_warps"],
+                               "num_stages": stats.ROW_STATS["num_stages"]}
+                for has_valid, upsample in itertools.product([False, True], upsamples(layout)):
+                    yield (f"row_stats-{tag}-valid{int(has_valid)}-up{int(upsample)}", "stats._row_stats_kernel",
+                           dtype, layout, cap, {},
+                           {"C_BLOCK": config["C_BLOCK"], "PIX_BLOCK": config["ROW_PIX_BLOCK"],
+                            "HAS_VALID": has_valid, "UPSAMPLE": upsample}, row_options)
+        for config in dispatcher_configs(predict.predict_config, ELEMENT_SIZES[dtype]):
+            meta = {"C_BLOCK": config["C_BLOCK"], "PIX_BLOCK": config["PIX_BLOCK"], "FUSED": config["FUSED"]}
+            tag = f"{dtype}-{layout}-sm{cap}-C{config['C_BLOCK']}{'' if config['FUSED'] else '-chunked'}"
+            for label, upsample in itertools.product(("i64", "i32", "u8"), upsamples(layout)):
+                yield (f"predict-{tag}-{label}-up{int(upsample)}", "predict._predict_kernel", dtype, layout, cap,
+                       {"out_ptr": f"*{label}"}, {**meta, "UPSAMPLE": upsample}, launch_options(config, upsample))
 
 
 KERNELS = {"stats._stats_kernel": stats._stats_kernel, "stats._row_stats_kernel": stats._row_stats_kernel,

@@ -1,0 +1,82 @@
+"""Ahead-of-time compilation of the kernels for NVIDIA GPUs, without a GPU.
+
+``compile_launch`` builds the cubin the JIT would build for a launch (``kernels._launch.Launch``):
+the same specialisations (16-byte-aligned pointers and integers divisible by 16 marked
+``tt.divisibility``, integers equal to 1 made constants) from the launch's own arguments, which
+may be ``meta`` tensors: no memory, no GPU. ``compile_kernel`` compiles a hand-written signature.
+``resource_usage`` reads registers and spills back with the ``cuobjdump`` inside the triton
+wheel; ``global_load_widths`` lists the bits of each global load in the PTX.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def compile_kernel(kernel, signature: dict, constexprs: dict, capability: int, options: dict):
+    signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+
+
+def jit_specialisation(kernel, launch_args: tuple, constexprs: dict):
+    """``(signature, constexprs, attrs)`` as ``JITFunction.run`` derives them (triton >= 3.3)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    runtime = [name for name in kernel.arg_names if name not in constexprs]
+    assert len(runtime) == len(launch_args), f"{kernel.__name__}: {len(launch_args)} arguments for {runtime}"
+    values = dict(zip(runtime, launch_args))
+    signature, constants, attrs = {}, dict(constexprs), {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        kind, key = native_specialize_impl(BaseBackend, values[name], False, True, True)
+        signature[name] = kind
+        if kind == "constexpr":  # an integer equal to 1
+            constants[name] = key
+        elif key:
+            attrs[(index,)] = BaseBackend.parse_attr(key)
+    return signature, constants, attrs
+
+
+def compile_launch(launch, capability: int = 90):
+    """The cubin (``triton.compile`` result) the JIT would build for ``launch`` on sm_``capability``."""
+    signature, constants, attrs = jit_specialisation(launch.kernel, launch.args, launch.constexprs)
+    source = ASTSource(fn=launch.kernel, signature=signature, constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(launch.options))
+
+
+def global_load_widths(compiled) -> list[int]:
+    """Bits moved by each global load in the PTX: ``ld.global`` (128 for ``.v4.b32``, 32 for
+    ``.b32``...) and the asynchronous copies of a pipelined loop (``cp.async ..., 16`` is 128)."""
+    ptx = compiled.asm["ptx"]
+    widths = [int(vector or 1) * int(bits) for vector, bits in
+              re.findall(r"ld\.global(?:\.[a-z0-9_:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx)]
+    widths += [8 * int(size, 0) for size in
+               re.findall(r"cp\.async\.c[ag]\.shared\.global\s*\[[^]]*\],\s*\[[^]]*\],\s*(0x[0-9a-f]+|\d+)", ptx)]
+    return widths
+
+
+def resource_usage(compiled) -> dict:
+    """``{"REG": int, "LOCAL": int, "STACK": int, "SHARED": int}`` of the compiled kernel."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    assert usage, f"cuobjdump printed no resource usage:\n{out}"
+    result = dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, usage.groups())))
+    result["SHARED"] += compiled.metadata.shared  # the dynamic shared memory the launch asks for
+    result["ASYNC_COPIES"] = len(re.findall(r"cp\.async", compiled.asm["ptx"]))  # a pipelined loop
+    return result
