@@ -27,11 +27,26 @@ def compile_kernel(kernel, signature: dict, constexprs: dict, capability: int, o
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
 
-def jit_specialisation(kernel, launch_args: tuple, constexprs: dict):
-    """``(signature, constexprs, attrs)`` as ``JITFunction.run`` derives them (triton >= 3.3)."""
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.compiler import BaseBackend
+def specialisation(value) -> tuple[str, object]:
+    """``(type, key)`` the JIT gives one argument (``JITFunction``'s rule): a tensor is a pointer,
+    ``"D"`` when its address is a multiple of 16; an int equal to 1 becomes the constant 1, one
+    divisible by 16 gets ``"D"``; floats and bools are plain scalars."""
+    if hasattr(value, "data_ptr"):
+        kind = "*" + {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int64": "i64",
+                      "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}[str(value.dtype)[6:]]
+        return kind, "D" if value.data_ptr() % 16 == 0 else ""
+    if isinstance(value, bool):
+        return "u1", None
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1
+        kind = "i32" if -2**31 <= value < 2**31 else "i64"
+        return kind, "D" if value % 16 == 0 else ""
+    return "fp32", None
 
+
+def jit_specialisation(kernel, launch_args: tuple, constexprs: dict):
+    """``(signature, constexprs, attrs)`` as ``JITFunction.run`` derives them."""
     runtime = [name for name in kernel.arg_names if name not in constexprs]
     assert len(runtime) == len(launch_args), f"{kernel.__name__}: {len(launch_args)} arguments for {runtime}"
     values = dict(zip(runtime, launch_args))
@@ -40,12 +55,12 @@ def jit_specialisation(kernel, launch_args: tuple, constexprs: dict):
         if name in constexprs:
             signature[name] = "constexpr"
             continue
-        kind, key = native_specialize_impl(BaseBackend, values[name], False, True, True)
+        kind, key = specialisation(values[name])
         signature[name] = kind
-        if kind == "constexpr":  # an integer equal to 1
+        if kind == "constexpr":
             constants[name] = key
         elif key:
-            attrs[(index,)] = BaseBackend.parse_attr(key)
+            attrs[(index,)] = [["tt.divisibility", 16]]
     return signature, constants, attrs
 
 

@@ -2,7 +2,8 @@
 
 Runs the pytest-benchmark rows of ``benchmarks/test_bench.py`` (GPU rows too when CUDA
 is present), measures peak memory, and writes ``DIR/results.json`` (every figure) and
-``DIR/results.md`` (the table the README shows).
+``DIR/results.md`` (the table the README shows, and the bandwidth model's predictions for the
+Triton kernels, ``benchmarks/bandwidth_model.py``).
 """
 from __future__ import annotations
 
@@ -129,6 +130,9 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"machine": machine(), "seconds": elapsed, "rows": rows, "left_out": left_out}, f, indent=1)
     table = markdown(rows, left_out, elapsed)
+    from benchmarks import bandwidth_model  # the GPU kernels' predicted bandwidth, compiled ahead of time
+
+    table += "\n" + bandwidth_model.markdown(bandwidth_model.table())
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table)
     print(table)

@@ -31,6 +31,19 @@ def test_residency_and_prediction_arithmetic():
     assert model.Prediction(resident=5, tile_bytes=2432, tiles_in_flight=3).fraction() == 1.0
 
 
+def test_specialisation_is_the_jits():
+    """benchmarks/aot.py's rule against triton's own (where this triton exposes it)."""
+    native = pytest.importorskip("triton._C.libtriton").__dict__.get("native_specialize_impl")
+    if native is None:
+        pytest.skip("this triton does not expose native_specialize_impl")
+    from triton.backends.compiler import BaseBackend
+
+    values = [torch.zeros(16), torch.zeros(17)[1:], torch.zeros(8, dtype=torch.float16), 1, 0, 32, 19, -48,
+              2**40, 2**40 + 3, 1.5, True, torch.zeros(4, dtype=torch.uint8)]
+    for value in values:
+        assert aot.specialisation(value) == tuple(native(BaseBackend, value, False, True, True)), value
+
+
 def _compile(item):
     """Build the launch in this (spawned, non-interpreter) process and compile it."""
     name, (dtype, shape, flags, kernel, unaligned) = item
