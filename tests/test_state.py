@@ -131,12 +131,18 @@ def test_empty_batches_change_nothing():
     assert torch.equal(cal.S, S) and torch.equal(cal.W, W) and cal.num_updates == updates
 
 
-def test_momentum_one_keeps_the_last_prototype_of_absent_classes():
-    z = make_logits((2, 4, 6, 6))
-    cal = fastcal.LabelCalibrator(4, momentum=1.0).update(z)
-    before = cal.prototypes
+def seen_then_only_class_0(shape, momentum):
+    """A calibrator that saw one batch of every class, its prototypes then, and a batch of the same
+    logits where class 0 wins every pixel."""
+    z = make_logits(shape)
+    cal = fastcal.LabelCalibrator(shape[1], momentum=momentum).update(z)
     only_class_0 = z.clone()
     only_class_0[:, 0] += 100.0
+    return cal, cal.prototypes, only_class_0
+
+
+def test_momentum_one_keeps_the_last_prototype_of_absent_classes():
+    cal, before, only_class_0 = seen_then_only_class_0((2, 4, 6, 6), momentum=1.0)
     cal.update(only_class_0)
     assert cal.missing_classes == []
     S0, W0 = fastcal.prototype_stats(only_class_0)
@@ -145,11 +151,7 @@ def test_momentum_one_keeps_the_last_prototype_of_absent_classes():
 
 
 def test_a_long_stream_never_sinks_to_denormals():
-    z = make_logits((1, 4, 5, 5))
-    cal = fastcal.LabelCalibrator(4, momentum=0.5).update(z)
-    first = cal.prototypes
-    only_class_0 = z.clone()
-    only_class_0[:, 0] += 100.0
+    cal, first, only_class_0 = seen_then_only_class_0((1, 4, 5, 5), momentum=0.5)
     for _ in range(1500):  # 0.5**1500 is far below the smallest float64
         cal.update(only_class_0)
     W = cal.W
