@@ -26,7 +26,6 @@ import functools
 import math
 from typing import Iterator
 
-import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -215,7 +214,9 @@ def _fused_predict(logits, prototypes, labels, temperature, upsample):
     else:
         loop, pieces = cpu_kernels.upsampled_centred_softmax_chunk, \
             _upsampled_pieces(logits, upsample, CHUNK_ELEMENTS // logits.shape[1])
-        tables = (numba.get_num_threads(), *_upsample_tables(logits, upsample))
+        from numba import get_num_threads
+
+        tables = (get_num_threads(), *_upsample_tables(logits, upsample))
     for select, z, g, start, n in pieces:
         d = buffers.view(buffers.e, n)
         cpu_kernels.run(loop, z, g, start, n, inv_temperature, centre.numpy(), d.numpy(), *tables)
