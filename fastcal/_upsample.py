@@ -37,6 +37,14 @@ class Upsample:
         return tuple(_source_index(out, size, scale, self.align_corners, device)
                      for out, size, scale in zip(self.size, in_size, self.scale))
 
+    def source_offsets(self, in_size: tuple[int, int], strides: tuple[int, int], device="cpu"):
+        """The tables every fast backend interpolates with: per output row ``(offset of source row
+        y0, of y1, weight of y1)`` and per output column ``(offset of x0, of x1, weight of x1)``,
+        offsets in elements for the input's (row, column) ``strides``."""
+        (y0, y1, wy), (x0, x1, wx) = self.axes(in_size, device)
+        row_stride, column_stride = strides
+        return (y0 * row_stride, y1 * row_stride, wy), (x0 * column_stride, x1 * column_stride, wx)
+
 
 def _source_index(out: int, size: int, scale: float, align_corners: bool, device):
     dst = torch.arange(out, dtype=torch.float32, device=device)

@@ -156,10 +156,9 @@ def _pieces(logits: torch.Tensor, buffers: _Buffers):
 
 def _upsample_tables(logits: torch.Tensor, upsample):
     """The loops' source tables (see :func:`fastcal.cpu_kernels._block_upsample`) as NumPy arrays."""
-    (y0, y1, wy), (x0, x1, wx) = upsample.axes(tuple(logits.shape[2:]))
-    width_in = logits.shape[3]
-    rows = ((y0 * width_in).numpy(), (y1 * width_in).numpy(), wy.numpy())
-    return (upsample.size[1], rows, (x0.numpy(), x1.numpy(), wx.numpy()))
+    # the loops read the input as a contiguous [C, H*W] image: rows W apart, columns adjacent
+    rows, columns = upsample.source_offsets(tuple(logits.shape[2:]), (logits.shape[3], 1))
+    return (upsample.size[1], tuple(t.numpy() for t in rows), tuple(t.numpy() for t in columns))
 
 
 def _upsampled_pieces(logits: torch.Tensor, upsample, pixels: int):

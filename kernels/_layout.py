@@ -122,8 +122,7 @@ def launch_layout(logits: torch.Tensor, upsample=None):
     """``pixel_layout(logits)``, or the ``UpsampledLayout`` of ``upsample`` (see ``fastcal._upsample``)."""
     if upsample is None:
         return pixel_layout(logits)
-    (y0, y1, wy), (x0, x1, wx) = upsample.axes(tuple(logits.shape[2:]), logits.device)
-    s_h, s_w = logits.stride(2), logits.stride(3)
-    offsets = torch.cat([y0 * s_h, y1 * s_h, x0 * s_w, x1 * s_w])
+    (y0, y1, wy), (x0, x1, wx) = upsample.source_offsets(tuple(logits.shape[2:]), tuple(logits.stride()[2:]),
+                                                         logits.device)
     return UpsampledLayout(tuple(logits.stride()), logits.shape[1], logits.shape[0], upsample.size,
-                           offsets, torch.cat([wy, wx]))
+                           torch.cat([y0, y1, x0, x1]), torch.cat([wy, wx]))
