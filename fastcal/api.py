@@ -133,18 +133,17 @@ def calibrate(logits, prototypes=None, *, temperature=1.0, valid=None, empty="on
     (labels and ``valid`` at the output size) without writing them, as in :func:`prototype_stats`.
     """
     _checks.check_choice("empty", empty, _checks.EMPTY_POLICIES)
+    _checks.check_logits(logits)
+    upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
     resize = {"size": size, "scale_factor": scale_factor, "align_corners": align_corners}
     if prototypes is None:
         S, W = prototype_stats(logits, temperature=temperature, valid=valid, backend=backend,
                                deterministic=deterministic, **resize)
-        upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
         if pixel_count(logits, upsample) == 0:  # nothing to build prototypes from, nothing to label
             _checks.check_label_dtype(label_dtype, logits.shape[1])
             return torch.empty(_upsample.output_shape(logits, upsample), dtype=label_dtype, device=logits.device)
         prototypes = prototypes_from_stats(S, W, empty=empty)
     elif valid is not None:
-        _checks.check_logits(logits)
-        upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
         _checks.check_valid(valid, logits, _upsample.output_shape(logits, upsample))
     return predict(logits, prototypes, temperature=temperature, backend=backend, label_dtype=label_dtype,
                    **resize)
