@@ -84,6 +84,11 @@ def check_prototypes(prototypes, num_classes: int, device: torch.device) -> None
         )
     if prototypes.device != device:
         raise ValueError(f"prototypes: on {prototypes.device}, but logits are on {device}")
+
+
+def check_prototype_values(prototypes: torch.Tensor) -> None:
+    """Finite entries, or a whole row of NaN for a class never predicted; not every row NaN.
+    Reads the values (on CUDA: one synchronisation)."""
     nan_rows = torch.isnan(prototypes).all(dim=1)
     if not torch.isfinite(prototypes[~nan_rows]).all():
         raise ValueError(
@@ -91,6 +96,9 @@ def check_prototypes(prototypes, num_classes: int, device: torch.device) -> None
         )
     if bool(nan_rows.all()):
         raise ValueError("prototypes: every row is NaN, so no class could be predicted")
+
+
+OUTPUTS = ("labels", "scores")
 
 
 def check_choice(name: str, value, choices) -> None:

@@ -25,7 +25,10 @@ def centred_prototypes(prototypes: torch.Tensor):
     """
     P = prototypes.double()
     skipped = torch.isnan(P).all(dim=1)
-    c = P[~skipped].mean(dim=0).float() if not bool(skipped.all()) else torch.zeros_like(P[0]).float()
+    kept = torch.where(skipped[:, None], torch.zeros((), dtype=P.dtype, device=P.device), P)
+    # the mean of the kept rows without indexing by a mask, which would read the mask back (on CUDA
+    # a synchronisation, which a captured CUDA graph cannot contain)
+    c = (kept.sum(dim=0) / (~skipped).sum().clamp_min(1)).float()
     A = torch.where(skipped[:, None], torch.zeros((), dtype=P.dtype, device=P.device), P - c.double())
     bias = (A * A).sum(dim=1)
     bias = torch.where(skipped, torch.full_like(bias, float("inf")), bias)

@@ -37,3 +37,10 @@ def predict(logits, prototypes, temperature, label_dtype=torch.int64, upsample=N
 
     with _on_device(logits.device):
         return predict_labels(logits, prototypes, temperature, label_dtype, upsample)
+
+
+def scores(logits, prototypes, temperature, upsample=None):
+    from .kernels.predict import scores as predict_scores
+
+    with _on_device(logits.device):
+        return predict_scores(logits, prototypes, temperature, upsample)

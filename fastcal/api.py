@@ -1,8 +1,15 @@
-"""The functional API and the one place that chooses a backend."""
+"""The functional API, its ``torch.library`` ops, and the one place that chooses a backend.
+
+Each public function checks its arguments (types, shapes, devices: nothing that reads a tensor's
+values) and calls its op, ``torch.ops.fastcal.{prototype_stats, predict, calibrate}``, which
+``torch.compile`` treats as one opaque call with a known output shape (its fake implementation),
+so that compiled inference code runs fastcal's own kernels without a graph break.
+"""
 from __future__ import annotations
 
 import math
 from types import ModuleType
+from typing import Optional, Sequence
 
 import torch
 
@@ -41,16 +48,41 @@ def prototype_stats(logits, *, temperature=1.0, valid=None, backend="auto", dete
     program (Triton) and are carried in float64. ``deterministic=None`` follows
     ``torch.are_deterministic_algorithms_enabled()``; only the Triton backend
     has a non-deterministic (atomic) mode. Raises ``ValueError`` when a valid
-    pixel has a NaN or infinite logit.
+    pixel has a NaN or infinite logit (which needs the sums on the host: on CUDA, one
+    synchronisation).
 
     ``size=(H, W)`` or ``scale_factor=`` (with ``align_corners=``) computes the statistics of
     ``F.interpolate(logits, size, scale_factor, mode="bilinear", align_corners)`` (in float32)
     without writing it; ``valid`` is then at the output size. Logits must be [N, C, H, W].
+
+    The op is ``torch.ops.fastcal.prototype_stats``: ``torch.compile`` traces a call to this
+    function without a graph break.
     """
     _checks.check_logits(logits)
     temperature = _checks.check_temperature(temperature)
     upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
     _checks.check_valid(valid, logits, _upsample.output_shape(logits, upsample))
+    _checks.check_choice("backend", backend, _checks.BACKENDS)
+    if deterministic is not None and not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic: expected None or a bool, got {deterministic!r}")
+    # calibration never back-propagates; logits straight from a model may carry grad
+    return _stats_op(logits.detach(), valid, temperature, backend, deterministic, *_resize(upsample))
+
+
+def _resize(upsample) -> tuple:
+    """``(size, scale_factor, align_corners)`` as the ops take them: the caller's choice, checked."""
+    if upsample is None:
+        return None, None, False
+    if upsample.scale_factor is not None:
+        return None, list(upsample.scale_factor), upsample.align_corners
+    return list(upsample.size), None, upsample.align_corners
+
+
+@torch.library.custom_op("fastcal::prototype_stats", mutates_args=())
+def _stats_op(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: float, backend: str,
+              deterministic: Optional[bool], size: Optional[Sequence[int]], scale_factor: Optional[Sequence[float]],
+              align_corners: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
     module = resolve_backend(backend, logits.device)
     C = logits.shape[1]
     if pixel_count(logits, upsample) == 0:
@@ -58,14 +90,19 @@ def prototype_stats(logits, *, temperature=1.0, valid=None, backend="auto", dete
         return zeros, zeros[0].clone()
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    with torch.no_grad():  # calibration never back-propagates; logits straight from a model may carry grad
-        S, W, nonfinite = module.prototype_stats(logits.detach(), temperature, valid, deterministic, upsample)
+    S, W, nonfinite = module.prototype_stats(logits, temperature, valid, deterministic, upsample)
     if nonfinite:
         raise ValueError(
             f"logits: {nonfinite} valid pixel(s) have NaN or infinite logits; "
             "mask them out with `valid` or fix the model output"
         )
     return S, W
+
+
+@_stats_op.register_fake
+def _(logits, valid, temperature, backend, deterministic, size, scale_factor, align_corners):
+    C = logits.shape[1]
+    return logits.new_empty((C, C), dtype=torch.float64), logits.new_empty((C,), dtype=torch.float64)
 
 
 def check_stats(S, W) -> None:
@@ -98,15 +135,23 @@ def prototypes_from_stats(S, W, *, empty="onehot") -> torch.Tensor:
     return reference.prototypes_from_stats(S, W, empty)
 
 
-def predict(logits, prototypes, *, temperature=1.0, backend="auto", label_dtype=torch.int64,
+def predict(logits, prototypes, *, temperature=1.0, backend="auto", label_dtype=torch.int64, output="labels",
             size=None, scale_factor=None, align_corners=False):
     """Labels ``argmin_k ||p(x) - P[k]||^2`` (lowest k on ties) as [N, *spatial].
 
     A NaN row of ``prototypes`` marks a class that is never predicted. Every
     pixel gets a label; the label of a pixel with non-finite logits is
     unspecified. ``label_dtype`` may be int64 (default), int32 or uint8.
-    ``size`` / ``scale_factor`` / ``align_corners``: labels of the bilinearly upsampled logits
-    [N, H, W], as in :func:`prototype_stats`.
+    ``output="scores"`` returns instead the float32 scores ``-||p(x) - P[k]||^2`` as
+    [N, C, *spatial] (``-inf`` for a NaN row), whose argmax over classes is the label (up to
+    rounding where two distances agree to about 1e-6 of their size).
+    ``size`` / ``scale_factor`` / ``align_corners``: labels (or scores) of the bilinearly upsampled
+    logits [N, H, W], as in :func:`prototype_stats`.
+
+    The op is ``torch.ops.fastcal.predict``: ``torch.compile`` traces it without a graph break.
+    It checks the prototypes' values (finite, or a whole row of NaN), which on CUDA reads them
+    back once; while a CUDA graph is being captured the check is skipped and nothing
+    synchronises (the labels are then those of whatever the prototypes hold).
     """
     _checks.check_logits(logits)
     temperature = _checks.check_temperature(temperature)
@@ -114,36 +159,97 @@ def predict(logits, prototypes, *, temperature=1.0, backend="auto", label_dtype=
     C = logits.shape[1]
     _checks.check_prototypes(prototypes, C, logits.device)
     _checks.check_label_dtype(label_dtype, C)
+    _checks.check_choice("backend", backend, _checks.BACKENDS)
+    _checks.check_choice("output", output, _checks.OUTPUTS)
+    return _predict_op(logits.detach(), prototypes.detach(), temperature, backend, label_dtype, output == "scores",
+                       *_resize(upsample))
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _predict(logits, prototypes, temperature, backend, label_dtype, scores, upsample):
     module = resolve_backend(backend, logits.device)
     if pixel_count(logits, upsample) == 0:
-        return torch.empty(_upsample.output_shape(logits, upsample), dtype=label_dtype, device=logits.device)
-    with torch.no_grad():
-        return module.predict(logits.detach(), prototypes.detach(), temperature, label_dtype, upsample)
+        return torch.empty(_output_shape(logits, upsample, scores),
+                           dtype=torch.float32 if scores else label_dtype, device=logits.device)
+    if scores:
+        return module.scores(logits, prototypes, temperature, upsample)
+    return module.predict(logits, prototypes, temperature, label_dtype, upsample)
+
+
+def _output_shape(logits, upsample, scores: bool) -> tuple:
+    shape = _upsample.output_shape(logits, upsample)
+    return (shape[0], logits.shape[1], *shape[1:]) if scores else shape
+
+
+@torch.library.custom_op("fastcal::predict", mutates_args=())
+def _predict_op(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, backend: str,
+                label_dtype: torch.dtype, scores: bool, size: Optional[Sequence[int]],
+                scale_factor: Optional[Sequence[float]], align_corners: bool) -> torch.Tensor:
+    if not _capturing(prototypes.device):
+        _checks.check_prototype_values(prototypes)
+    upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
+    return _predict(logits, prototypes, temperature, backend, label_dtype, scores, upsample)
+
+
+@_predict_op.register_fake
+def _(logits, prototypes, temperature, backend, label_dtype, scores, size, scale_factor, align_corners):
+    upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
+    return logits.new_empty(_output_shape(logits, upsample, scores), dtype=torch.float32 if scores else label_dtype)
 
 
 def calibrate(logits, prototypes=None, *, temperature=1.0, valid=None, empty="onehot",
-              backend="auto", label_dtype=torch.int64, deterministic=None,
+              backend="auto", label_dtype=torch.int64, output="labels", deterministic=None,
               size=None, scale_factor=None, align_corners=False):
     """Calibrated labels for ``logits`` [N, C, *spatial] -> [N, *spatial].
 
     With ``prototypes=None`` the prototypes are built from these logits
     (transductive: one stats pass, then one predict pass); ``valid`` masks
     pixels out of the statistics, and every pixel still gets a label.
+    ``output="scores"``: the float32 scores [N, C, *spatial] of :func:`predict` instead.
     ``size`` / ``scale_factor`` / ``align_corners``: calibrate the bilinearly upsampled logits
     (labels and ``valid`` at the output size) without writing them, as in :func:`prototype_stats`.
+
+    The op is ``torch.ops.fastcal.calibrate`` (or ``fastcal::predict`` with ``prototypes``):
+    ``torch.compile`` traces it without a graph break. Building the prototypes reads the sums
+    back to the host (on CUDA, one synchronisation) to reject non-finite logits.
     """
     _checks.check_choice("empty", empty, _checks.EMPTY_POLICIES)
     _checks.check_logits(logits)
-    upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
-    resize = {"size": size, "scale_factor": scale_factor, "align_corners": align_corners}
-    if prototypes is None:
-        S, W = prototype_stats(logits, temperature=temperature, valid=valid, backend=backend,
-                               deterministic=deterministic, **resize)
-        if pixel_count(logits, upsample) == 0:  # nothing to build prototypes from, nothing to label
-            _checks.check_label_dtype(label_dtype, logits.shape[1])
-            return torch.empty(_upsample.output_shape(logits, upsample), dtype=label_dtype, device=logits.device)
-        prototypes = prototypes_from_stats(S, W, empty=empty)
-    elif valid is not None:
+    if prototypes is not None:
+        upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
         _checks.check_valid(valid, logits, _upsample.output_shape(logits, upsample))
-    return predict(logits, prototypes, temperature=temperature, backend=backend, label_dtype=label_dtype,
-                   **resize)
+        return predict(logits, prototypes, temperature=temperature, backend=backend, label_dtype=label_dtype,
+                       output=output, size=size, scale_factor=scale_factor, align_corners=align_corners)
+    temperature = _checks.check_temperature(temperature)
+    upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
+    _checks.check_valid(valid, logits, _upsample.output_shape(logits, upsample))
+    _checks.check_choice("backend", backend, _checks.BACKENDS)
+    _checks.check_choice("output", output, _checks.OUTPUTS)
+    _checks.check_label_dtype(label_dtype, logits.shape[1])
+    if deterministic is not None and not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic: expected None or a bool, got {deterministic!r}")
+    return _calibrate_op(logits.detach(), valid, temperature, empty, backend, label_dtype, output == "scores",
+                         deterministic, *_resize(upsample))
+
+
+@torch.library.custom_op("fastcal::calibrate", mutates_args=())
+def _calibrate_op(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: float, empty: str, backend: str,
+                  label_dtype: torch.dtype, scores: bool, deterministic: Optional[bool],
+                  size: Optional[Sequence[int]], scale_factor: Optional[Sequence[float]],
+                  align_corners: bool) -> torch.Tensor:
+    upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
+    if pixel_count(logits, upsample) == 0:  # nothing to build prototypes from, nothing to label
+        return _predict(logits, None, temperature, backend, label_dtype, scores, upsample)
+    S, W = _stats_op(logits, valid, temperature, backend, deterministic, size, scale_factor, align_corners)
+    prototypes = prototypes_from_stats(S, W, empty=empty)
+    return _predict(logits, prototypes, temperature, backend, label_dtype, scores, upsample)
+
+
+@_calibrate_op.register_fake
+def _(logits, valid, temperature, empty, backend, label_dtype, scores, deterministic, size, scale_factor,
+      align_corners):
+    upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
+    return logits.new_empty(_output_shape(logits, upsample, scores), dtype=torch.float32 if scores else label_dtype)

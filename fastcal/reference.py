@@ -10,6 +10,7 @@ needs several times the memory of the logits.
     S[k, :] = sum_{x: cls(x)=k} conf(x) p(x)    W[k] = sum_{x: cls(x)=k} conf(x)
     P[k]    = S[k] / W[k]
     label(x) = argmin_k ||p(x) - P[k]||^2       lowest k on ties
+    score(x)_k = -||p(x) - P[k]||^2
 """
 from __future__ import annotations
 
@@ -70,12 +71,13 @@ def prototypes_from_stats(S: torch.Tensor, W: torch.Tensor, empty: str) -> torch
     return P.float()
 
 
-def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64,
-            upsample=None):
-    """``argmin_k ||p(x) - P[k]||^2``; a NaN row of ``prototypes`` is never chosen.
+def _distance_blocks(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, upsample):
+    """Yield ``(block, distance)``: ``||p(x) - P[k]||^2`` [n, C] for the pixels ``block`` of the flat
+    [N * spatial] pixel order, with ``+inf`` for a NaN row of ``prototypes``. Returns the soft-label
+    shape [N, *spatial, C] first.
 
-    The pixels x classes x classes differences are formed a block of pixels at a
-    time, so memory stays bounded (about 64 MiB) whatever the batch size.
+    The pixels x classes x classes differences are formed a block of pixels at a time, so memory
+    stays bounded (about 64 MiB) whatever the batch size.
     """
     if upsample is not None:
         logits = upsampled(logits, upsample)
@@ -83,11 +85,31 @@ def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, 
     P = prototypes.float()
     skipped = torch.isnan(P).all(dim=1)
     pixels = p.reshape(-1, P.shape[0])
-    labels = torch.empty(pixels.shape[0], dtype=torch.int64, device=p.device)
+    yield p.shape
     block = max(1, (1 << 24) // P.numel())
     for start in range(0, pixels.shape[0], block):
-        p_block = pixels[start:start + block]
-        distance = ((p_block[:, None, :] - P) ** 2).sum(dim=-1)
+        distance = ((pixels[start:start + block, None, :] - P) ** 2).sum(dim=-1)
         distance[:, skipped] = float("inf")
-        labels[start:start + block] = distance.argmin(dim=-1)
-    return labels.view(p.shape[:-1]).to(label_dtype)
+        yield slice(start, start + block), distance
+
+
+def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64,
+            upsample=None):
+    """``argmin_k ||p(x) - P[k]||^2``; a NaN row of ``prototypes`` is never chosen."""
+    blocks = _distance_blocks(logits, prototypes, temperature, upsample)
+    shape = next(blocks)
+    labels = torch.empty(shape[:-1].numel(), dtype=torch.int64, device=logits.device)
+    for block, distance in blocks:
+        labels[block] = distance.argmin(dim=-1)
+    return labels.view(shape[:-1]).to(label_dtype)
+
+
+def scores(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, upsample=None):
+    """``-||p(x) - P[k]||^2`` as float32 [N, C, *spatial] (``-inf`` for a NaN row of ``prototypes``):
+    the argmax over classes is :func:`predict`'s label."""
+    blocks = _distance_blocks(logits, prototypes, temperature, upsample)
+    shape = next(blocks)
+    out = torch.empty(shape.numel(), dtype=torch.float32, device=logits.device).view(-1, shape[-1])
+    for block, distance in blocks:
+        out[block] = -distance
+    return out.view(shape).movedim(-1, 1).contiguous()

@@ -137,7 +137,8 @@ def _pieces(logits: torch.Tensor, buffers: _Buffers):
     """Yield ``(select, z, g, start, n)`` covering every pixel once: the fused loops read pixels
     ``start .. start + n`` of image ``g`` of ``z``, a C-contiguous [G, C, L] array (see
     :mod:`fastcal.cpu_kernels` for its dtypes), and ``select(t)`` is the flat [n] view of the same
-    pixels in a C-contiguous [N, *spatial] tensor ``t``."""
+    pixels in a C-contiguous [N, *spatial] tensor ``t`` (``select(t, classes=True)``: their
+    [C, ...] view in a C-contiguous [N, C, *spatial] tensor)."""
     N, C = logits.shape[:2]
     L = math.prod(logits.shape[2:])
     pixels = max(1, CHUNK_ELEMENTS // C)
@@ -146,12 +147,26 @@ def _pieces(logits: torch.Tensor, buffers: _Buffers):
         for g in range(N):
             for start in range(0, L, pixels):
                 n = min(pixels, L - start)
-                yield (lambda t, g=g, start=start, n=n: t.view(N, L)[g, start:start + n]), z, g, start, n
+                yield _image_range(N, C, L, g, start, n), z, g, start, n
         return
     for index, chunk in _chunks(logits):
         n = chunk.shape[1]
         z = buffers.view(buffers.scratch, n).copy_(chunk)  # upcasts half precision, gathers other layouts
-        yield (lambda t, index=index: t[index].view(-1)), z.view(1, C, n).numpy(), 0, 0, n
+        yield _indexed(index), z.view(1, C, n).numpy(), 0, 0, n
+
+
+def _image_range(N: int, C: int, L: int, g: int, start: int, n: int):
+    """The selector (see :func:`_pieces`) of pixels ``start .. start + n`` of image ``g``."""
+    def select(t, classes=False):
+        return t.view(N, C, L)[g, :, start:start + n] if classes else t.view(N, L)[g, start:start + n]
+    return select
+
+
+def _indexed(index: tuple):
+    """The selector (see :func:`_pieces`) of the pixels ``index`` selects in [N, *spatial]."""
+    def select(t, classes=False):
+        return t.movedim(1, 0)[(slice(None), *index)] if classes else t[index].view(-1)
+    return select
 
 
 def _upsample_tables(logits: torch.Tensor, upsample):
@@ -174,7 +189,7 @@ def _upsampled_pieces(logits: torch.Tensor, upsample, pixels: int):
     for g in range(N):
         for start in range(0, L, pixels):
             n = min(pixels, L - start)
-            yield (lambda t, g=g, start=start, n=n: t.view(N, L)[g, start:start + n]), z, g, start, n
+            yield _image_range(N, C, L, g, start, n), z, g, start, n
 
 
 def _fused_prototype_stats(logits, temperature, valid, upsample):
@@ -201,12 +216,13 @@ def _fused_prototype_stats(logits, temperature, valid, upsample):
     return torch.from_numpy(S_parts.sum(axis=0)), torch.from_numpy(W_parts.sum(axis=0)), nonfinite
 
 
-def _fused_predict(logits, prototypes, labels, temperature, upsample):
+def _fused_distances(logits, A_times_minus_2, centre, temperature, upsample):
+    """Yield ``(select, d, distance)`` per piece (see :func:`_pieces`): ``d = p - c`` [C, n] from the
+    fused loops and ``distance = -2 A d`` [C, n], in buffers the next piece reuses."""
     from . import cpu_kernels
 
     buffers = _Buffers(logits.shape[1], logits.device)
     distance_buffer = torch.empty_like(buffers.e)
-    A_times_minus_2, centre, bias = _distance_operands(prototypes)
     inv_temperature = np.float32(1.0 / temperature)
     if upsample is None:
         loop, pieces, tables = cpu_kernels.centred_softmax_chunk, _pieces(logits, buffers), ()
@@ -219,8 +235,24 @@ def _fused_predict(logits, prototypes, labels, temperature, upsample):
     for select, z, g, start, n in pieces:
         d = buffers.view(buffers.e, n)
         cpu_kernels.run(loop, z, g, start, n, inv_temperature, centre.numpy(), d.numpy(), *tables)
-        distance = torch.mm(A_times_minus_2, d, out=buffers.view(distance_buffer, n))
-        cpu_kernels.run(cpu_kernels.argmin_chunk, distance.numpy(), bias.numpy(), n, select(labels).numpy())
+        yield select, d, torch.mm(A_times_minus_2, d, out=buffers.view(distance_buffer, n))
+
+
+def _chunk_distances(logits, A_times_minus_2, centre, temperature, upsample):
+    """As :func:`_fused_distances`, with PyTorch operations on each chunk (:func:`_chunks`)."""
+    buffers = _Buffers(logits.shape[1], logits.device)
+    for index, z in _chunks(logits) if upsample is None else _upsampled_chunks(logits, upsample):
+        d = _shifted_exp(z, temperature, buffers, with_argmax=False)
+        d.div_(d.sum(dim=0)).sub_(centre[:, None])
+        yield _indexed(index), d, torch.mm(A_times_minus_2, d, out=buffers.view(buffers.scratch, d.shape[1]))
+
+
+def _centred_distances(logits, prototypes, temperature, upsample):
+    """``(bias, pieces)``: ``pieces`` yields ``(select, d, distance)``, where ``bias + distance`` is
+    ``||p - P[k]||^2 - ||d||^2`` (see :func:`_distance_operands`), from the fused loops or chunks."""
+    A_times_minus_2, centre, bias = _distance_operands(prototypes)
+    walk = _fused_distances if uses_fused_loops(logits) else _chunk_distances
+    return bias, walk(logits, A_times_minus_2, centre, temperature, upsample)
 
 
 def _fork_safe(function):
@@ -307,17 +339,32 @@ def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, 
             upsample=None):
     """One GEMM a chunk: the argmin of ``bias - 2 A (p - c)`` (see :func:`_distance_operands`)."""
     labels = torch.empty(_upsample.output_shape(logits, upsample), dtype=label_dtype, device=logits.device)
+    bias, pieces = _centred_distances(logits, prototypes, temperature, upsample)
     if uses_fused_loops(logits):
-        _fused_predict(logits, prototypes, labels, temperature, upsample)
+        from . import cpu_kernels
+
+        for select, d, distance in pieces:
+            cpu_kernels.run(cpu_kernels.argmin_chunk, distance.numpy(), bias.numpy(), d.shape[1],
+                            select(labels).numpy())
         return labels
-    A_times_minus_2, centre, bias = _distance_operands(prototypes)
     buffers = _Buffers(logits.shape[1], logits.device)
-    for index, z in _chunks(logits) if upsample is None else _upsampled_chunks(logits, upsample):
-        d = _shifted_exp(z, temperature, buffers, with_argmax=False)
-        d.div_(d.sum(dim=0)).sub_(centre[:, None])
-        distance = torch.mm(A_times_minus_2, d, out=buffers.view(buffers.scratch, d.shape[1]))
+    for select, d, distance in pieces:
         distance.add_(bias[:, None])
         gap = torch.sub(distance.amin(dim=0), distance, out=distance)
-        out = labels[index]
+        out = select(labels)
         out.copy_(_first_zero(gap, gap, buffers).view(out.shape))
     return labels
+
+
+@_fork_safe
+def scores(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, upsample=None):
+    """``-(bias - 2 A d + ||d||^2) = -||p - P[k]||^2`` a chunk at a time, written into the float32
+    [N, C, *spatial] output (``-inf`` for a skipped class)."""
+    shape = _upsample.output_shape(logits, upsample)
+    out = torch.empty((shape[0], logits.shape[1], *shape[1:]), dtype=torch.float32, device=logits.device)
+    bias, pieces = _centred_distances(logits, prototypes, temperature, upsample)
+    for select, d, distance in pieces:
+        distance.add_(bias[:, None]).add_(torch.linalg.vector_norm(d, dim=0).square_()).neg_()
+        view = select(out, classes=True)
+        view.copy_(distance.view(view.shape))
+    return out

@@ -4,6 +4,7 @@ Math (per pixel, ``scale = log2(e) / T``, ``c`` the mean prototype, ``A[k] = P[k
 
     p       = softmax(z / T)
     label   = argmin_k  ||A[k]||^2 - 2 (p - c) . A[k]  (lowest k on ties)
+    score_k = -(||p - c||^2 + ||A[k]||^2 - 2 (p - c) . A[k]) = -||p - P[k]||^2   (SCORES)
 
 which is ``argmin_k ||p - P[k]||^2`` (the two differ by ``||p - c||^2``, the same for
 every k); centring keeps every term within a few times the pixel's distances, so
@@ -17,9 +18,12 @@ padding and for "skip" classes, so the distance loop needs no class mask.
   loop over j-blocks, re-reading the tile (meant to be served by L1/L2).
 
 Memory traffic per pixel: reads ``C * sizeof(dtype)``, writes one label
-(8, 4 or 1 bytes for int64, int32, uint8).
+(8, 4 or 1 bytes for int64, int32, uint8), or with SCORES ``4 * C`` bytes of float32 scores
+into a contiguous [N, C, *spatial] tensor (the labels are then not written).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -40,21 +44,29 @@ PREDICT_CHUNKED = {"tile_elements": 2048, "num_stages": {4: 3, 2: 5}}
 @triton.jit
 def _predict_kernel(
     z_ptr, A_ptr, centre_ptr, bias_ptr, out_ptr,
-    C, L, O1, O2, so0, so1, so2, s_l, s_c, scale, C_PAD, n_tiles, off_ptr, wgt_ptr, H_UP, W_UP,
+    C, L, O1, O2, so0, so1, so2, s_l, s_c, scale, C_PAD, n_tiles, off_ptr, wgt_ptr, H_UP, W_UP, P_IMG,
     FUSED: tl.constexpr, UPSAMPLE: tl.constexpr, C_BLOCK: tl.constexpr, PIX_BLOCK: tl.constexpr,
+    SCORES: tl.constexpr,
 ):
     for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):  # persistent: the loop is pipelined
         o_z, o01, o10, o11, wy, wx, o_pix, m_pix = pixel_position(
             tile, L, O1, O2, so0, so1, so2, s_l, off_ptr, wgt_ptr, H_UP, W_UP, UPSAMPLE, PIX_BLOCK)
         o_c = tl.arange(0, C_BLOCK)
+        if SCORES:  # [N, C, P_IMG] scores: image, then class, then pixel within the image
+            o_score = (o_pix // P_IMG) * C * P_IMG + o_pix % P_IMG
         if FUSED:
             b_z = load_classes(z_ptr, o_z, o01, o10, o11, wy, wx, m_pix, o_c, C, s_c, UPSAMPLE)
             b_z = tl.where((o_c < C)[:, None], b_z, float("-inf"))
             b_e = tl.exp2((b_z - tl.max(b_z, 0)[None, :]) * scale)
             b_d = b_e / tl.sum(b_e, 0)[None, :] - tl.load(centre_ptr + o_c)[:, None]
             b_A = tl.load(A_ptr + o_c[:, None] * C_PAD + o_c[None, :])
-            b_d = tl.load(bias_ptr + o_c)[:, None] - 2.0 * tl.dot(b_A, b_d, input_precision="tf32x3")
-            b_label = tl.argmin(tl.where(b_d == b_d, b_d, float("inf")), 0, tie_break_left=True)
+            b_dist = tl.load(bias_ptr + o_c)[:, None] - 2.0 * tl.dot(b_A, b_d, input_precision="tf32x3")
+            if SCORES:
+                b_score = -(b_dist + tl.sum(b_d * b_d, 0)[None, :])
+                m_score = (o_c < C)[:, None] & m_pix[None, :]
+                tl.store(out_ptr + o_score[None, :] + o_c.to(tl.int64)[:, None] * P_IMG, b_score, mask=m_score)
+            else:
+                b_label = tl.argmin(tl.where(b_dist == b_dist, b_dist, float("inf")), 0, tie_break_left=True)
         else:
             b_max = tl.full([PIX_BLOCK], float("-inf"), tl.float32)
             b_sum = tl.zeros([PIX_BLOCK], tl.float32)
@@ -64,6 +76,14 @@ def _predict_kernel(
                 b_z = tl.where((o_j < C)[:, None], b_z, float("-inf"))
                 b_max, b_sum = online_softmax_update(b_max, b_sum, b_z, scale)
             b_inv_sum = 1.0 / b_sum
+            b_norm = tl.zeros([PIX_BLOCK], tl.float32)
+            if SCORES:  # ||p - c||^2, which every score of the pixel needs before its first k-block
+                for j0 in range(0, C, C_BLOCK):
+                    o_j = j0 + o_c
+                    b_z = load_classes(z_ptr, o_z, o01, o10, o11, wy, wx, m_pix, o_j, C, s_c, UPSAMPLE)
+                    b_p = tl.exp2((b_z - b_max[None, :]) * scale) * b_inv_sum[None, :]
+                    b_p = tl.where((o_j < C)[:, None], b_p - tl.load(centre_ptr + o_j)[:, None], 0.0)
+                    b_norm += tl.sum(b_p * b_p, 0)
             b_best = tl.full([PIX_BLOCK], float("inf"), tl.float32)
             b_label = tl.zeros([PIX_BLOCK], tl.int32)
             for k0 in range(0, C, C_BLOCK):
@@ -76,12 +96,19 @@ def _predict_kernel(
                     b_A = tl.load(A_ptr + (k0 + o_c)[:, None] * C_PAD + o_j[None, :])
                     b_dot += tl.dot(b_A, b_p, input_precision="tf32x3")
                 b_d = tl.load(bias_ptr + k0 + o_c)[:, None] - 2.0 * b_dot
-                b_d = tl.where(b_d == b_d, b_d, float("inf"))  # non-finite logits: some label, no NaN
-                c_best = tl.min(b_d, 0)
-                c_label = tl.argmin(b_d, 0, tie_break_left=True).to(tl.int32) + k0
-                b_label = tl.where(c_best < b_best, c_label, b_label)  # strict: ties keep the lower block
-                b_best = tl.minimum(b_best, c_best)
-        tl.store(out_ptr + o_pix, b_label.to(out_ptr.dtype.element_ty), mask=m_pix)
+                if SCORES:
+                    o_k = k0 + o_c
+                    m_score = (o_k < C)[:, None] & m_pix[None, :]
+                    tl.store(out_ptr + o_score[None, :] + o_k.to(tl.int64)[:, None] * P_IMG,
+                             -(b_d + b_norm[None, :]), mask=m_score)
+                else:
+                    b_d = tl.where(b_d == b_d, b_d, float("inf"))  # non-finite logits: some label, no NaN
+                    c_best = tl.min(b_d, 0)
+                    c_label = tl.argmin(b_d, 0, tie_break_left=True).to(tl.int32) + k0
+                    b_label = tl.where(c_best < b_best, c_label, b_label)  # strict: ties keep the lower block
+                    b_best = tl.minimum(b_best, c_best)
+        if not SCORES:
+            tl.store(out_ptr + o_pix, b_label.to(out_ptr.dtype.element_ty), mask=m_pix)
 
 
 def predict_config(num_classes: int, element_size: int = 4, aligned: bool = True) -> dict:
@@ -115,22 +142,27 @@ def padded_prototypes(prototypes: torch.Tensor, c_block: int):
 
 
 def predict_launch(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64,
-                   upsample=None, programs: int | None = None):
-    """The launch of the predict pass and the labels it fills: ``(launch, labels)``. Programs are
-    persistent (``programs``, default 4 per SM), so the tile loads of the loop are pipelined."""
+                   upsample=None, programs: int | None = None, scores: bool = False):
+    """The launch of the predict pass and the labels it fills: ``(launch, labels)``, or with
+    ``scores`` the float32 [N, C, *spatial] scores instead of the labels. Programs are persistent
+    (``programs``, default 4 per SM), so the tile loads of the loop are pipelined."""
     layout = launch_layout(logits, upsample)
     config = predict_config(layout.num_classes, logits.element_size(), layout.aligned(logits))
     A_pad, centre_pad, bias_pad = (t.to(logits.device) for t in padded_prototypes(prototypes, config["C_BLOCK"]))
-    labels = torch.empty(output_shape(logits, upsample), dtype=label_dtype, device=logits.device)
+    shape = output_shape(logits, upsample)
+    if scores:
+        out = torch.empty((shape[0], layout.num_classes, *shape[1:]), dtype=torch.float32, device=logits.device)
+    else:
+        out = torch.empty(shape, dtype=label_dtype, device=logits.device)
     n_tiles = layout.num_tiles(config["PIX_BLOCK"])
     launch = Launch(
         _predict_kernel, (min(n_tiles, programs or max_programs(logits.device, config["programs_per_sm"])),),
-        (logits, A_pad, centre_pad, bias_pad, labels, *layout.kernel_args(), LOG2E / temperature, A_pad.shape[0],
-         n_tiles, *layout.upsample_args(logits.device)),
+        (logits, A_pad, centre_pad, bias_pad, out, *layout.kernel_args(), LOG2E / temperature, A_pad.shape[0],
+         n_tiles, *layout.upsample_args(logits.device), math.prod(shape[1:])),
         {"FUSED": config["FUSED"], "UPSAMPLE": layout.upsample, "C_BLOCK": config["C_BLOCK"],
-         "PIX_BLOCK": config["PIX_BLOCK"]},
+         "PIX_BLOCK": config["PIX_BLOCK"], "SCORES": scores},
         {key: config[key] for key in ("num_warps", "maxnreg")} | {"num_stages": 1 if layout.upsample else config["num_stages"]})
-    return launch, labels
+    return launch, out
 
 
 def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64,
@@ -138,3 +170,10 @@ def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, 
     launch, labels = predict_launch(logits, prototypes, temperature, label_dtype, upsample)
     launch()
     return labels
+
+
+def scores(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, upsample=None):
+    """Float32 scores ``-||p - P[k]||^2`` [N, C, *spatial] (``-inf`` for a skipped class)."""
+    launch, out = predict_launch(logits, prototypes, temperature, upsample=upsample, scores=True)
+    launch()
+    return out

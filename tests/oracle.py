@@ -138,3 +138,27 @@ def interpolate(logits: torch.Tensor, size=None, scale_factor=None, align_corner
     top = z[:, :, y0][:, :, :, x0] * (1 - lx) + z[:, :, y0][:, :, :, x1] * lx
     bottom = z[:, :, y1][:, :, :, x0] * (1 - lx) + z[:, :, y1][:, :, :, x1] * lx
     return torch.from_numpy(top * (1 - ly) + bottom * ly)
+
+
+def assert_scores_close(scores: torch.Tensor, logits: torch.Tensor, P, temperature: float = 1.0,
+                        logit_error: float = 0.0):
+    """``scores`` [N, C, *spatial] equal ``-||p - P[k]||^2`` to 4x the labels' tolerance per pixel
+    (each score, not only the differences between them, carries the rounding); skipped (NaN)
+    prototypes score exactly ``-inf``. ``logit_error`` as in :func:`assert_labels_match`."""
+    if isinstance(P, torch.Tensor):
+        P = P.detach().cpu().double().numpy()
+    assert scores.dtype == torch.float32
+    assert tuple(scores.shape) == (logits.shape[0], P.shape[0], *logits.shape[2:])
+    got = pixels_by_class(scores)
+    d = distances(logits, P, temperature)
+    skipped = np.isnan(P).all(axis=1)
+    assert (got[:, skipped] == -np.inf).all(), "a skipped class must score -inf"
+    tolerance = 4 * distance_tolerance(logits, d, temperature)
+    if logit_error:
+        p, _, _ = soft_labels(pixels_by_class(logits), temperature)
+        finite = np.where(np.isfinite(d), d, 0.0).max(axis=1)
+        tolerance = tolerance + 8 * np.sqrt((p * p).sum(axis=1) * finite) * logit_error / temperature
+    error = np.abs(got[:, ~skipped] + d[:, ~skipped]).max(axis=1, initial=0.0)
+    bad = ~(error <= tolerance)
+    assert not bad.any(), f"{bad.sum()} of {len(bad)} pixels have a score off by more than the tolerance " \
+                          f"(worst {error[bad].max():.3g} against {tolerance[bad].min():.3g})"

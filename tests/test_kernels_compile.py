@@ -17,7 +17,7 @@ CAPABILITIES = [80, 90]
 LOGIT_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 # NCHW has contiguous pixels (stride 1 is specialised by the JIT), channels_last contiguous classes
 LAYOUTS = {"nchw": "s_l", "channels_last": "s_c"}
-SCALARS = ["C", "L", "O1", "O2", "so0", "so1", "so2", "s_l", "s_c", "n_tiles", "C_PAD", "H_UP", "W_UP"]
+SCALARS = ["C", "L", "O1", "O2", "so0", "so1", "so2", "s_l", "s_c", "n_tiles", "C_PAD", "H_UP", "W_UP", "P_IMG"]
 CLASS_COUNTS = range(2, 1025)  # above 64 classes the configuration no longer changes
 
 
@@ -66,9 +66,11 @@ def cases():
         for config in dispatcher_configs(predict.predict_config, ELEMENT_SIZES[dtype]):
             meta = {"C_BLOCK": config["C_BLOCK"], "PIX_BLOCK": config["PIX_BLOCK"], "FUSED": config["FUSED"]}
             tag = f"{dtype}-{layout}-sm{cap}-C{config['C_BLOCK']}{'' if config['FUSED'] else '-chunked'}"
-            for label, upsample in itertools.product(("i64", "i32", "u8"), upsamples(layout)):
+            for label, upsample in itertools.product(("i64", "i32", "u8", "scores"), upsamples(layout)):
+                out = "*fp32" if label == "scores" else f"*{label}"
                 yield (f"predict-{tag}-{label}-up{int(upsample)}", "predict._predict_kernel", dtype, layout, cap,
-                       {"out_ptr": f"*{label}"}, {**meta, "UPSAMPLE": upsample}, launch_options(config, upsample))
+                       {"out_ptr": out}, {**meta, "UPSAMPLE": upsample, "SCORES": label == "scores"},
+                       launch_options(config, upsample))
 
 
 KERNELS = {"stats._stats_kernel": stats._stats_kernel, "stats._row_stats_kernel": stats._row_stats_kernel,
