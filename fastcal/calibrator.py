@@ -147,14 +147,15 @@ class LabelCalibrator:
         """Classes no pixel has been assigned to so far (``W == 0``)."""
         return torch.nonzero(self.W == 0).flatten().tolist()
 
-    def predict(self, logits: torch.Tensor, *, label_dtype=torch.int64, size=None, scale_factor=None,
-                align_corners=False) -> torch.Tensor:
-        """Calibrated labels [N, *spatial] with the current prototypes (of the bilinearly upsampled
-        logits with ``size`` / ``scale_factor``, as in :func:`fastcal.predict`)."""
+    def predict(self, logits: torch.Tensor, *, label_dtype=torch.int64, output="labels", size=None,
+                scale_factor=None, align_corners=False) -> torch.Tensor:
+        """Calibrated labels [N, *spatial] with the current prototypes, or their float32 scores
+        [N, C, *spatial] with ``output="scores"`` (of the bilinearly upsampled logits with ``size`` /
+        ``scale_factor``, as in :func:`fastcal.predict`)."""
         self._check_batch(logits)
         prototypes = self.prototypes.to(logits.device)
         return api.predict(logits, prototypes, temperature=self.temperature, backend=self.backend,
-                           label_dtype=label_dtype, size=size, scale_factor=scale_factor,
+                           label_dtype=label_dtype, output=output, size=size, scale_factor=scale_factor,
                            align_corners=align_corners)
 
     # ----- distributed -----------------------------------------------------------------

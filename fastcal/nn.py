@@ -1,0 +1,162 @@
+"""``LabelCalibration``: a segmentation model wrapped so that ``forward`` returns calibrated labels.
+
+For test-time-adaptation harnesses (tent, CoTTA, TTAB, ...): an ``nn.Module`` with ``forward``,
+``reset()`` and ``fit(loader)``, that never computes a gradient and never changes the model.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _checks, api
+from .calibrator import LabelCalibrator
+
+MODES = ("offline", "continual", "episodic")
+
+
+def model_logits(output) -> torch.Tensor:
+    """The logits in a segmentation model's output: a tensor, torchvision's ``{"out": ...}``, or an
+    object with ``.logits`` (HuggingFace transformers)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict) and "out" in output:
+        return output["out"]
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(
+        f"model output: expected a logits tensor, a dict with 'out' (torchvision) or an object with "
+        f".logits (transformers), got {type(output).__name__}"
+    )
+
+
+def batch_images(batch):
+    """The model input in a batch from a data loader: the batch itself (a tensor), its first item
+    (``(images, labels)``), or ``batch["pixel_values"]`` / ``batch["image"]`` / ``batch["images"]``."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in ("pixel_values", "image", "images"):
+            if isinstance(batch.get(key), torch.Tensor):
+                return batch[key]
+    raise TypeError(
+        "loader: expected batches that are image tensors, (images, ...) tuples or dicts with "
+        f"'pixel_values', 'image' or 'images', got {type(batch).__name__}"
+    )
+
+
+class LabelCalibration(nn.Module):
+    """``model`` followed by label calibration of its logits [N, C, H, W], without gradients.
+
+    Modes:
+
+    * ``"offline"``: :meth:`fit` runs the model over a loader of unlabelled target images and
+      keeps their statistics; ``forward`` predicts with those prototypes and learns nothing.
+    * ``"continual"``: each ``forward`` first adds the batch's statistics (decayed by ``momentum``
+      if given, see :class:`fastcal.LabelCalibrator`), then predicts with the prototypes so far.
+      It starts from :meth:`fit`'s statistics if ``fit`` was called, else from nothing.
+    * ``"episodic"``: each batch is calibrated on its own prototypes (:func:`fastcal.calibrate`);
+      nothing is kept between calls.
+
+    :meth:`reset` returns to the statistics of the last :meth:`fit` (empty if there was none).
+
+    The model runs under ``torch.no_grad()`` in eval mode, whatever ``train()`` says (batch
+    norm statistics and dropout stay as trained), and its parameters never change. Its output may
+    be logits, torchvision's ``{"out": logits}`` or an object with ``.logits``.
+    ``output="labels"`` returns [N, H, W] labels; ``output="scores"`` float32 scores
+    [N, C, H, W], ``-||p - P[k]||^2``, whose argmax over classes is the label, for harnesses that
+    take the argmax themselves. ``size`` / ``scale_factor`` / ``align_corners`` upsample the
+    logits bilinearly on the fly (see :func:`fastcal.calibrate`); ``size="input"`` means the
+    input images' height and width.
+
+    ``state_dict()`` holds the model's tensors and, under ``"_extra_state"``, the calibrator's
+    statistics and those of the last fit, so a saved wrapper resumes where it was.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, *, mode: str = "continual", temperature: float = 1.0,
+                 momentum: float | None = None, empty: str = "onehot", backend: str = "auto",
+                 output: str = "labels", size=None, scale_factor=None, align_corners: bool = False):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        _checks.check_choice("mode", mode, MODES)
+        _checks.check_choice("output", output, _checks.OUTPUTS)
+        if momentum is not None and mode != "continual":
+            raise ValueError(f"momentum: only the 'continual' mode decays its statistics, got mode={mode!r}")
+        if size is not None and size != "input" and scale_factor is not None:
+            raise ValueError("size, scale_factor: give one of them, not both")
+        self.model = model.eval()
+        self.mode, self.output = mode, output
+        self.resize = {"size": size, "scale_factor": scale_factor, "align_corners": align_corners}
+        self.calibrator = LabelCalibrator(num_classes, temperature=temperature, empty=empty, backend=backend,
+                                          momentum=momentum)
+        self._fitted = self.calibrator.state_dict()
+
+    def train(self, mode: bool = True) -> "LabelCalibration":
+        super().train(mode)
+        self.model.eval()  # calibration adapts the labels, never the model
+        return self
+
+    def _logits(self, images: torch.Tensor):
+        self.model.eval()
+        with torch.no_grad():
+            logits = model_logits(self.model(images))
+        resize = dict(self.resize)
+        if resize["size"] == "input":
+            resize["size"] = tuple(images.shape[-2:])
+        return logits, resize
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits, resize = self._logits(images)
+        if self.mode == "episodic":
+            c = self.calibrator
+            return api.calibrate(logits, temperature=c.temperature, empty=c.empty, backend=c.backend,
+                                 output=self.output, **resize)
+        if self.mode == "continual":
+            self.calibrator.update(logits, **resize)
+        elif self.calibrator.num_updates == 0:
+            raise RuntimeError("LabelCalibration(mode='offline'): call fit(loader) before predicting")
+        return self.calibrator.predict(logits, output=self.output, **resize)
+
+    @torch.no_grad()
+    def fit(self, loader, *, progress: bool = True) -> "LabelCalibration":
+        """Statistics of the model's logits over every batch of ``loader`` (unlabelled images: see
+        :func:`batch_images` for what a batch may be), replacing any earlier ones; a progress bar
+        on stderr with ``progress`` (tqdm)."""
+        if self.mode == "episodic":
+            raise ValueError("fit: the 'episodic' mode keeps no statistics between batches")
+        from tqdm.auto import tqdm
+
+        self.calibrator.reset()
+        for batch in tqdm(loader, desc="fastcal fit", unit="batch", disable=not progress):
+            logits, resize = self._logits(batch_images(batch))
+            self.calibrator.update(logits, **resize)
+        self._fitted = self.calibrator.state_dict()
+        return self
+
+    def reset(self) -> "LabelCalibration":
+        """Back to the statistics of the last :meth:`fit`, or to none."""
+        self.calibrator.reset()
+        if self._fitted["num_updates"]:
+            self.calibrator.load_state_dict(self._fitted)
+        return self
+
+    def get_extra_state(self) -> dict:
+        return {"calibrator": self.calibrator.state_dict(), "fitted": self._fitted, "mode": self.mode}
+
+    def set_extra_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("mode") != self.mode:
+            raise ValueError(f"state: saved from a LabelCalibration in mode {state.get('mode')!r}, "
+                             f"this one is {self.mode!r}")
+        scratch = LabelCalibrator(self.calibrator.num_classes, temperature=self.calibrator.temperature,
+                                  momentum=self.calibrator.momentum)
+        scratch.load_state_dict(state["fitted"])  # check both before changing anything
+        self.calibrator.load_state_dict(state["calibrator"])
+        self._fitted = state["fitted"]
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, output={self.output!r}, calibrator={self.calibrator!r}"
+
