@@ -25,11 +25,11 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def prototype_stats(logits, temperature, valid, deterministic=False, upsample=None):
+def prototype_stats(logits, temperature, valid, deterministic=False, upsample=None, confidence_power=1.0):
     from .kernels.stats import prototype_stats as stats
 
     with _on_device(logits.device):
-        return stats(logits, temperature, valid, deterministic, upsample)
+        return stats(logits, temperature, valid, deterministic, upsample, confidence_power)
 
 
 def predict(logits, prototypes, temperature, label_dtype=torch.int64, upsample=None):

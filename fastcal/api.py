@@ -40,11 +40,12 @@ def pixel_count(logits: torch.Tensor, upsample=None) -> int:
 
 
 def prototype_stats(logits, *, temperature=1.0, valid=None, backend="auto", deterministic=None,
-                    size=None, scale_factor=None, align_corners=False):
+                    confidence_power=1.0, size=None, scale_factor=None, align_corners=False):
     """Prototype sums ``S`` [C, C] and weights ``W`` [C] of a batch of logits, as float64.
 
-    ``S[k] = sum conf(x) p(x)`` and ``W[k] = sum conf(x)`` over the valid pixels
-    ``x`` whose argmax is ``k``. Sums run in float32 inside a block of pixels (CPU) or a
+    ``S[k] = sum w(x) p(x)`` and ``W[k] = sum w(x)`` over the valid pixels ``x`` whose argmax is
+    ``k``, each weighing ``w = conf ** confidence_power`` (default 1: the paper's ``conf``; 0: every
+    pixel alike, the plain mean of soft labels; 2 or more: confident pixels count more; at most 8). Sums run in float32 inside a block of pixels (CPU) or a
     program (Triton) and are carried in float64. ``deterministic=None`` follows
     ``torch.are_deterministic_algorithms_enabled()``; only the Triton backend
     has a non-deterministic (atomic) mode. Raises ``ValueError`` when a valid
@@ -65,8 +66,10 @@ def prototype_stats(logits, *, temperature=1.0, valid=None, backend="auto", dete
     _checks.check_choice("backend", backend, _checks.BACKENDS)
     if deterministic is not None and not isinstance(deterministic, bool):
         raise TypeError(f"deterministic: expected None or a bool, got {deterministic!r}")
+    confidence_power = _checks.check_confidence_power(confidence_power)
     # calibration never back-propagates; logits straight from a model may carry grad
-    return _stats_op(logits.detach(), valid, temperature, backend, deterministic, *_resize(upsample))
+    return _stats_op(logits.detach(), valid, temperature, backend, deterministic, confidence_power,
+                     *_resize(upsample))
 
 
 def _resize(upsample) -> tuple:
@@ -80,8 +83,8 @@ def _resize(upsample) -> tuple:
 
 @torch.library.custom_op("fastcal::prototype_stats", mutates_args=())
 def _stats_op(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: float, backend: str,
-              deterministic: Optional[bool], size: Optional[Sequence[int]], scale_factor: Optional[Sequence[float]],
-              align_corners: bool) -> tuple[torch.Tensor, torch.Tensor]:
+              deterministic: Optional[bool], confidence_power: float, size: Optional[Sequence[int]],
+              scale_factor: Optional[Sequence[float]], align_corners: bool) -> tuple[torch.Tensor, torch.Tensor]:
     upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
     module = resolve_backend(backend, logits.device)
     C = logits.shape[1]
@@ -90,7 +93,7 @@ def _stats_op(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: 
         return zeros, zeros[0].clone()
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    S, W, nonfinite = module.prototype_stats(logits, temperature, valid, deterministic, upsample)
+    S, W, nonfinite = module.prototype_stats(logits, temperature, valid, deterministic, upsample, confidence_power)
     if nonfinite:
         raise ValueError(
             f"logits: {nonfinite} valid pixel(s) have NaN or infinite logits; "
@@ -100,7 +103,7 @@ def _stats_op(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: 
 
 
 @_stats_op.register_fake
-def _(logits, valid, temperature, backend, deterministic, size, scale_factor, align_corners):
+def _(logits, valid, temperature, backend, deterministic, confidence_power, size, scale_factor, align_corners):
     C = logits.shape[1]
     return logits.new_empty((C, C), dtype=torch.float64), logits.new_empty((C,), dtype=torch.float64)
 
@@ -202,12 +205,13 @@ def _(logits, prototypes, temperature, backend, label_dtype, scores, size, scale
 
 def calibrate(logits, prototypes=None, *, temperature=1.0, valid=None, empty="onehot",
               backend="auto", label_dtype=torch.int64, output="labels", deterministic=None,
-              size=None, scale_factor=None, align_corners=False):
+              confidence_power=1.0, size=None, scale_factor=None, align_corners=False):
     """Calibrated labels for ``logits`` [N, C, *spatial] -> [N, *spatial].
 
     With ``prototypes=None`` the prototypes are built from these logits
     (transductive: one stats pass, then one predict pass); ``valid`` masks
-    pixels out of the statistics, and every pixel still gets a label.
+    pixels out of the statistics, and every pixel still gets a label; ``confidence_power`` weighs
+    the pixels as in :func:`prototype_stats` (with ``prototypes`` given it has nothing to weigh).
     ``output="scores"``: the float32 scores [N, C, *spatial] of :func:`predict` instead.
     ``size`` / ``scale_factor`` / ``align_corners``: calibrate the bilinearly upsampled logits
     (labels and ``valid`` at the output size) without writing them, as in :func:`prototype_stats`.
@@ -218,6 +222,7 @@ def calibrate(logits, prototypes=None, *, temperature=1.0, valid=None, empty="on
     """
     _checks.check_choice("empty", empty, _checks.EMPTY_POLICIES)
     _checks.check_logits(logits)
+    _checks.check_confidence_power(confidence_power)
     if prototypes is not None:
         upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
         _checks.check_valid(valid, logits, _upsample.output_shape(logits, upsample))
@@ -231,25 +236,27 @@ def calibrate(logits, prototypes=None, *, temperature=1.0, valid=None, empty="on
     _checks.check_label_dtype(label_dtype, logits.shape[1])
     if deterministic is not None and not isinstance(deterministic, bool):
         raise TypeError(f"deterministic: expected None or a bool, got {deterministic!r}")
+    confidence_power = _checks.check_confidence_power(confidence_power)
     return _calibrate_op(logits.detach(), valid, temperature, empty, backend, label_dtype, output == "scores",
-                         deterministic, *_resize(upsample))
+                         deterministic, confidence_power, *_resize(upsample))
 
 
 @torch.library.custom_op("fastcal::calibrate", mutates_args=())
 def _calibrate_op(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: float, empty: str, backend: str,
-                  label_dtype: torch.dtype, scores: bool, deterministic: Optional[bool],
+                  label_dtype: torch.dtype, scores: bool, deterministic: Optional[bool], confidence_power: float,
                   size: Optional[Sequence[int]], scale_factor: Optional[Sequence[float]],
                   align_corners: bool) -> torch.Tensor:
     upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
     if pixel_count(logits, upsample) == 0:  # nothing to build prototypes from, nothing to label
         return _predict(logits, None, temperature, backend, label_dtype, scores, upsample)
-    S, W = _stats_op(logits, valid, temperature, backend, deterministic, size, scale_factor, align_corners)
+    S, W = _stats_op(logits, valid, temperature, backend, deterministic, confidence_power, size, scale_factor,
+                     align_corners)
     prototypes = prototypes_from_stats(S, W, empty=empty)
     return _predict(logits, prototypes, temperature, backend, label_dtype, scores, upsample)
 
 
 @_calibrate_op.register_fake
-def _(logits, valid, temperature, empty, backend, label_dtype, scores, deterministic, size, scale_factor,
-      align_corners):
+def _(logits, valid, temperature, empty, backend, label_dtype, scores, deterministic, confidence_power, size,
+      scale_factor, align_corners):
     upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
     return logits.new_empty(_output_shape(logits, upsample, scores), dtype=torch.float32 if scores else label_dtype)

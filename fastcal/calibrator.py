@@ -22,6 +22,9 @@ WEIGHT_FLOOR = 2.0**-900
 class LabelCalibrator:
     """Accumulates ``S`` [C, C] and ``W`` [C] in float64 over ``update`` calls.
 
+    Each pixel weighs ``conf ** confidence_power`` (default 1, the paper; see
+    :func:`fastcal.prototype_stats`); the power is part of the saved state.
+
     Cumulative by default: every pixel seen counts the same. With
     ``momentum=m`` (0 < m <= 1) the calibrator follows a drifting stream: each
     ``update`` first scales the sums so far by ``1 - m``, so a batch seen ``t``
@@ -41,13 +44,14 @@ class LabelCalibrator:
     """
 
     def __init__(self, num_classes: int, *, temperature: float = 1.0, empty: str = "onehot",
-                 backend: str = "auto", momentum: float | None = None):
+                 backend: str = "auto", momentum: float | None = None, confidence_power: float = 1.0):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int):
             raise TypeError(f"num_classes: expected an int >= 2, got {type(num_classes).__name__}")
         if num_classes < 2:
             raise ValueError(f"num_classes: expected an int >= 2, got {num_classes!r}")
         self.num_classes = num_classes
         self.temperature = _checks.check_temperature(temperature)
+        self.confidence_power = _checks.check_confidence_power(confidence_power)
         _checks.check_choice("empty", empty, _checks.EMPTY_POLICIES)
         _checks.check_choice("backend", backend, _checks.BACKENDS)
         if momentum is not None:
@@ -116,7 +120,8 @@ class LabelCalibrator:
         logits (``valid`` at the output size), as in :func:`fastcal.prototype_stats`."""
         self._check_batch(logits)
         S, W = api.prototype_stats(logits, temperature=self.temperature, valid=valid, backend=self.backend,
-                                   size=size, scale_factor=scale_factor, align_corners=align_corners)
+                                   confidence_power=self.confidence_power, size=size, scale_factor=scale_factor,
+                                   align_corners=align_corners)
         upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
         pixels = int(valid.sum()) if valid is not None else api.pixel_count(logits, upsample)
         if pixels == 0:
@@ -212,6 +217,7 @@ class LabelCalibrator:
             "num_classes": self.num_classes,
             "temperature": self.temperature,
             "momentum": self.momentum,
+            "confidence_power": self.confidence_power,
             "S": self.S.detach().cpu().clone(),
             "W": self.W.detach().cpu().clone(),
             "num_updates": self.num_updates,
@@ -233,6 +239,12 @@ class LabelCalibrator:
             raise ValueError(
                 f"state: statistics were taken at temperature {state.get('temperature')!r}, "
                 f"this calibrator uses {self.temperature}"
+            )
+        # states saved before the confidence power existed were taken at the paper's power, 1
+        if state.get("confidence_power", 1.0) != self.confidence_power:
+            raise ValueError(
+                f"state: statistics were taken at confidence_power {state.get('confidence_power', 1.0)!r}, "
+                f"this calibrator uses {self.confidence_power}"
             )
         S, W = state.get("S"), state.get("W")
         for name, tensor, shape in (("S", S, (C, C)), ("W", W, (C,))):
@@ -287,8 +299,9 @@ class LabelCalibrator:
 
     def __repr__(self) -> str:
         mode = "cumulative" if self.momentum is None else f"momentum={self.momentum}"
+        power = "" if self.confidence_power == 1.0 else f"confidence_power={self.confidence_power}, "
         return (f"LabelCalibrator(num_classes={self.num_classes}, temperature={self.temperature}, "
-                f"empty={self.empty!r}, backend={self.backend!r}, {mode}, updates={self.num_updates})")
+                f"empty={self.empty!r}, backend={self.backend!r}, {power}{mode}, updates={self.num_updates})")
 
 
 def _current_umask() -> int:

@@ -255,9 +255,10 @@ def _block_exp(z_image, start, count, inv_temperature, z_max, e, e_start, e_sum)
 
 
 @njit(inline="always", fastmath=_FAST)
-def _stats_block(src, src_start, count, inv_temperature, valid, valid_start, masked, scratch, S_u, W_u):
-    """Add the block's ``S[cls] += conf * p``, ``W[cls] += conf`` (pixels ``src_start ..`` of ``src``
-    [C, L]) into ``S_u``, ``W_u`` through float32 block sums; returns the non-finite valid pixels."""
+def _stats_block(src, src_start, count, inv_temperature, power, valid, valid_start, masked, scratch, S_u, W_u):
+    """Add the block's ``S[cls] += w * p``, ``W[cls] += w`` with ``w = conf ** power`` (pixels
+    ``src_start ..`` of ``src`` [C, L]) into ``S_u``, ``W_u`` through float32 block sums; returns the
+    non-finite valid pixels."""
     z_max, cls, nonfinite, e_sum, e, S_block, W_block = scratch
     C = src.shape[0]
     _block_max(src, src_start, count, z_max, cls, nonfinite)
@@ -272,9 +273,10 @@ def _stats_block(src, src_start, count, inv_temperature, valid, valid_start, mas
             bad += 1
             continue
         conf = np.float32(1.0) / e_sum[i]
-        weight = conf * conf
+        w = conf if power == np.float32(1.0) else conf ** power
+        weight = conf * w  # w * p = w * conf * e
         k = cls[i]
-        W_block[k] += conf
+        W_block[k] += w
         for j in range(C):
             S_block[k, j] += weight * e[j, i]
     for k in range(C):  # float32 within a block of pixels, float64 beyond
@@ -365,9 +367,9 @@ def _block_upsample(z_image, start, count, width, rows, cols, out, rows_cache, c
 
 
 @_parallel_loop
-def stats_chunk(z, g, start, n, inv_temperature, valid, S_parts, W_parts):
-    """Add ``S[cls] += conf * p`` and ``W[cls] += conf`` over pixels ``start .. start + n`` of image
-    ``g`` into ``S_parts[u]`` [C, C] and ``W_parts[u]`` [C] (float64, one slot per work unit ``u``).
+def stats_chunk(z, g, start, n, inv_temperature, power, valid, S_parts, W_parts):
+    """Add ``S[cls] += w * p`` and ``W[cls] += w``, ``w = conf ** power``, over pixels ``start .. start + n``
+    of image ``g`` into ``S_parts[u]`` [C, C] and ``W_parts[u]`` [C] (float64, one slot per work unit ``u``).
 
     ``valid``: uint8 [n], or empty for all pixels valid. Returns how many valid pixels have a NaN or
     infinite logit; those add nothing to the sums.
@@ -383,14 +385,14 @@ def stats_chunk(z, g, start, n, inv_temperature, valid, S_parts, W_parts):
         for b in range(u * blocks // UNITS, (u + 1) * blocks // UNITS):
             offset = b * BLOCK
             count = min(BLOCK, n - offset)
-            bad += _stats_block(z_image, start + offset, count, inv_temperature, valid, offset, masked, scratch,
-                                S_parts[u], W_parts[u])
+            bad += _stats_block(z_image, start + offset, count, inv_temperature, power, valid, offset, masked,
+                                scratch, S_parts[u], W_parts[u])
         nonfinite_parts[u] = bad
     return nonfinite_parts.sum()
 
 
 @_parallel_loop
-def upsampled_stats_chunk(z, g, start, n, inv_temperature, valid, S_parts, W_parts, width, rows, cols):
+def upsampled_stats_chunk(z, g, start, n, inv_temperature, power, valid, S_parts, W_parts, width, rows, cols):
     """:func:`stats_chunk` over output pixels ``start .. start + n`` of the bilinear upsampling of
     image ``g`` (``z`` [G, C, H*W] at the input resolution, ``width`` output columns): each block's
     logits are interpolated into a [C, BLOCK] buffer and never written anywhere else."""
@@ -410,7 +412,7 @@ def upsampled_stats_chunk(z, g, start, n, inv_temperature, valid, S_parts, W_par
             offset = b * BLOCK
             count = min(BLOCK, n - offset)
             _block_upsample(z_image, start + offset, count, width, rows, cols, block, rows_cache, cached)
-            bad += _stats_block(block, 0, count, inv_temperature, valid, offset, masked, scratch,
+            bad += _stats_block(block, 0, count, inv_temperature, power, valid, offset, masked, scratch,
                                 S_parts[u], W_parts[u])
         nonfinite_parts[u] = bad
     return nonfinite_parts.sum()

@@ -73,11 +73,13 @@ class LabelCalibration(nn.Module):
 
     ``state_dict()`` holds the model's tensors and, under ``"_extra_state"``, the calibrator's
     statistics and those of the last fit, so a saved wrapper resumes where it was.
+    ``confidence_power`` weighs the pixels (see :func:`fastcal.prototype_stats`).
     """
 
     def __init__(self, model: nn.Module, num_classes: int, *, mode: str = "continual", temperature: float = 1.0,
                  momentum: float | None = None, empty: str = "onehot", backend: str = "auto",
-                 output: str = "labels", size=None, scale_factor=None, align_corners: bool = False):
+                 output: str = "labels", confidence_power: float = 1.0, size=None, scale_factor=None,
+                 align_corners: bool = False):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -91,7 +93,7 @@ class LabelCalibration(nn.Module):
         self.mode, self.output = mode, output
         self.resize = {"size": size, "scale_factor": scale_factor, "align_corners": align_corners}
         self.calibrator = LabelCalibrator(num_classes, temperature=temperature, empty=empty, backend=backend,
-                                          momentum=momentum)
+                                          momentum=momentum, confidence_power=confidence_power)
         self._fitted = self.calibrator.state_dict()
 
     def train(self, mode: bool = True) -> "LabelCalibration":
@@ -114,7 +116,7 @@ class LabelCalibration(nn.Module):
         if self.mode == "episodic":
             c = self.calibrator
             return api.calibrate(logits, temperature=c.temperature, empty=c.empty, backend=c.backend,
-                                 output=self.output, **resize)
+                                 output=self.output, confidence_power=c.confidence_power, **resize)
         if self.mode == "continual":
             self.calibrator.update(logits, **resize)
         elif self.calibrator.num_updates == 0:
@@ -151,8 +153,9 @@ class LabelCalibration(nn.Module):
         if not isinstance(state, dict) or state.get("mode") != self.mode:
             raise ValueError(f"state: saved from a LabelCalibration in mode {state.get('mode')!r}, "
                              f"this one is {self.mode!r}")
-        scratch = LabelCalibrator(self.calibrator.num_classes, temperature=self.calibrator.temperature,
-                                  momentum=self.calibrator.momentum)
+        c = self.calibrator
+        scratch = LabelCalibrator(c.num_classes, temperature=c.temperature, momentum=c.momentum,
+                                  confidence_power=c.confidence_power)
         scratch.load_state_dict(state["fitted"])  # check both before changing anything
         self.calibrator.load_state_dict(state["calibrator"])
         self._fitted = state["fitted"]

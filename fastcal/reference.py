@@ -7,7 +7,8 @@ needs several times the memory of the logits.
     p(x)    = softmax(z(x) / T)                 over the class axis
     cls(x)  = argmax_k z(x)_k                   lowest k on ties
     conf(x) = max_k p(x)_k
-    S[k, :] = sum_{x: cls(x)=k} conf(x) p(x)    W[k] = sum_{x: cls(x)=k} conf(x)
+    w(x)    = conf(x) ** gamma                  the confidence power (gamma = 1 in the paper)
+    S[k, :] = sum_{x: cls(x)=k} w(x) p(x)       W[k] = sum_{x: cls(x)=k} w(x)
     P[k]    = S[k] / W[k]
     label(x) = argmin_k ||p(x) - P[k]||^2       lowest k on ties
     score(x)_k = -||p(x) - P[k]||^2
@@ -37,7 +38,7 @@ def soft_labels(logits: torch.Tensor, temperature: float):
 
 
 def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
-                    deterministic: bool = True, upsample=None):
+                    deterministic: bool = True, upsample=None, confidence_power: float = 1.0):
     """``S`` [C, C] and ``W`` [C] in float64, and the number of valid pixels with a non-finite logit.
 
     Logits are read as float32, so a float64 logit beyond float32's range is non-finite. With
@@ -52,8 +53,9 @@ def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tenso
     p, cls, conf = p[valid & finite], cls[valid & finite], conf[valid & finite]
     S = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=logits.device)
     W = torch.zeros(num_classes, dtype=torch.float64, device=logits.device)
-    S.index_add_(0, cls, (conf[:, None] * p).double())
-    W.index_add_(0, cls, conf.double())
+    weight = conf ** confidence_power
+    S.index_add_(0, cls, (weight[:, None] * p).double())
+    W.index_add_(0, cls, weight.double())
     nonfinite = int((valid & ~finite).sum())
     return S, W, nonfinite
 

@@ -192,7 +192,7 @@ def _upsampled_pieces(logits: torch.Tensor, upsample, pixels: int):
             yield _image_range(N, C, L, g, start, n), z, g, start, n
 
 
-def _fused_prototype_stats(logits, temperature, valid, upsample):
+def _fused_prototype_stats(logits, temperature, valid, upsample, confidence_power):
     from . import cpu_kernels
 
     C = logits.shape[1]
@@ -211,8 +211,8 @@ def _fused_prototype_stats(logits, temperature, valid, upsample):
             _upsampled_pieces(logits, upsample, math.prod(upsample.size)), _upsample_tables(logits, upsample)
     for select, z, g, start, n in pieces:
         mask = all_valid if valid is None else select(valid).numpy()
-        nonfinite += int(cpu_kernels.run(loop, z, g, start, n, np.float32(1.0 / temperature), mask, S_parts,
-                                         W_parts, *tables))
+        nonfinite += int(cpu_kernels.run(loop, z, g, start, n, np.float32(1.0 / temperature),
+                                         np.float32(confidence_power), mask, S_parts, W_parts, *tables))
     return torch.from_numpy(S_parts.sum(axis=0)), torch.from_numpy(W_parts.sum(axis=0)), nonfinite
 
 
@@ -298,9 +298,9 @@ def _upsampled_chunks(logits: torch.Tensor, upsample):
 
 @_fork_safe
 def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
-                    deterministic: bool = True, upsample=None):
+                    deterministic: bool = True, upsample=None, confidence_power: float = 1.0):
     if uses_fused_loops(logits):
-        return _fused_prototype_stats(logits, temperature, valid, upsample)
+        return _fused_prototype_stats(logits, temperature, valid, upsample, confidence_power)
     C = logits.shape[1]
     S_t = torch.zeros(C, C, dtype=torch.float64, device=logits.device)  # S transposed: [j, k]
     W = torch.zeros(C, dtype=torch.float64, device=logits.device)
@@ -316,8 +316,9 @@ def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tenso
         else:
             nonfinite += int((~use).sum())
         clean = bool(use.all())
-        weight = conf if clean else torch.where(use, conf, torch.zeros((), device=conf.device))
-        e.mul_(weight * conf)  # conf * p = conf^2 * e
+        weight = conf if confidence_power == 1.0 else conf.pow(confidence_power)
+        weight = weight if clean else torch.where(use, weight, torch.zeros((), device=conf.device))
+        e.mul_(weight * conf)  # weight * p = weight * conf * e
         if not clean:
             e.masked_fill_(~use, 0.0)  # NaN or inf at masked pixels must not leak into the sums
         # float64 from the first add: a chunk holds up to a million pixels of one class, whose

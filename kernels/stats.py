@@ -4,7 +4,8 @@ Math (per valid pixel x, temperature T, ``scale = log2(e) / T``)::
 
     e_j     = 2 ** ((z_j - max z) * scale)      p = e / sum(e)      conf = 1 / sum(e)
     cls     = argmax_j z_j                       (lowest j on ties)
-    S[cls] += conf * p = conf**2 * e             W[cls] += conf
+    w       = conf ** power                      (the confidence power; conf itself when power = 1)
+    S[cls] += w * p = w * conf * e               W[cls] += w
 
 Within a program the sums are ``onehot(cls)^T @ (conf p)`` as a ``tl.dot`` over
 its pixel tiles (float32 from two TF32 products on tensor cores, see
@@ -111,16 +112,17 @@ def _row_stats_kernel(
 @triton.jit
 def _stats_kernel(
     z_ptr, valid_ptr, max_ptr, conf_ptr, cls_ptr, S_ptr, W_ptr, bad_ptr,
-    C, L, O1, O2, so0, so1, so2, s_l, s_c, scale, n_tiles, off_ptr, wgt_ptr, H_UP, W_UP,
+    C, L, O1, O2, so0, so1, so2, s_l, s_c, scale, power, n_tiles, off_ptr, wgt_ptr, H_UP, W_UP,
     HAS_VALID: tl.constexpr, FUSED: tl.constexpr, PARTIALS: tl.constexpr, UPSAMPLE: tl.constexpr,
-    C_BLOCK: tl.constexpr, PIX_BLOCK: tl.constexpr,
+    POWERED: tl.constexpr, C_BLOCK: tl.constexpr, PIX_BLOCK: tl.constexpr,
 ):
     """Block ``S[k-block, j-block]`` (and ``W[k-block]``) over this program's pixel tiles.
 
     FUSED: the tile holds every class; softmax, argmax and conf are computed
     here and ``max_ptr``/``conf_ptr``/``cls_ptr`` are unused. Otherwise they
     come from ``_row_stats_kernel``. PARTIALS: store the program's partial sums
-    (float32) instead of adding them atomically (float64).
+    (float32) instead of adding them atomically (float64). POWERED: pixels weigh ``conf ** power``
+    instead of ``conf``.
     """
     pid = tl.program_id(0)
     k0 = tl.program_id(1) * C_BLOCK
@@ -153,10 +155,14 @@ def _stats_kernel(
             b_w = tl.load(conf_ptr + o_pix, mask=m_pix, other=0.0)
             b_cls = tl.load(cls_ptr + o_pix, mask=m_pix, other=-1)
             b_e = tl.exp2((b_raw - b_max[None, :]) * scale)
-        b_cp = tl.where(m_j & (b_w > 0)[None, :], b_e * (b_w * b_w)[None, :], 0.0)
+        if POWERED:  # conf >= 1/C at every pixel used; 0 marks the pixels left out (no log2(0))
+            b_weight = tl.where(b_w > 0, tl.exp2(power * tl.log2(tl.maximum(b_w, 1e-30))), 0.0)
+        else:
+            b_weight = b_w
+        b_cp = tl.where(m_j & (b_w > 0)[None, :], b_e * (b_w * b_weight)[None, :], 0.0)
         b_onehot = o_k[:, None] == b_cls[None, :]
         b_S += onehot_dot(b_onehot.to(tl.float32), tl.trans(b_cp))
-        b_W += tl.sum(tl.where(b_onehot, b_w[None, :], 0.0), 1)
+        b_W += tl.sum(tl.where(b_onehot, b_weight[None, :], 0.0), 1)
     m_k = o_k < C
     o_S = o_k[:, None] * C + o_j[None, :]
     m_S = m_k[:, None] & (o_j < C)[None, :]
@@ -198,7 +204,8 @@ def max_programs(device: torch.device, per_sm: int = 4) -> int:
 
 
 def stats_launches(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
-                   deterministic: bool = False, upsample=None, programs: int | None = None):
+                   deterministic: bool = False, upsample=None, programs: int | None = None,
+                   confidence_power: float = 1.0):
     """The launches of the stats pass, and the tensors they fill: ``(launches, S, W, bad)``.
     ``programs``: the persistent grid (default: the configuration's programs per SM)."""
     layout = launch_layout(logits, upsample)
@@ -241,18 +248,20 @@ def stats_launches(logits: torch.Tensor, temperature: float, valid: torch.Tensor
             {**options, "num_warps": ROW_STATS["num_warps"], "num_stages": ROW_STATS["num_stages"]}))
     launches.append(Launch(
         _stats_kernel, (n_programs, n_blocks, n_blocks),
-        (logits, valid_arg, row_max, row_conf, row_cls, S, W, bad, *layout.kernel_args(), scale, n_tiles, *tables),
+        (logits, valid_arg, row_max, row_conf, row_cls, S, W, bad, *layout.kernel_args(), scale,
+         float(confidence_power), n_tiles, *tables),
         {"HAS_VALID": has_valid, "FUSED": fused, "PARTIALS": deterministic, "UPSAMPLE": layout.upsample,
-         "C_BLOCK": c_block, "PIX_BLOCK": pix_block},
+         "POWERED": confidence_power != 1.0, "C_BLOCK": c_block, "PIX_BLOCK": pix_block},
         options))
     return launches, S, W, bad
 
 
 def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
-                    deterministic: bool = False, upsample=None):
+                    deterministic: bool = False, upsample=None, confidence_power: float = 1.0):
     """``(S float64 [C, C], W float64 [C], number of valid pixels with a non-finite logit)``;
     with ``upsample``, of the bilinear upsampling computed tile by tile (``_tile.load_classes``)."""
-    launches, S, W, bad = stats_launches(logits, temperature, valid, deterministic, upsample)
+    launches, S, W, bad = stats_launches(logits, temperature, valid, deterministic, upsample,
+                                         confidence_power=confidence_power)
     for launch in launches:
         launch()
     if deterministic:

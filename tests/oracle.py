@@ -27,15 +27,17 @@ def soft_labels(z: np.ndarray, temperature: float = 1.0):
     return p, z.argmax(axis=1), p.max(axis=1)  # np.argmax takes the first maximum
 
 
-def stats(logits: torch.Tensor, temperature: float = 1.0, valid: torch.Tensor | None = None):
+def stats(logits: torch.Tensor, temperature: float = 1.0, valid: torch.Tensor | None = None,
+          confidence_power: float = 1.0):
     z = pixels_by_class(logits)
     C = z.shape[1]
     if valid is not None:
         z = z[valid.cpu().numpy().reshape(-1)]
     p, cls, conf = soft_labels(z, temperature)
+    weight = conf**confidence_power
     S, W = np.zeros((C, C)), np.zeros(C)
-    np.add.at(S, cls, conf[:, None] * p)
-    np.add.at(W, cls, conf)
+    np.add.at(S, cls, weight[:, None] * p)
+    np.add.at(W, cls, weight)
     return S, W
 
 

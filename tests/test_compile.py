@@ -20,9 +20,9 @@ def test_ops_pass_opcheck(op):
     z = make_logits((2, 5, 6, 7))
     valid = torch.rand(2, 6, 7) > 0.3
     args = {
-        "prototype_stats": (z, valid, 1.5, "torch", None, None, None, False),
+        "prototype_stats": (z, valid, 1.5, "torch", None, 2.0, None, None, False),
         "predict": (z, torch.eye(5), 1.5, "torch", torch.int32, False, [9, 11], None, True),
-        "calibrate": (z, valid, 1.5, "onehot", "torch", torch.int64, True, None, None, None, False),
+        "calibrate": (z, valid, 1.5, "onehot", "torch", torch.int64, True, None, 0.5, None, None, False),
     }[op]
     torch.library.opcheck(getattr(torch.ops.fastcal, op).default, args)
 

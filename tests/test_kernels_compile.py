@@ -51,10 +51,13 @@ def cases():
             tag = f"{dtype}-{layout}-sm{cap}-C{config['C_BLOCK']}{'' if config['FUSED'] else '-chunked'}"
             for has_valid, partials, upsample in itertools.product([False, True], [False, True], upsamples(layout)):
                 sums = "*fp32" if partials else "*fp64"
-                yield (f"stats-{tag}-valid{int(has_valid)}-partials{int(partials)}-up{int(upsample)}",
-                       "stats._stats_kernel", dtype, layout, cap, {"S_ptr": sums, "W_ptr": sums},
-                       {**meta, "HAS_VALID": has_valid, "FUSED": config["FUSED"], "PARTIALS": partials,
-                        "UPSAMPLE": upsample}, launch_options(config, upsample))
+                # the confidence power's variant with the mask and the partials, the most registers
+                for powered in (False, True) if has_valid and partials else (False,):
+                    yield (f"stats-{tag}-valid{int(has_valid)}-partials{int(partials)}-up{int(upsample)}"
+                           f"{'-powered' if powered else ''}",
+                           "stats._stats_kernel", dtype, layout, cap, {"S_ptr": sums, "W_ptr": sums},
+                           {**meta, "HAS_VALID": has_valid, "FUSED": config["FUSED"], "PARTIALS": partials,
+                            "UPSAMPLE": upsample, "POWERED": powered}, launch_options(config, upsample))
             if not config["FUSED"]:
                 row_options = {**launch_options(config), "num_warps": stats.ROW_STATS["num_warps"],
                                "num_stages": stats.ROW_STATS["num_stages"]}
@@ -84,7 +87,7 @@ def compile_case(case):
     types = {"z_ptr": LOGIT_TYPES[dtype], "valid_ptr": "*u8", "max_ptr": "*fp32", "conf_ptr": "*fp32",
              "cls_ptr": "*i32", "bad_ptr": "*i32", "A_ptr": "*fp32", "centre_ptr": "*fp32", "bias_ptr": "*fp32",
              "off_ptr": "*i64", "wgt_ptr": "*fp32",
-             "scale": "fp32",
+             "scale": "fp32", "power": "fp32",
              **{s: "i32" for s in SCALARS}, **extra}
     sig = {arg: types[arg] for arg in kernel.arg_names if arg not in meta and arg != unit_stride}
     compiled = aot.compile_kernel(kernel, sig, {unit_stride: 1, **meta}, cap, options)
