@@ -45,8 +45,9 @@ def prototype_stats(logits, *, temperature=1.0, valid=None, backend="auto", dete
 
     ``S[k] = sum w(x) p(x)`` and ``W[k] = sum w(x)`` over the valid pixels ``x`` whose argmax is
     ``k``, each weighing ``w = conf ** confidence_power`` (default 1: the paper's ``conf``; 0: every
-    pixel alike, the plain mean of soft labels; 2 or more: confident pixels count more; at most 8). Sums run in float32 inside a block of pixels (CPU) or a
-    program (Triton) and are carried in float64. ``deterministic=None`` follows
+    pixel alike, the plain mean of soft labels; 2 or more: confident pixels count more; at most 8).
+    Sums run in float32 inside a block of pixels (CPU) or a program (Triton) and are carried in
+    float64. ``deterministic=None`` follows
     ``torch.are_deterministic_algorithms_enabled()``; only the Triton backend
     has a non-deterministic (atomic) mode. Raises ``ValueError`` when a valid
     pixel has a NaN or infinite logit (which needs the sums on the host: on CUDA, one
@@ -59,6 +60,16 @@ def prototype_stats(logits, *, temperature=1.0, valid=None, backend="auto", dete
     The op is ``torch.ops.fastcal.prototype_stats``: ``torch.compile`` traces a call to this
     function without a graph break.
     """
+    S, W, _ = stats_and_counts(logits, temperature=temperature, valid=valid, backend=backend,
+                               deterministic=deterministic, confidence_power=confidence_power,
+                               size=size, scale_factor=scale_factor, align_corners=align_corners)
+    return S, W
+
+
+def stats_and_counts(logits, *, temperature=1.0, valid=None, backend="auto", deterministic=None,
+                     confidence_power=1.0, size=None, scale_factor=None, align_corners=False):
+    """:func:`prototype_stats`, and ``N`` [C] float64: the number of pixels counted per argmax class
+    (what :class:`LabelCalibrator` keeps for its diagnostics)."""
     _checks.check_logits(logits)
     temperature = _checks.check_temperature(temperature)
     upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
@@ -84,28 +95,31 @@ def _resize(upsample) -> tuple:
 @torch.library.custom_op("fastcal::prototype_stats", mutates_args=())
 def _stats_op(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: float, backend: str,
               deterministic: Optional[bool], confidence_power: float, size: Optional[Sequence[int]],
-              scale_factor: Optional[Sequence[float]], align_corners: bool) -> tuple[torch.Tensor, torch.Tensor]:
+              scale_factor: Optional[Sequence[float]],
+              align_corners: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
     module = resolve_backend(backend, logits.device)
     C = logits.shape[1]
     if pixel_count(logits, upsample) == 0:
         zeros = torch.zeros(C, C, dtype=torch.float64, device=logits.device)
-        return zeros, zeros[0].clone()
+        return zeros, zeros[0].clone(), zeros[0].clone()
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    S, W, nonfinite = module.prototype_stats(logits, temperature, valid, deterministic, upsample, confidence_power)
+    S, W, N, nonfinite = module.prototype_stats(logits, temperature, valid, deterministic, upsample,
+                                                confidence_power)
     if nonfinite:
         raise ValueError(
             f"logits: {nonfinite} valid pixel(s) have NaN or infinite logits; "
             "mask them out with `valid` or fix the model output"
         )
-    return S, W
+    return S, W, N
 
 
 @_stats_op.register_fake
 def _(logits, valid, temperature, backend, deterministic, confidence_power, size, scale_factor, align_corners):
     C = logits.shape[1]
-    return logits.new_empty((C, C), dtype=torch.float64), logits.new_empty((C,), dtype=torch.float64)
+    return (logits.new_empty((C, C), dtype=torch.float64), logits.new_empty((C,), dtype=torch.float64),
+            logits.new_empty((C,), dtype=torch.float64))
 
 
 def check_stats(S, W) -> None:
@@ -249,8 +263,8 @@ def _calibrate_op(logits: torch.Tensor, valid: Optional[torch.Tensor], temperatu
     upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
     if pixel_count(logits, upsample) == 0:  # nothing to build prototypes from, nothing to label
         return _predict(logits, None, temperature, backend, label_dtype, scores, upsample)
-    S, W = _stats_op(logits, valid, temperature, backend, deterministic, confidence_power, size, scale_factor,
-                     align_corners)
+    S, W, _ = _stats_op(logits, valid, temperature, backend, deterministic, confidence_power, size, scale_factor,
+                        align_corners)
     prototypes = prototypes_from_stats(S, W, empty=empty)
     return _predict(logits, prototypes, temperature, backend, label_dtype, scores, upsample)
 

@@ -255,16 +255,17 @@ def _block_exp(z_image, start, count, inv_temperature, z_max, e, e_start, e_sum)
 
 
 @njit(inline="always", fastmath=_FAST)
-def _stats_block(src, src_start, count, inv_temperature, power, valid, valid_start, masked, scratch, S_u, W_u):
-    """Add the block's ``S[cls] += w * p``, ``W[cls] += w`` with ``w = conf ** power`` (pixels
-    ``src_start ..`` of ``src`` [C, L]) into ``S_u``, ``W_u`` through float32 block sums; returns the
-    non-finite valid pixels."""
-    z_max, cls, nonfinite, e_sum, e, S_block, W_block = scratch
+def _stats_block(src, src_start, count, inv_temperature, power, valid, valid_start, masked, scratch, S_u, W_u, N_u):
+    """Add the block's ``S[cls] += w * p``, ``W[cls] += w`` with ``w = conf ** power``, and ``N[cls] += 1``
+    (pixels ``src_start ..`` of ``src`` [C, L]) into ``S_u``, ``W_u``, ``N_u`` through float32 block
+    sums; returns the non-finite valid pixels."""
+    z_max, cls, nonfinite, e_sum, e, S_block, W_block, N_block = scratch
     C = src.shape[0]
     _block_max(src, src_start, count, z_max, cls, nonfinite)
     _block_exp(src, src_start, count, inv_temperature, z_max, e, 0, e_sum)
     S_block[:] = 0.0
     W_block[:] = 0.0
+    N_block[:] = 0.0
     bad = 0
     for i in range(count):
         if masked and valid[valid_start + i] == 0:
@@ -277,10 +278,12 @@ def _stats_block(src, src_start, count, inv_temperature, power, valid, valid_sta
         weight = conf * w  # w * p = w * conf * e
         k = cls[i]
         W_block[k] += w
+        N_block[k] += np.float32(1.0)
         for j in range(C):
             S_block[k, j] += weight * e[j, i]
     for k in range(C):  # float32 within a block of pixels, float64 beyond
         W_u[k] += W_block[k]
+        N_u[k] += N_block[k]
         for j in range(C):
             S_u[k, j] += S_block[k, j]
     return bad
@@ -290,7 +293,7 @@ def _stats_block(src, src_start, count, inv_temperature, power, valid, valid_sta
 def _stats_scratch(C):
     return (np.empty(BLOCK, np.float32), np.empty(BLOCK, np.int32), np.empty(BLOCK, np.float32),
             np.empty(BLOCK, np.float32), np.empty((C, BLOCK), np.float32), np.empty((C, C), np.float32),
-            np.empty(C, np.float32))
+            np.empty(C, np.float32), np.empty(C, np.float32))
 
 
 @njit(inline="always", fastmath=_FAST)
@@ -367,9 +370,10 @@ def _block_upsample(z_image, start, count, width, rows, cols, out, rows_cache, c
 
 
 @_parallel_loop
-def stats_chunk(z, g, start, n, inv_temperature, power, valid, S_parts, W_parts):
-    """Add ``S[cls] += w * p`` and ``W[cls] += w``, ``w = conf ** power``, over pixels ``start .. start + n``
-    of image ``g`` into ``S_parts[u]`` [C, C] and ``W_parts[u]`` [C] (float64, one slot per work unit ``u``).
+def stats_chunk(z, g, start, n, inv_temperature, power, valid, S_parts, W_parts, N_parts):
+    """Add ``S[cls] += w * p``, ``W[cls] += w`` (``w = conf ** power``) and ``N[cls] += 1`` over pixels
+    ``start .. start + n`` of image ``g`` into ``S_parts[u]`` [C, C], ``W_parts[u]`` and ``N_parts[u]``
+    [C] (float64, one slot per work unit ``u``).
 
     ``valid``: uint8 [n], or empty for all pixels valid. Returns how many valid pixels have a NaN or
     infinite logit; those add nothing to the sums.
@@ -386,13 +390,14 @@ def stats_chunk(z, g, start, n, inv_temperature, power, valid, S_parts, W_parts)
             offset = b * BLOCK
             count = min(BLOCK, n - offset)
             bad += _stats_block(z_image, start + offset, count, inv_temperature, power, valid, offset, masked,
-                                scratch, S_parts[u], W_parts[u])
+                                scratch, S_parts[u], W_parts[u], N_parts[u])
         nonfinite_parts[u] = bad
     return nonfinite_parts.sum()
 
 
 @_parallel_loop
-def upsampled_stats_chunk(z, g, start, n, inv_temperature, power, valid, S_parts, W_parts, width, rows, cols):
+def upsampled_stats_chunk(z, g, start, n, inv_temperature, power, valid, S_parts, W_parts, N_parts, width, rows,
+                          cols):
     """:func:`stats_chunk` over output pixels ``start .. start + n`` of the bilinear upsampling of
     image ``g`` (``z`` [G, C, H*W] at the input resolution, ``width`` output columns): each block's
     logits are interpolated into a [C, BLOCK] buffer and never written anywhere else."""
@@ -413,7 +418,7 @@ def upsampled_stats_chunk(z, g, start, n, inv_temperature, power, valid, S_parts
             count = min(BLOCK, n - offset)
             _block_upsample(z_image, start + offset, count, width, rows, cols, block, rows_cache, cached)
             bad += _stats_block(block, 0, count, inv_temperature, power, valid, offset, masked, scratch,
-                                S_parts[u], W_parts[u])
+                                S_parts[u], W_parts[u], N_parts[u])
         nonfinite_parts[u] = bad
     return nonfinite_parts.sum()
 

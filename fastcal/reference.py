@@ -39,7 +39,8 @@ def soft_labels(logits: torch.Tensor, temperature: float):
 
 def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
                     deterministic: bool = True, upsample=None, confidence_power: float = 1.0):
-    """``S`` [C, C] and ``W`` [C] in float64, and the number of valid pixels with a non-finite logit.
+    """``S`` [C, C], ``W`` [C] and the pixel count ``N`` [C] per argmax class in float64, and the
+    number of valid pixels with a non-finite logit.
 
     Logits are read as float32, so a float64 logit beyond float32's range is non-finite. With
     ``upsample``, the statistics of ``F.interpolate`` of the float32 logits."""
@@ -56,8 +57,9 @@ def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tenso
     weight = conf ** confidence_power
     S.index_add_(0, cls, (weight[:, None] * p).double())
     W.index_add_(0, cls, weight.double())
+    N = torch.bincount(cls, minlength=num_classes).double()
     nonfinite = int((valid & ~finite).sum())
-    return S, W, nonfinite
+    return S, W, N, nonfinite
 
 
 def prototypes_from_stats(S: torch.Tensor, W: torch.Tensor, empty: str) -> torch.Tensor:

@@ -198,6 +198,7 @@ def _fused_prototype_stats(logits, temperature, valid, upsample, confidence_powe
     C = logits.shape[1]
     S_parts = np.zeros((cpu_kernels.UNITS, C, C))
     W_parts = np.zeros((cpu_kernels.UNITS, C))
+    N_parts = np.zeros((cpu_kernels.UNITS, C))
     all_valid = np.empty(0, dtype=np.uint8)
     nonfinite = 0
     if valid is not None:
@@ -212,8 +213,9 @@ def _fused_prototype_stats(logits, temperature, valid, upsample, confidence_powe
     for select, z, g, start, n in pieces:
         mask = all_valid if valid is None else select(valid).numpy()
         nonfinite += int(cpu_kernels.run(loop, z, g, start, n, np.float32(1.0 / temperature),
-                                         np.float32(confidence_power), mask, S_parts, W_parts, *tables))
-    return torch.from_numpy(S_parts.sum(axis=0)), torch.from_numpy(W_parts.sum(axis=0)), nonfinite
+                                         np.float32(confidence_power), mask, S_parts, W_parts, N_parts, *tables))
+    return (torch.from_numpy(S_parts.sum(axis=0)), torch.from_numpy(W_parts.sum(axis=0)),
+            torch.from_numpy(N_parts.sum(axis=0)), nonfinite)
 
 
 def _fused_distances(logits, A_times_minus_2, centre, temperature, upsample):
@@ -299,11 +301,14 @@ def _upsampled_chunks(logits: torch.Tensor, upsample):
 @_fork_safe
 def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
                     deterministic: bool = True, upsample=None, confidence_power: float = 1.0):
+    """``(S, W, N, nonfinite)``: the sums, the pixel count per argmax class (float64) and the
+    number of valid pixels with a non-finite logit."""
     if uses_fused_loops(logits):
         return _fused_prototype_stats(logits, temperature, valid, upsample, confidence_power)
     C = logits.shape[1]
     S_t = torch.zeros(C, C, dtype=torch.float64, device=logits.device)  # S transposed: [j, k]
     W = torch.zeros(C, dtype=torch.float64, device=logits.device)
+    N = torch.zeros(C, dtype=torch.float64, device=logits.device)
     nonfinite = 0
     buffers = _Buffers(C, logits.device)
     for index, z in _chunks(logits) if upsample is None else _upsampled_chunks(logits, upsample):
@@ -325,7 +330,8 @@ def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tenso
         # float32 running sum would drift by ~1e-5
         S_t.index_add_(1, cls, e.double())
         W.index_add_(0, cls, weight.double())
-    return S_t.T.contiguous(), W, nonfinite
+        N.index_add_(0, cls, use.double())
+    return S_t.T.contiguous(), W, N, nonfinite
 
 
 def _distance_operands(prototypes: torch.Tensor):

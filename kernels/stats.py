@@ -5,7 +5,7 @@ Math (per valid pixel x, temperature T, ``scale = log2(e) / T``)::
     e_j     = 2 ** ((z_j - max z) * scale)      p = e / sum(e)      conf = 1 / sum(e)
     cls     = argmax_j z_j                       (lowest j on ties)
     w       = conf ** power                      (the confidence power; conf itself when power = 1)
-    S[cls] += w * p = w * conf * e               W[cls] += w
+    S[cls] += w * p = w * conf * e               W[cls] += w               N[cls] += 1
 
 Within a program the sums are ``onehot(cls)^T @ (conf p)`` as a ``tl.dot`` over
 its pixel tiles (float32 from two TF32 products on tensor cores, see
@@ -111,12 +111,12 @@ def _row_stats_kernel(
 
 @triton.jit
 def _stats_kernel(
-    z_ptr, valid_ptr, max_ptr, conf_ptr, cls_ptr, S_ptr, W_ptr, bad_ptr,
+    z_ptr, valid_ptr, max_ptr, conf_ptr, cls_ptr, S_ptr, W_ptr, N_ptr, bad_ptr,
     C, L, O1, O2, so0, so1, so2, s_l, s_c, scale, power, n_tiles, off_ptr, wgt_ptr, H_UP, W_UP,
     HAS_VALID: tl.constexpr, FUSED: tl.constexpr, PARTIALS: tl.constexpr, UPSAMPLE: tl.constexpr,
     POWERED: tl.constexpr, C_BLOCK: tl.constexpr, PIX_BLOCK: tl.constexpr,
 ):
-    """Block ``S[k-block, j-block]`` (and ``W[k-block]``) over this program's pixel tiles.
+    """Block ``S[k-block, j-block]`` (and ``W``, ``N`` of the k-block) over this program's pixel tiles.
 
     FUSED: the tile holds every class; softmax, argmax and conf are computed
     here and ``max_ptr``/``conf_ptr``/``cls_ptr`` are unused. Otherwise they
@@ -132,6 +132,7 @@ def _stats_kernel(
     m_j = (o_j < C)[:, None]
     b_S = tl.zeros([C_BLOCK, C_BLOCK], tl.float32)
     b_W = tl.zeros([C_BLOCK], tl.float32)
+    b_N = tl.zeros([C_BLOCK], tl.float32)  # exact up to 2^24 pixels of a class in one program
     n_bad = tl.zeros([PIX_BLOCK], tl.int32)
     for tile in range(pid, n_tiles, tl.num_programs(0)):
         o_z, o01, o10, o11, wy, wx, o_pix, m_pix = pixel_position(
@@ -163,6 +164,7 @@ def _stats_kernel(
         b_onehot = o_k[:, None] == b_cls[None, :]
         b_S += onehot_dot(b_onehot.to(tl.float32), tl.trans(b_cp))
         b_W += tl.sum(tl.where(b_onehot, b_weight[None, :], 0.0), 1)
+        b_N += tl.sum(tl.where(b_onehot & (b_w > 0)[None, :], 1.0, 0.0), 1)
     m_k = o_k < C
     o_S = o_k[:, None] * C + o_j[None, :]
     m_S = m_k[:, None] & (o_j < C)[None, :]
@@ -170,9 +172,11 @@ def _stats_kernel(
     if PARTIALS:
         tl.store(S_ptr + pid.to(tl.int64) * C * C + o_S, b_S, mask=m_S)
         tl.store(W_ptr + pid * C + o_k, b_W, mask=m_W)
+        tl.store(N_ptr + pid * C + o_k, b_N, mask=m_W)
     else:
         tl.atomic_add(S_ptr + o_S, b_S.to(tl.float64), mask=m_S)
         tl.atomic_add(W_ptr + o_k, b_W.to(tl.float64), mask=m_W)
+        tl.atomic_add(N_ptr + o_k, b_N.to(tl.float64), mask=m_W)
     if FUSED:
         tl.atomic_add(bad_ptr, tl.sum(n_bad, 0))
 
@@ -206,7 +210,7 @@ def max_programs(device: torch.device, per_sm: int = 4) -> int:
 def stats_launches(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
                    deterministic: bool = False, upsample=None, programs: int | None = None,
                    confidence_power: float = 1.0):
-    """The launches of the stats pass, and the tensors they fill: ``(launches, S, W, bad)``.
+    """The launches of the stats pass, and the tensors they fill: ``(launches, S, W, N, bad)``.
     ``programs``: the persistent grid (default: the configuration's programs per SM)."""
     layout = launch_layout(logits, upsample)
     C, device = layout.num_classes, logits.device
@@ -231,6 +235,7 @@ def stats_launches(logits: torch.Tensor, temperature: float, valid: torch.Tensor
     else:
         S = torch.zeros(C, C, dtype=torch.float64, device=device)
         W = torch.zeros(C, dtype=torch.float64, device=device)
+    N = torch.zeros_like(W)
 
     launches = []
     if fused:
@@ -248,22 +253,22 @@ def stats_launches(logits: torch.Tensor, temperature: float, valid: torch.Tensor
             {**options, "num_warps": ROW_STATS["num_warps"], "num_stages": ROW_STATS["num_stages"]}))
     launches.append(Launch(
         _stats_kernel, (n_programs, n_blocks, n_blocks),
-        (logits, valid_arg, row_max, row_conf, row_cls, S, W, bad, *layout.kernel_args(), scale,
+        (logits, valid_arg, row_max, row_conf, row_cls, S, W, N, bad, *layout.kernel_args(), scale,
          float(confidence_power), n_tiles, *tables),
         {"HAS_VALID": has_valid, "FUSED": fused, "PARTIALS": deterministic, "UPSAMPLE": layout.upsample,
          "POWERED": confidence_power != 1.0, "C_BLOCK": c_block, "PIX_BLOCK": pix_block},
         options))
-    return launches, S, W, bad
+    return launches, S, W, N, bad
 
 
 def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
                     deterministic: bool = False, upsample=None, confidence_power: float = 1.0):
-    """``(S float64 [C, C], W float64 [C], number of valid pixels with a non-finite logit)``;
-    with ``upsample``, of the bilinear upsampling computed tile by tile (``_tile.load_classes``)."""
-    launches, S, W, bad = stats_launches(logits, temperature, valid, deterministic, upsample,
-                                         confidence_power=confidence_power)
+    """``(S float64 [C, C], W float64 [C], N float64 [C], number of valid pixels with a non-finite
+    logit)``; with ``upsample``, of the bilinear upsampling computed tile by tile (``_tile.load_classes``)."""
+    launches, S, W, N, bad = stats_launches(logits, temperature, valid, deterministic, upsample,
+                                            confidence_power=confidence_power)
     for launch in launches:
         launch()
     if deterministic:
-        S, W = S.double().sum(dim=0), W.double().sum(dim=0)
-    return S, W, int(bad.item())
+        S, W, N = S.double().sum(dim=0), W.double().sum(dim=0), N.double().sum(dim=0)
+    return S, W, N, int(bad.item())

@@ -71,11 +71,12 @@ def test_non_finite_logits_are_counted(num_classes, bad):
     z[0, num_classes - 1, 2, 3] = bad
     z[0, 0, 4, 4] = bad
     valid = torch.ones(1, 6, 7, dtype=torch.bool, device=KERNEL_DEVICE)
-    _, _, count = stats.prototype_stats(z, 1.0, valid)
+    *_, count = stats.prototype_stats(z, 1.0, valid)
     assert count == 2
     valid[0, 4, 4] = False
-    S, W, count = stats.prototype_stats(z, 1.0, valid)
+    S, W, N, count = stats.prototype_stats(z, 1.0, valid)
     assert count == 1 and torch.isfinite(S).all() and torch.isfinite(W).all()
+    assert N.sum() == 6 * 7 - 2  # the pixels used: valid and finite
     with pytest.raises(ValueError, match="1 valid pixel"):
         fastcal.LabelCalibrator(num_classes, backend="triton").update(z, valid)
 

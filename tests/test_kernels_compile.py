@@ -55,7 +55,7 @@ def cases():
                 for powered in (False, True) if has_valid and partials else (False,):
                     yield (f"stats-{tag}-valid{int(has_valid)}-partials{int(partials)}-up{int(upsample)}"
                            f"{'-powered' if powered else ''}",
-                           "stats._stats_kernel", dtype, layout, cap, {"S_ptr": sums, "W_ptr": sums},
+                           "stats._stats_kernel", dtype, layout, cap, {"S_ptr": sums, "W_ptr": sums, "N_ptr": sums},
                            {**meta, "HAS_VALID": has_valid, "FUSED": config["FUSED"], "PARTIALS": partials,
                             "UPSAMPLE": upsample, "POWERED": powered}, launch_options(config, upsample))
             if not config["FUSED"]:

@@ -68,15 +68,17 @@ def cases(draw, backend):
     return z.to(KERNEL_DEVICE if backend == "triton" else "cpu"), temperature, valid
 
 
-def check_against_oracle(z, temperature, valid, backend):
+def check_against_oracle(z, temperature, valid, backend, power=1.0):
     device_valid = None if valid is None else valid.to(z.device)
-    S, W = fastcal.prototype_stats(z, temperature=temperature, valid=device_valid, backend=backend)
-    oracle.assert_stats_close(S, W, *oracle.stats(z, temperature, valid))
+    S, W = fastcal.prototype_stats(z, temperature=temperature, valid=device_valid, backend=backend,
+                                   confidence_power=power)
+    oracle.assert_stats_close(S, W, *oracle.stats(z, temperature, valid, confidence_power=power))
     P = fastcal.prototypes_from_stats(S, W)
     labels = fastcal.predict(z, P, temperature=temperature, backend=backend)
     oracle.assert_labels_match(labels, z, P, temperature)
     if valid is None:  # calibrate is the two passes, to the bit
-        assert torch.equal(fastcal.calibrate(z, temperature=temperature, backend=backend), labels)
+        assert torch.equal(fastcal.calibrate(z, temperature=temperature, backend=backend, confidence_power=power),
+                           labels)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -85,9 +87,9 @@ def test_every_backend_matches_the_oracle(backend, monkeypatch):
 
     @settings(max_examples=EXAMPLES[backend] * EXAMPLES_FACTOR, deadline=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-    @given(case=cases(backend))
-    def check(case):
-        check_against_oracle(*case, api_backend)
+    @given(case=cases(backend), power=st.sampled_from([1.0, 0.0, 0.5, 2.0, 4.0]))
+    def check(case, power):
+        check_against_oracle(*case, api_backend, power)
 
     check()
 
