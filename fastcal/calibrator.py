@@ -10,7 +10,7 @@ import torch
 from . import _checks, _upsample, api
 
 STATE_FORMAT = "fastcal.LabelCalibrator"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the confidence power and the pixel counts per class; version 1 still loads
 
 
 # In online mode a class's weight never decays below this (about 1e-271): a class missing from
@@ -66,15 +66,16 @@ class LabelCalibrator:
     def reset(self) -> None:
         """Forget every statistic; the next batch may come on any device."""
         device = getattr(self, "_S_shared", torch.empty(0)).device
+        zeros = torch.zeros(self.num_classes, dtype=torch.float64, device=device)
         self._set_shared(torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64, device=device),
-                         torch.zeros(self.num_classes, dtype=torch.float64, device=device), 0, 0)
+                         zeros, zeros.clone(), 0, 0)
         self._device_fixed = False
 
-    def _set_shared(self, S, W, num_updates, num_pixels) -> None:
-        """Make ``S``, ``W`` and the counters the state every rank shares (after a reduction, a load or
-        a reset), with nothing local on top."""
-        self._S_shared, self._W_shared = S, W
-        self._S_local, self._W_local = torch.zeros_like(S), torch.zeros_like(W)
+    def _set_shared(self, S, W, N, num_updates, num_pixels) -> None:
+        """Make ``S``, ``W``, ``N`` and the counters the state every rank shares (after a reduction, a
+        load or a reset), with nothing local on top."""
+        self._S_shared, self._W_shared, self._N_shared = S, W, N
+        self._S_local, self._W_local, self._N_local = torch.zeros_like(S), torch.zeros_like(W), torch.zeros_like(N)
         self._shared_counts = (num_updates, num_pixels)
         self._local_updates = self._local_pixels = 0
 
@@ -87,6 +88,12 @@ class LabelCalibrator:
     def W(self) -> torch.Tensor:
         """[C] float64 sums ``sum conf`` per argmax class."""
         return self._W_shared + self._W_local
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """[C] float64 pixels counted per argmax class (decayed like ``W`` in online mode; NaN when
+        loaded from a version-1 state, which did not keep them)."""
+        return self._N_shared + self._N_local
 
     @property
     def num_updates(self) -> int:
@@ -119,9 +126,9 @@ class LabelCalibrator:
         ``size`` / ``scale_factor`` / ``align_corners``: the statistics of the bilinearly upsampled
         logits (``valid`` at the output size), as in :func:`fastcal.prototype_stats`."""
         self._check_batch(logits)
-        S, W = api.prototype_stats(logits, temperature=self.temperature, valid=valid, backend=self.backend,
-                                   confidence_power=self.confidence_power, size=size, scale_factor=scale_factor,
-                                   align_corners=align_corners)
+        S, W, N = api.stats_and_counts(logits, temperature=self.temperature, valid=valid, backend=self.backend,
+                                       confidence_power=self.confidence_power, size=size,
+                                       scale_factor=scale_factor, align_corners=align_corners)
         upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
         pixels = int(valid.sum()) if valid is not None else api.pixel_count(logits, upsample)
         if pixels == 0:
@@ -133,7 +140,8 @@ class LabelCalibrator:
             factors = self._decay_factors()
             self._S_shared, self._W_shared = self._S_shared * factors[:, None], self._W_shared * factors
             self._S_local, self._W_local = self._S_local * factors[:, None], self._W_local * factors
-        self._S_local, self._W_local = self._S_local + S, self._W_local + W
+            self._N_shared, self._N_local = self._N_shared * factors, self._N_local * factors
+        self._S_local, self._W_local, self._N_local = self._S_local + S, self._W_local + W, self._N_local + N
         self._local_updates += 1
         self._local_pixels += pixels
         return self
@@ -141,11 +149,21 @@ class LabelCalibrator:
     def _move_to(self, device) -> None:
         self._S_shared, self._W_shared = self._S_shared.to(device), self._W_shared.to(device)
         self._S_local, self._W_local = self._S_local.to(device), self._W_local.to(device)
+        self._N_shared, self._N_local = self._N_shared.to(device), self._N_local.to(device)
 
     @property
     def prototypes(self) -> torch.Tensor:
         """[C, C] float32 prototypes from the sums so far (see :func:`fastcal.prototypes_from_stats`)."""
         return api.prototypes_from_stats(self.S, self.W, empty=self.empty)
+
+    def diagnostics(self, class_names=None, *, min_pixels: float = 100, min_distance: float = 0.05):
+        """Per class: pixels, weight, the prototype's own probability, its nearest other prototype,
+        whether it can be predicted at all; and warnings (too few pixels, collapsed prototypes,
+        classes never predicted). See :mod:`fastcal.diagnostics`; ``print()`` it for a table."""
+        from .diagnostics import diagnose
+
+        return diagnose(self.S, self.W, self.counts, self.empty, class_names,
+                        min_pixels=min_pixels, min_distance=min_distance)
 
     @property
     def missing_classes(self) -> list[int]:
@@ -195,16 +213,18 @@ class LabelCalibrator:
         catch_up = 1.0 if self.momentum is None else (1.0 - self.momentum) ** lag
         C = self.num_classes
         payload = torch.cat([
-            (self._S_local * catch_up).flatten(), self._W_local * catch_up,
+            (self._S_local * catch_up).flatten(), self._W_local * catch_up, self._N_local * catch_up,
             torch.tensor([self._local_updates, self._local_pixels], dtype=torch.float64, device=device),
         ]).to(wire)
         if dist.get_rank(group) == 0:  # the shared part enters the sum once, caught up with the longest rank
             payload[: C * C] += (self._S_shared * catch_up).flatten().to(wire)
             payload[C * C: C * C + C] += (self._W_shared * catch_up).to(wire)
+            payload[C * C + C: C * C + 2 * C] += (self._N_shared * catch_up).to(wire)
         dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=group)
         payload = payload.to(device)
         updates, pixels = self._shared_counts
         self._set_shared(payload[: C * C].view(C, C).clone(), payload[C * C: C * C + C].clone(),
+                         payload[C * C + C: C * C + 2 * C].clone(),
                          updates + int(payload[-2].item()), pixels + int(payload[-1].item()))
         return self
 
@@ -220,6 +240,7 @@ class LabelCalibrator:
             "confidence_power": self.confidence_power,
             "S": self.S.detach().cpu().clone(),
             "W": self.W.detach().cpu().clone(),
+            "N": self.counts.detach().cpu().clone(),
             "num_updates": self.num_updates,
             "num_pixels": self.num_pixels,
         }
@@ -230,8 +251,9 @@ class LabelCalibrator:
             raise TypeError(f"state: expected a dict, got {type(state).__name__}")
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"state: not a {STATE_FORMAT} state (format={state.get('format')!r})")
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"state: version {state.get('version')!r} is not supported (expected {STATE_VERSION})")
+        version = state.get("version")
+        if version not in (1, STATE_VERSION):
+            raise ValueError(f"state: version {version!r} is not supported (expected 1 or {STATE_VERSION})")
         C = self.num_classes
         if state.get("num_classes") != C:
             raise ValueError(f"state: num_classes={state.get('num_classes')!r}, but this calibrator has {C}")
@@ -247,7 +269,9 @@ class LabelCalibrator:
                 f"this calibrator uses {self.confidence_power}"
             )
         S, W = state.get("S"), state.get("W")
-        for name, tensor, shape in (("S", S, (C, C)), ("W", W, (C,))):
+        # version 1 kept no pixel counts: unknown (NaN) from then on
+        N = state.get("N") if version >= 2 else torch.full((C,), float("nan"), dtype=torch.float64)
+        for name, tensor, shape in (("S", S, (C, C)), ("W", W, (C,))) + ((("N", N, (C,)),) if version >= 2 else ()):
             if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float64:
                 raise ValueError(f"state[{name!r}]: expected a float64 tensor")
             if tuple(tensor.shape) != shape:
@@ -263,7 +287,7 @@ class LabelCalibrator:
         if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
             raise ValueError("state: num_updates and num_pixels must be non-negative ints")
         device = self._S_shared.device  # an unfixed calibrator still moves to the first batch's device
-        self._set_shared(S.to(device, copy=True), W.to(device, copy=True), *counts)
+        self._set_shared(S.to(device, copy=True), W.to(device, copy=True), N.to(device, copy=True), *counts)
         return self
 
     def save(self, path: str | os.PathLike) -> None:

@@ -70,6 +70,7 @@ def assert_same(reduced, single, updates):
     # the same float32 chunk sums, added in another order in float64
     torch.testing.assert_close(reduced.S, single.S, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(reduced.W, single.W, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(reduced.counts, single.counts, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(reduced.prototypes, single.prototypes, rtol=1e-6, atol=1e-7)
     assert reduced.num_pixels == single.num_pixels and reduced.num_updates == updates
 

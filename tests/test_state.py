@@ -20,17 +20,28 @@ def fitted(C=5, **kwargs):
 
 
 def same_state(a, b):
-    return torch.equal(a.S, b.S) and torch.equal(a.W, b.W) and (a.num_updates, a.num_pixels) == (b.num_updates, b.num_pixels)
+    return (torch.equal(a.S, b.S) and torch.equal(a.W, b.W) and torch.equal(a.counts, b.counts)
+            and (a.num_updates, a.num_pixels) == (b.num_updates, b.num_pixels))
 
 
 def test_file_is_plain_tensors_and_round_trips(tmp_path):
     cal = fitted()
     cal.save(tmp_path / "state.pt")
     state = torch.load(tmp_path / "state.pt", weights_only=True)  # no pickled code
-    assert state["format"] == "fastcal.LabelCalibrator" and state["version"] == 1
+    assert state["format"] == "fastcal.LabelCalibrator" and state["version"] == 2
     restored = fastcal.LabelCalibrator(5).load(tmp_path / "state.pt")
     assert same_state(cal, restored)
     assert torch.equal(restored.prototypes, cal.prototypes)
+
+
+def test_version_1_states_load_without_pixel_counts():
+    cal = fitted()
+    old = {key: value for key, value in cal.state_dict().items() if key not in ("N", "confidence_power")}
+    old["version"] = 1
+    restored = fastcal.LabelCalibrator(5).load_state_dict(old)
+    assert torch.equal(restored.S, cal.S) and torch.equal(restored.prototypes, cal.prototypes)
+    assert torch.isnan(restored.counts).all()  # unknown, and said so by the diagnostics
+    assert all(c.pixels is None for c in restored.diagnostics().classes)
 
 
 def corrupt_files(tmp_path, good: dict):
@@ -42,7 +53,8 @@ def corrupt_files(tmp_path, good: dict):
     (tmp_path / "truncated.pt").write_bytes(raw[: len(raw) // 2])
     (tmp_path / "text.pt").write_text("not a checkpoint")
     return [
-        (saved("version.pt", {**good, "version": 2}), "version 2 is not supported"),
+        (saved("version.pt", {**good, "version": 3}), "version 3 is not supported"),
+        (saved("counts.pt", {**good, "N": good["N"][:3]}), r"state\['N'\]: expected shape"),
         (saved("classes.pt", {**good, "num_classes": 6}), "num_classes=6"),
         (saved("shape.pt", {**good, "S": torch.zeros(5, 4, dtype=torch.float64)}), r"state\['S'\]: expected shape"),
         (saved("dtype.pt", {**good, "W": good["W"].float()}), r"state\['W'\]: expected a float64"),
