@@ -79,8 +79,20 @@ def stats_and_counts(logits, *, temperature=1.0, valid=None, backend="auto", det
         raise TypeError(f"deterministic: expected None or a bool, got {deterministic!r}")
     confidence_power = _checks.check_confidence_power(confidence_power)
     # calibration never back-propagates; logits straight from a model may carry grad
-    return _stats_op(logits.detach(), valid, temperature, backend, deterministic, confidence_power,
-                     *_resize(upsample))
+    return _call(_stats_op, _stats, logits.detach(), valid, temperature, backend, deterministic, confidence_power,
+                 *_resize(upsample))
+
+
+def _call(op, implementation, *args):
+    """``op(*args)`` where a tracer must see the op: while ``torch.compile`` traces, under a Python
+    dispatch mode (fake tensors, ``make_fx``, ``torch.export``) or with tensor subclasses. Anywhere
+    else ``implementation(*args)``, the op's own body, without the dispatcher: the result is the
+    same, a call costs less, and a process that never compiles never loads the compiler stack
+    (the first eager call of a custom op imports ``torch._dynamo``)."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor for a in args)):
+        return op(*args)
+    return implementation(*args)
 
 
 def _resize(upsample) -> tuple:
@@ -92,8 +104,7 @@ def _resize(upsample) -> tuple:
     return list(upsample.size), None, upsample.align_corners
 
 
-@torch.library.custom_op("fastcal::prototype_stats", mutates_args=())
-def _stats_op(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: float, backend: str,
+def _stats(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: float, backend: str,
               deterministic: Optional[bool], confidence_power: float, size: Optional[Sequence[int]],
               scale_factor: Optional[Sequence[float]],
               align_corners: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -113,6 +124,9 @@ def _stats_op(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: 
             "mask them out with `valid` or fix the model output"
         )
     return S, W, N
+
+
+_stats_op = torch.library.custom_op("fastcal::prototype_stats", _stats, mutates_args=())
 
 
 @_stats_op.register_fake
@@ -178,8 +192,8 @@ def predict(logits, prototypes, *, temperature=1.0, backend="auto", label_dtype=
     _checks.check_label_dtype(label_dtype, C)
     _checks.check_choice("backend", backend, _checks.BACKENDS)
     _checks.check_choice("output", output, _checks.OUTPUTS)
-    return _predict_op(logits.detach(), prototypes.detach(), temperature, backend, label_dtype, output == "scores",
-                       *_resize(upsample))
+    return _call(_predict_op, _predict_labels, logits.detach(), prototypes.detach(), temperature, backend,
+                 label_dtype, output == "scores", *_resize(upsample))
 
 
 def _capturing(device: torch.device) -> bool:
@@ -201,14 +215,16 @@ def _output_shape(logits, upsample, scores: bool) -> tuple:
     return (shape[0], logits.shape[1], *shape[1:]) if scores else shape
 
 
-@torch.library.custom_op("fastcal::predict", mutates_args=())
-def _predict_op(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, backend: str,
+def _predict_labels(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, backend: str,
                 label_dtype: torch.dtype, scores: bool, size: Optional[Sequence[int]],
                 scale_factor: Optional[Sequence[float]], align_corners: bool) -> torch.Tensor:
     if not _capturing(prototypes.device):
         _checks.check_prototype_values(prototypes)
     upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
     return _predict(logits, prototypes, temperature, backend, label_dtype, scores, upsample)
+
+
+_predict_op = torch.library.custom_op("fastcal::predict", _predict_labels, mutates_args=())
 
 
 @_predict_op.register_fake
@@ -251,22 +267,24 @@ def calibrate(logits, prototypes=None, *, temperature=1.0, valid=None, empty="on
     if deterministic is not None and not isinstance(deterministic, bool):
         raise TypeError(f"deterministic: expected None or a bool, got {deterministic!r}")
     confidence_power = _checks.check_confidence_power(confidence_power)
-    return _calibrate_op(logits.detach(), valid, temperature, empty, backend, label_dtype, output == "scores",
-                         deterministic, confidence_power, *_resize(upsample))
+    return _call(_calibrate_op, _calibrate, logits.detach(), valid, temperature, empty, backend, label_dtype,
+                 output == "scores", deterministic, confidence_power, *_resize(upsample))
 
 
-@torch.library.custom_op("fastcal::calibrate", mutates_args=())
-def _calibrate_op(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: float, empty: str, backend: str,
+def _calibrate(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: float, empty: str, backend: str,
                   label_dtype: torch.dtype, scores: bool, deterministic: Optional[bool], confidence_power: float,
                   size: Optional[Sequence[int]], scale_factor: Optional[Sequence[float]],
                   align_corners: bool) -> torch.Tensor:
     upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
     if pixel_count(logits, upsample) == 0:  # nothing to build prototypes from, nothing to label
         return _predict(logits, None, temperature, backend, label_dtype, scores, upsample)
-    S, W, _ = _stats_op(logits, valid, temperature, backend, deterministic, confidence_power, size, scale_factor,
-                        align_corners)
+    S, W, _ = _stats(logits, valid, temperature, backend, deterministic, confidence_power, size, scale_factor,
+                     align_corners)
     prototypes = prototypes_from_stats(S, W, empty=empty)
     return _predict(logits, prototypes, temperature, backend, label_dtype, scores, upsample)
+
+
+_calibrate_op = torch.library.custom_op("fastcal::calibrate", _calibrate, mutates_args=())
 
 
 @_calibrate_op.register_fake

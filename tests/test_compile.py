@@ -74,3 +74,25 @@ def test_compiled_calls_still_check_their_input():
     z[0, 1, 2, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinite"):
         compiled(z)
+
+
+def test_make_fx_records_the_ops():
+    """Tracers that run under a dispatch mode (fake tensors, make_fx, torch.export) see the ops."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    graph = make_fx(lambda z: fastcal.calibrate(z, output="scores"), tracing_mode="fake")(make_logits((1, 4, 6, 6)))
+    targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    assert "fastcal.calibrate.default" in targets, targets
+
+
+def test_eager_calls_do_not_load_the_compiler_stack():
+    """Outside a tracer the ops' bodies run directly: a process that never compiles never imports
+    torch._dynamo (whose first import by an eager custom-op call made gloo workers abort at exit)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, fastcal; z = torch.randn(1, 4, 8, 8); fastcal.calibrate(z); "
+            "fastcal.prototype_stats(z); fastcal.predict(z, torch.eye(4)); print('torch._dynamo' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
