@@ -1,18 +1,34 @@
-"""``python -m fastcal demo`` (also installed as the ``fastcal`` command)."""
+"""The ``fastcal`` command (also ``python -m fastcal``): ``fastcal demo``, ``fastcal study``."""
+import argparse
 import sys
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: fastcal demo [--out DIR] [--seed N] [--device DEV] [--steps N] [--quiet]")
-        return 0 if argv else 2
-    if argv[0] != "demo":
-        print(f"fastcal: unknown command {argv[0]!r} (the command is 'demo')", file=sys.stderr)
-        return 2
-    from .demo import main as demo_main
+def parser() -> argparse.ArgumentParser:
+    from . import demo, study
 
-    return demo_main(argv[1:])
+    top = argparse.ArgumentParser(prog="fastcal", description="Label calibration for semantic segmentation "
+                                                               "under domain shift.")
+    commands = top.add_subparsers(dest="command", required=True, metavar="command")
+    for name, module, summary in (
+            ("demo", demo, "train a small model on synthetic source scenes, calibrate it on a shifted "
+                           "target, score both (about a minute on 2 CPU cores)"),
+            ("study", study, "the paper's open questions (confidence weighting, how many images, a "
+                             "drifting stream, failure modes) with plots (a few minutes on 2 CPU cores)")):
+        sub = commands.add_parser(name, help=summary, description=summary)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.main)
+    return top
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from .demo.report import FiguresUnavailable
+
+    try:
+        return args.run(args)
+    except FiguresUnavailable as error:
+        print(f"fastcal {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ class LabelCalibrator:
         """[C, C] float32 prototypes from the sums so far (see :func:`fastcal.prototypes_from_stats`)."""
         return api.prototypes_from_stats(self.S, self.W, empty=self.empty)
 
-    def diagnostics(self, class_names=None, *, min_pixels: float = 100, min_distance: float = 0.05):
+    def diagnostics(self, class_names=None, *, min_pixels: float = 1000, min_distance: float = 0.2):
         """Per class: pixels, weight, the prototype's own probability, its nearest other prototype,
         whether it can be predicted at all; and warnings (too few pixels, collapsed prototypes,
         classes never predicted). See :mod:`fastcal.diagnostics`; ``print()`` it for a table."""

@@ -58,10 +58,14 @@ class Diagnostics:
 
 
 def diagnose(S: torch.Tensor, W: torch.Tensor, N: torch.Tensor, empty: str, class_names=None, *,
-             min_pixels: float = 100, min_distance: float = 0.05) -> Diagnostics:
+             min_pixels: float = 1000, min_distance: float = 0.2) -> Diagnostics:
     """The per-class report and its warnings: classes with fewer than ``min_pixels`` pixels (or
     none), prototypes closer than ``min_distance``, classes never predicted, and classes whose
-    certain pixels are relabelled."""
+    certain pixels are relabelled.
+
+    Defaults: 1000 pixels is a small object in one image; two one-hot prototypes are sqrt(2) apart
+    and 0.2 is under a seventh of that (on the demo's target the closest pair is about 0.5 apart).
+    """
     S, W, N = S.detach().double().cpu(), W.detach().double().cpu(), N.detach().double().cpu()
     C = W.shape[0]
     names = [str(n) for n in class_names] if class_names is not None else [f"class {k}" for k in range(C)]

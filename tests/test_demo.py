@@ -1,10 +1,15 @@
-"""A miniature run of the demo pipeline, and the fit helper."""
+"""A miniature run of the demo pipeline, its figures, the command line, and the fit helper."""
 import json
+import sys
 
+import numpy as np
+import pytest
 import torch
 
 import fastcal
 from fastcal import demo
+from fastcal.__main__ import main as cli
+from fastcal.demo import report
 from fastcal.fit import fit_calibrator
 
 TINY = demo.DemoConfig(height=24, width=40, train_images=8, calib_images=6, test_images=4, steps=3, batch=4,
@@ -14,13 +19,13 @@ TINY = demo.DemoConfig(height=24, width=40, train_images=8, calib_images=6, test
 def test_miniature_demo_pipeline(tmp_path):
     results = demo.run(TINY, str(tmp_path), progress=False)
     on_disk = json.loads((tmp_path / "results.json").read_text())
-    assert set(on_disk) >= {"target", "source", "train_seconds", "calibrate_seconds", "config"}
+    assert set(on_disk) >= {"target", "source", "train_seconds", "calibrate_seconds", "config", "diagnostics"}
     for domain in ("target", "source"):
         for kind in ("argmax", "calibrated"):
             score = on_disk[domain][kind]
             assert 0.0 <= score["miou"] <= 1.0 and set(score["iou"]) == set(demo.CLASSES)
     png = (tmp_path / "panel.png").read_bytes()
-    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 100
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
 
     images, labels, logits, argmax, calibrated = results["_outputs"]["target"]
     assert images.shape == (4, 3, 24, 40) and labels.shape == argmax.shape == calibrated.shape == (4, 24, 40)
@@ -31,11 +36,23 @@ def test_miniature_demo_pipeline(tmp_path):
 
 
 def test_same_seed_same_scenes():
-    a = demo.make_split(demo.TARGET, 3, TINY, seed=5, progress=False)
-    b = demo.make_split(demo.TARGET, 3, TINY, seed=5, progress=False)
+    a = demo.make_split(demo.TARGET, 3, 24, 40, seed=5, progress=False)
+    b = demo.make_split(demo.TARGET, 3, 24, 40, seed=5, progress=False)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    source = demo.make_split(demo.SOURCE, 3, TINY, seed=5, progress=False)
+    source = demo.make_split(demo.SOURCE, 3, 24, 40, seed=5, progress=False)
     assert not torch.equal(source[0], a[0])
+
+
+def test_blended_domains_run_from_one_to_the_other():
+    half = demo.blend(demo.SOURCE, demo.TARGET, 0.5)
+    assert half.noise == pytest.approx((demo.SOURCE.noise + demo.TARGET.noise) / 2)
+    assert demo.blend(demo.SOURCE, demo.TARGET, 0.0).colors == demo.SOURCE.colors
+    np.testing.assert_allclose(demo.blend(demo.SOURCE, demo.TARGET, 1.0).colors, demo.TARGET.colors)
+
+
+def test_mIoU_changes_are_reported_in_points():
+    assert report.points(0.412, 0.443) == "+3.1 pt"
+    assert report.points(0.5, 0.49) == "-1.0 pt"
 
 
 def test_fit_calibrator_accepts_tuples_dicts_and_model_dicts():
@@ -52,9 +69,28 @@ def test_fit_calibrator_accepts_tuples_dicts_and_model_dicts():
     assert torch.equal(plain.S, manual.S) and plain.num_pixels == 3 * 2 * 25
 
 
-def test_cli_help(capsys):
-    from fastcal.__main__ import main
+def test_fit_calibrator_shows_a_progress_bar(capsys):
+    fit_calibrator(torch.nn.Conv2d(3, 4, 1), [torch.randn(1, 3, 4, 4)] * 3, 4, progress=True)
+    assert "calibrating" in capsys.readouterr().err
 
-    assert main(["--help"]) == 0
-    assert "fastcal demo" in capsys.readouterr().out
-    assert main(["train"]) == 2
+
+def test_command_line_help(capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        cli(["--help"])
+    assert exit_code.value.code == 0
+    out = capsys.readouterr().out
+    assert "demo" in out and "study" in out
+    with pytest.raises(SystemExit) as exit_code:
+        cli(["train"])
+    assert exit_code.value.code == 2
+    with pytest.raises(SystemExit):
+        cli(["study", "--help"])
+    assert "--out" in capsys.readouterr().out
+
+
+def test_without_matplotlib_the_commands_say_how_to_install_it(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    for command in ("demo", "study"):
+        assert cli([command, "--out", str(tmp_path / command), "--quiet"]) == 2
+        assert "pip install 'fastcal[plots]'" in capsys.readouterr().err
+        assert not (tmp_path / command / "results.json").exists()  # said before doing the work

@@ -1,0 +1,361 @@
+"""``fastcal study``: the paper's open questions, answered on the demo's procedural domains.
+
+1. **Confidence weighting.** Target mIoU against the confidence power γ (each pixel weighs
+   ``conf ** γ``; the paper's γ = 1; γ = 0 is the plain mean of soft labels).
+2. **How many unlabelled images.** Target mIoU against the number of target images the
+   calibrator sees (random subsets of the pool, several seeds: mean, spread).
+3. **A drifting stream.** Batches whose shift grows step by step (source -> target -> a darker,
+   noisier, washed-out "severe" domain); each batch is labelled by the argmax, by a cumulative
+   calibrator and by calibrators with momentum (updated with the batch, then predicting it), and by
+   episodic calibration (the batch alone).
+4. **Failure modes.** A target where one class (car) never appears, and a shift so strong that
+   the model's outputs, and so the prototypes, collapse: what the diagnostics say, and what
+   calibration does to mIoU.
+
+The model is the demo's (trained once on the source, from the seed); everything is generated,
+nothing is downloaded. Writes ``results.json``, ``report.md`` and PNG figures into ``--out``.
+Differences of mIoU are in points (pt).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import api
+from .calibrator import LabelCalibrator
+from .demo import DemoConfig, report, trained_model
+from .demo.network import logits_of
+from .demo.scenes import CAR, CLASSES, SEVERE, SOURCE, TARGET, blend, make_split
+
+
+@dataclass
+class StudyConfig:
+    seed: int = 0
+    demo: DemoConfig = None          # the model and the image size (default: the demo's)
+    pool_images: int = 96            # unlabelled target images to calibrate on
+    test_images: int = 96            # held-out labelled target images
+    powers: tuple = (0.0, 0.5, 1.0, 2.0, 4.0)
+    image_counts: tuple = (1, 2, 4, 8, 16, 32, 64, 96)
+    subset_seeds: int = 8
+    drift_steps: int = 10
+    drift_batch: int = 32
+    drift_streams: int = 3           # streams (seeds) averaged per step
+    momenta: tuple = (0.2, 0.5)
+
+    def __post_init__(self):
+        if self.demo is None:
+            self.demo = DemoConfig(seed=self.seed)
+
+
+def drifting_domain(t: float):
+    """Source at t = 0, the demo's target at t = 0.5, the severe domain at t = 1."""
+    return blend(SOURCE, TARGET, 2 * t, "drift") if t <= 0.5 else blend(TARGET, SEVERE, 2 * t - 1, "drift")
+
+
+# Failure modes: the target without cars, and a shift that collapses the model's outputs.
+NO_CARS = replace(TARGET, name="target without cars", cars=0.0)
+COLLAPSE = replace(SEVERE, name="collapse", noise=0.35, light=(0.08, 0.25), texture=0.3)
+
+
+class Study:
+    def __init__(self, config: StudyConfig, progress: bool = True):
+        self.config, self.progress = config, progress
+        self.model, self.train_seconds = trained_model(config.demo, progress)
+        self.seed = config.seed * 1000 + 500
+
+    def images(self, domain, count: int, offset: int):
+        d = self.config.demo
+        return make_split(domain, count, d.height, d.width, self.seed + offset, progress=False)
+
+    def logits(self, images):
+        return logits_of(self.model, images)
+
+    def fit(self, logits, **options) -> LabelCalibrator:
+        return LabelCalibrator(len(CLASSES), **options).update(logits)
+
+    def bar(self, iterable, desc):
+        return tqdm(iterable, desc=desc, disable=not self.progress, leave=False)
+
+    # ----- 1. the confidence power ---------------------------------------------------------
+    def confidence_power(self, pool, test, test_labels) -> dict:
+        rows = []
+        for power in self.bar(self.config.powers, "confidence power"):
+            calibrator = self.fit(pool, confidence_power=power)
+            rows.append({"power": power, "miou": report.miou(calibrator.predict(test), test_labels)})
+        return {"argmax": report.miou(test.argmax(1), test_labels), "rows": rows}
+
+    # ----- 2. how many unlabelled images ----------------------------------------------------
+    def image_count(self, pool, test, test_labels) -> dict:
+        rows = []
+        counts = [n for n in self.config.image_counts if n <= len(pool)]
+        for n in self.bar(counts, "unlabelled images"):
+            scores = []
+            for s in range(self.config.subset_seeds if n < len(pool) else 1):
+                chosen = torch.randperm(len(pool), generator=torch.Generator().manual_seed(s))[:n]
+                scores.append(report.miou(self.fit(pool[chosen]).predict(test), test_labels))
+            scores = np.array(scores)
+            rows.append({"images": n, "mean": float(scores.mean()), "std": float(scores.std()),
+                         "min": float(scores.min()), "max": float(scores.max()), "runs": len(scores)})
+        return {"argmax": report.miou(test.argmax(1), test_labels), "rows": rows}
+
+    # ----- 3. a drifting stream -------------------------------------------------------------
+    def drift(self) -> dict:
+        c = self.config
+        methods = ["argmax", "cumulative", *[f"momentum {m:g}" for m in c.momenta], "episodic"]
+        shifts = [step / (c.drift_steps - 1) for step in range(c.drift_steps)]
+        scores = {m: np.zeros((c.drift_streams, c.drift_steps)) for m in methods}
+        for stream in self.bar(range(c.drift_streams), "drifting streams"):
+            online = {"cumulative": LabelCalibrator(len(CLASSES)),
+                      **{f"momentum {m:g}": LabelCalibrator(len(CLASSES), momentum=m) for m in c.momenta}}
+            for step, t in enumerate(shifts):
+                images, labels = self.images(drifting_domain(t), c.drift_batch, 10_000 + 100 * stream + step)
+                logits = self.logits(images)
+                scores["argmax"][stream, step] = report.miou(logits.argmax(1), labels)
+                scores["episodic"][stream, step] = report.miou(api.calibrate(logits), labels)
+                for name, calibrator in online.items():
+                    scores[name][stream, step] = report.miou(calibrator.update(logits).predict(logits), labels)
+        return {"shift": shifts, "mean": {m: s.mean(0).tolist() for m, s in scores.items()},
+                "std": {m: s.std(0).tolist() for m, s in scores.items()}}
+
+    # ----- 4. failure modes -----------------------------------------------------------------
+    def failure_modes(self, test, test_labels) -> dict:
+        c = self.config
+        out = {}
+        no_cars_pool = self.logits(self.images(NO_CARS, c.pool_images, 20_000)[0])
+        no_cars_test_images, no_cars_labels = self.images(NO_CARS, c.test_images, 20_001)
+        no_cars_test = self.logits(no_cars_test_images)
+        for empty in ("onehot", "skip"):
+            calibrator = self.fit(no_cars_pool, empty=empty)
+            diagnostics = calibrator.diagnostics(CLASSES)
+            out[f"no cars, empty={empty}"] = {
+                "argmax on no-car images": report.miou(no_cars_test.argmax(1), no_cars_labels),
+                "calibrated on no-car images": report.miou(calibrator.predict(no_cars_test), no_cars_labels),
+                "argmax on images with cars": report.miou(test.argmax(1), test_labels),
+                "calibrated on images with cars": report.miou(calibrator.predict(test), test_labels),
+                "car IoU with cars, argmax": report.score(test.argmax(1), test_labels)["iou"]["car"],
+                "car IoU with cars, calibrated": report.score(calibrator.predict(test), test_labels)["iou"]["car"],
+                "car pixels seen": diagnostics.classes[CAR].pixels,
+                "diagnostics": diagnostics.to_dict(),
+            }
+        collapse_pool = self.logits(self.images(COLLAPSE, c.pool_images, 30_000)[0])
+        collapse_images, collapse_labels = self.images(COLLAPSE, c.test_images, 30_001)
+        collapse_test = self.logits(collapse_images)
+        calibrator = self.fit(collapse_pool)
+        diagnostics = calibrator.diagnostics(CLASSES)
+        distances = [row["distance"] for row in diagnostics.to_dict()["classes"] if row["distance"] is not None]
+        out["collapse"] = {
+            "argmax": report.miou(collapse_test.argmax(1), collapse_labels),
+            "calibrated": report.miou(calibrator.predict(collapse_test), collapse_labels),
+            "smallest prototype distance": min(distances),
+            "diagnostics": diagnostics.to_dict(),
+        }
+        target_calibrator = self.fit(self.logits(self.images(TARGET, c.pool_images, 1)[0]))
+        target_distances = [r.distance for r in target_calibrator.diagnostics(CLASSES).classes if r.distance is not None]
+        out["collapse"]["smallest prototype distance on the target"] = min(target_distances)
+        return out
+
+
+def run(config: StudyConfig, out: str, progress: bool = True, figures: bool = True) -> dict:
+    """Every experiment; writes ``results.json``, ``report.md`` and (with ``figures``) the PNGs."""
+    if figures:
+        report.pyplot()  # say now, not after the work, if matplotlib is missing
+    os.makedirs(out, exist_ok=True)
+    start = time.perf_counter()
+    study = Study(config, progress)
+    pool = study.logits(study.images(TARGET, config.pool_images, 1)[0])
+    test_images, test_labels = study.images(TARGET, config.test_images, 2)
+    test = study.logits(test_images)
+    results = {"config": {**asdict(config), "demo": asdict(config.demo)}, "classes": CLASSES,
+               "train_seconds": study.train_seconds}
+    results["confidence_power"] = study.confidence_power(pool, test, test_labels)
+    results["image_count"] = study.image_count(pool, test, test_labels)
+    results["drift"] = study.drift()
+    results["failure_modes"] = study.failure_modes(test, test_labels)
+    results["seconds"] = time.perf_counter() - start
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    if figures:
+        write_figures(results, out)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(markdown(results, figures))
+    return results
+
+
+# ----- figures -------------------------------------------------------------------------------
+FIGURES = {"confidence_power": "confidence_power.png", "image_count": "image_count.png", "drift": "drift.png",
+           "failure_modes": "failure_modes.png"}
+
+
+def write_figures(results: dict, out: str) -> None:
+    plt = report.pyplot()
+
+    power = results["confidence_power"]
+    figure, axis = plt.subplots(figsize=(5.5, 3.6))
+    axis.plot([r["power"] for r in power["rows"]], [100 * r["miou"] for r in power["rows"]], "o-",
+              label="calibrated")
+    axis.axhline(100 * power["argmax"], color="gray", linestyle="--", label="argmax")
+    axis.set(xlabel="confidence power γ (pixel weight conf^γ)", ylabel="target mIoU (%)",
+             title="Confidence weighting")
+    axis.legend()
+    _save(figure, plt, out, "confidence_power")
+
+    count = results["image_count"]
+    rows = count["rows"]
+    n = [r["images"] for r in rows]
+    figure, axis = plt.subplots(figsize=(5.5, 3.6))
+    axis.fill_between(n, [100 * r["min"] for r in rows], [100 * r["max"] for r in rows], alpha=0.25,
+                      label="min-max over subsets")
+    axis.errorbar(n, [100 * r["mean"] for r in rows], yerr=[100 * r["std"] for r in rows], fmt="o-", capsize=3,
+                  label="mean ± std")
+    axis.axhline(100 * count["argmax"], color="gray", linestyle="--", label="argmax")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(n, [str(v) for v in n])
+    axis.set(xlabel="unlabelled target images calibrated on", ylabel="target mIoU (%)",
+             title="How many unlabelled images")
+    axis.legend()
+    _save(figure, plt, out, "image_count")
+
+    drift = results["drift"]
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 6), sharex=True)
+    argmax = np.array(drift["mean"]["argmax"])
+    for method, mean in drift["mean"].items():
+        style = "--" if method == "argmax" else "-"
+        top.plot(drift["shift"], [100 * v for v in mean], style, marker="o", markersize=3, label=method)
+        bottom.plot(drift["shift"], 100 * (np.array(mean) - argmax), style, marker="o", markersize=3, label=method)
+    top.set(ylabel="mIoU of the batch (%)", title="A drifting stream")
+    bottom.set(xlabel="shift (0 source, 0.5 the demo's target, 1 severe)", ylabel="change from argmax (pt)")
+    bottom.axhline(0, color="gray", linewidth=0.5)
+    top.legend(fontsize=8)
+    _save(figure, plt, out, "drift")
+
+    failures = results["failure_modes"]
+    cases = [("no cars: no-car images", failures["no cars, empty=onehot"]["argmax on no-car images"],
+              failures["no cars, empty=onehot"]["calibrated on no-car images"]),
+             ("no cars: images with cars\n(empty='onehot')", failures["no cars, empty=onehot"]["argmax on images with cars"],
+              failures["no cars, empty=onehot"]["calibrated on images with cars"]),
+             ("no cars: images with cars\n(empty='skip')", failures["no cars, empty=skip"]["argmax on images with cars"],
+              failures["no cars, empty=skip"]["calibrated on images with cars"]),
+             ("collapse", failures["collapse"]["argmax"], failures["collapse"]["calibrated"])]
+    figure, axis = plt.subplots(figsize=(7, 3.8))
+    x = np.arange(len(cases))
+    axis.bar(x - 0.2, [100 * c[1] for c in cases], 0.4, label="argmax", color="gray")
+    axis.bar(x + 0.2, [100 * c[2] for c in cases], 0.4, label="calibrated")
+    axis.set_xticks(x, [c[0] for c in cases], fontsize=8)
+    axis.set(ylabel="mIoU (%)", title="Failure modes")
+    axis.legend()
+    _save(figure, plt, out, "failure_modes")
+
+
+def _save(figure, plt, out: str, key: str) -> None:
+    figure.tight_layout()
+    figure.savefig(os.path.join(out, FIGURES[key]), dpi=110)
+    plt.close(figure)
+
+
+# ----- the report ----------------------------------------------------------------------------
+def findings(results: dict) -> list[tuple[str, str]]:
+    """``(question, answer)`` rows, each computed from the results."""
+    rows = []
+    power = results["confidence_power"]
+    best = max(power["rows"], key=lambda r: r["miou"])
+    paper = next(r for r in power["rows"] if r["power"] == 1.0) if any(r["power"] == 1.0 for r in power["rows"]) \
+        else power["rows"][0]
+    spread = max(r["miou"] for r in power["rows"]) - min(r["miou"] for r in power["rows"])
+    rows.append(("Confidence weighting",
+                 f"best γ = {best['power']:g} ({report.points(paper['miou'], best['miou'])} over γ = {paper['power']:g}); "
+                 f"all γ tried span {100 * spread:.1f} pt; argmax {100 * power['argmax']:.1f}%, "
+                 f"γ = {paper['power']:g} {100 * paper['miou']:.1f}%"))
+    count = results["image_count"]["rows"]
+    argmax = results["image_count"]["argmax"]
+    beats = [r["images"] for r in count if r["min"] > argmax]
+    rows.append(("Unlabelled images needed",
+                 (f"every subset of {beats[0]} or more images beats the argmax" if beats and
+                  all(r["min"] > argmax for r in count if r["images"] >= beats[0]) else
+                  "no subset size beats the argmax on every draw") +
+                 f"; 1 image: {100 * count[0]['mean']:.1f}% ± {100 * count[0]['std']:.1f}, "
+                 f"{count[-1]['images']} images: {100 * count[-1]['mean']:.1f}% (argmax {100 * argmax:.1f}%)"))
+    drift = results["drift"]["mean"]
+    last = {m: v[-1] for m, v in drift.items()}
+    mean = {m: float(np.mean(v)) for m, v in drift.items()}
+    best_method = max((m for m in mean if m != "argmax"), key=mean.get)
+    rows.append(("Drifting stream",
+                 f"best over the stream: {best_method} ({report.points(mean['argmax'], mean[best_method])} over argmax "
+                 f"on average); at the most severe step: " +
+                 ", ".join(f"{m} {100 * v:.1f}%" for m, v in last.items())))
+    failures = results["failure_modes"]
+    no_cars = failures["no cars, empty=onehot"]
+    skip = failures["no cars, empty=skip"]
+    rows.append(("A class absent from the target (car)",
+                 f"{no_cars['car pixels seen']:.0f} pixels taken as car; on images with cars, car IoU "
+                 f"{_pct(no_cars['car IoU with cars, argmax'])} argmax, {_pct(no_cars['car IoU with cars, calibrated'])} "
+                 f"calibrated (onehot), {_pct(skip['car IoU with cars, calibrated'])} (skip); no-car images "
+                 f"{report.points(no_cars['argmax on no-car images'], no_cars['calibrated on no-car images'])}"))
+    collapse = failures["collapse"]
+    rows.append(("Collapsing prototypes",
+                 f"closest prototypes {collapse['smallest prototype distance']:.3f} apart (target: "
+                 f"{collapse['smallest prototype distance on the target']:.3f}); mIoU {100 * collapse['argmax']:.1f}% argmax, "
+                 f"{100 * collapse['calibrated']:.1f}% calibrated ({report.points(collapse['argmax'], collapse['calibrated'])}); "
+                 f"{len(collapse['diagnostics']['warnings'])} diagnostic warnings"))
+    return rows
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def markdown(results: dict, figures: bool = True) -> str:
+    lines = ["# fastcal study", "",
+             f"Seed {results['config']['seed']}; the demo's model (trained in {results['train_seconds']:.0f} s); "
+             f"whole study {results['seconds']:.0f} s. mIoU differences in points (pt).", "",
+             "| question | finding |", "|---|---|"]
+    lines += [f"| {q} | {a} |" for q, a in findings(results)]
+    power = results["confidence_power"]
+    lines += ["", "## 1. Confidence weighting", "", "| γ | target mIoU | vs argmax |", "|---|---|---|"]
+    lines += [f"| {r['power']:g} | {100 * r['miou']:.1f}% | {report.points(power['argmax'], r['miou'])} |"
+              for r in power["rows"]]
+    count = results["image_count"]
+    lines += ["", "## 2. How many unlabelled images", "", "| images | mean | std | min | max | runs |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['images']} | {100 * r['mean']:.1f}% | {100 * r['std']:.1f} pt | {100 * r['min']:.1f}% | "
+              f"{100 * r['max']:.1f}% | {r['runs']} |" for r in count["rows"]]
+    lines += [f"", f"argmax: {100 * count['argmax']:.1f}%"]
+    drift = results["drift"]
+    methods = list(drift["mean"])
+    lines += ["", "## 3. A drifting stream", "", "| shift | " + " | ".join(methods) + " |",
+              "|---" * (len(methods) + 1) + "|"]
+    lines += [f"| {t:.2f} | " + " | ".join(f"{100 * drift['mean'][m][i]:.1f}%" for m in methods) + " |"
+              for i, t in enumerate(drift["shift"])]
+    lines += ["", "## 4. Failure modes", ""]
+    for name, case in results["failure_modes"].items():
+        figures_of_case = {k: v for k, v in case.items() if k != "diagnostics"}
+        lines.append(f"**{name}**: " + "; ".join(
+            f"{k} {_pct(v) if isinstance(v, float) and v <= 1 and 'pixels' not in k and 'distance' not in k else v}"
+            for k, v in figures_of_case.items()))
+        lines += [f"- diagnostics: {w}" for w in case["diagnostics"]["warnings"]] or ["- diagnostics: no warnings"]
+        lines.append("")
+    if figures:
+        lines += ["## Figures", ""] + [f"![{key}]({name})" for key, name in FIGURES.items()]
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="study-out", help="folder for results.json, report.md and the figures "
+                                                           "(default study-out)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the scenes and the model (default 0)")
+    parser.add_argument("--no-figures", action="store_true", help="skip the PNGs (no matplotlib needed)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def main(args: argparse.Namespace) -> int:
+    results = run(StudyConfig(seed=args.seed), args.out, progress=not args.quiet, figures=not args.no_figures)
+    print("\n".join(f"{q}: {a}" for q, a in findings(results)))
+    print(f"\nwrote {os.path.join(args.out, 'report.md')}, results.json"
+          + ("" if args.no_figures else " and " + ", ".join(FIGURES.values())) + f" in {results['seconds']:.0f} s")
+    return 0
