@@ -302,7 +302,7 @@ def findings(results: dict) -> list[tuple[str, str]]:
                  f"closest prototypes {collapse['smallest prototype distance']:.3f} apart (target: "
                  f"{collapse['smallest prototype distance on the target']:.3f}); mIoU {100 * collapse['argmax']:.1f}% argmax, "
                  f"{100 * collapse['calibrated']:.1f}% calibrated ({report.points(collapse['argmax'], collapse['calibrated'])}); "
-                 f"{len(collapse['diagnostics']['warnings'])} diagnostic warnings"))
+                 f"diagnostic warnings: {len(collapse['diagnostics']['warnings'])}"))
     return rows
 
 

@@ -7,20 +7,23 @@ Math (per valid pixel x, temperature T, ``scale = log2(e) / T``)::
     w       = conf ** power                      (the confidence power; conf itself when power = 1)
     S[cls] += w * p = w * conf * e               W[cls] += w               N[cls] += 1
 
-Within a program the sums are ``onehot(cls)^T @ (conf p)`` as a ``tl.dot`` over
+Within a program the sums are ``onehot(cls)^T @ [w p | w | 1]`` as a ``tl.dot`` over
 its pixel tiles (float32 from two TF32 products on tensor cores, see
-``onehot_dot``), accumulated over every tile the persistent program visits, then
-flushed once: C^2 + C float64 atomic adds per program, or, in deterministic
+``onehot_dot``): the two columns past the C classes carry the weight and a 1 per
+pixel used, so one product gives ``S``, ``W`` and ``N`` with no reduction of their
+own. The sums accumulate over every tile the persistent program visits, then are
+flushed once: C^2 + 2C float64 atomic adds per program, or, in deterministic
 mode, a store of the program's partial that the host sums in a fixed order.
 
 Two schedules:
 
-* ``C <= FUSED_MAX_CLASSES``: one kernel, the whole class axis in one block.
+* ``C + 2 <= FUSED_MAX_CLASSES``: one kernel, the whole class axis (and the two
+  columns of ``W`` and ``N``) in one block.
   Memory traffic per pixel: reads ``C * sizeof(dtype)`` (+1 byte with a mask).
 * larger C: ``_row_stats_kernel`` walks the class axis in blocks with an online
   max / sum / argmax and writes 12 bytes per pixel (max, conf, cls); then
-  ``_stats_kernel`` runs on a (pixels x k-block x j-block) grid, each program
-  reading only its j-block of classes: ``C * sizeof(dtype) * (1 + cdiv(C, BLOCK))``
+  ``_stats_kernel`` runs on a (pixels x k-block x j-block) grid (the j-blocks cover
+  ``C + 2`` columns), each program reading only its j-block of classes: ``C * sizeof(dtype) * (1 + cdiv(C, BLOCK))``
   bytes per pixel are requested, plus the row statistics (12 bytes written, 12
   read by each of the ``cdiv(C, BLOCK)^2`` programs); the k-blocks of one pixel
   range are adjacent in the grid so that L2 can serve the repeats.
@@ -131,8 +134,6 @@ def _stats_kernel(
     o_j = j0 + tl.arange(0, C_BLOCK)
     m_j = (o_j < C)[:, None]
     b_S = tl.zeros([C_BLOCK, C_BLOCK], tl.float32)
-    b_W = tl.zeros([C_BLOCK], tl.float32)
-    b_N = tl.zeros([C_BLOCK], tl.float32)  # exact up to 2^24 pixels of a class in one program
     n_bad = tl.zeros([PIX_BLOCK], tl.int32)
     for tile in range(pid, n_tiles, tl.num_programs(0)):
         o_z, o01, o10, o11, wy, wx, o_pix, m_pix = pixel_position(
@@ -162,13 +163,18 @@ def _stats_kernel(
             b_weight = b_w
         b_cp = tl.where(m_j & (b_w > 0)[None, :], b_e * (b_w * b_weight)[None, :], 0.0)
         b_onehot = o_k[:, None] == b_cls[None, :]
+        # columns C and C + 1 (past the classes) carry the weight and a 1 per pixel used: the
+        # same product sums W and N, with no reduction of their own
+        b_cp = tl.where((o_j == C)[:, None], b_weight[None, :], b_cp)
+        b_cp = tl.where((o_j == C + 1)[:, None], (b_w > 0).to(tl.float32)[None, :], b_cp)
         b_S += onehot_dot(b_onehot.to(tl.float32), tl.trans(b_cp))
-        b_W += tl.sum(tl.where(b_onehot, b_weight[None, :], 0.0), 1)
-        b_N += tl.sum(tl.where(b_onehot & (b_w > 0)[None, :], 1.0, 0.0), 1)
+    b_W = tl.sum(tl.where((o_j == C)[None, :], b_S, 0.0), 1)
+    b_N = tl.sum(tl.where((o_j == C + 1)[None, :], b_S, 0.0), 1)  # exact to 2^24 pixels of a class
     m_k = o_k < C
     o_S = o_k[:, None] * C + o_j[None, :]
     m_S = m_k[:, None] & (o_j < C)[None, :]
-    m_W = m_k & (tl.full([C_BLOCK], j0, tl.int32) == 0)  # W once, by the first j-block
+    b_j0 = tl.full([C_BLOCK], j0, tl.int32)
+    m_W = m_k & (b_j0 <= C) & (C + 1 < b_j0 + C_BLOCK)  # by the j-block holding columns C and C + 1
     if PARTIALS:
         tl.store(S_ptr + pid.to(tl.int64) * C * C + o_S, b_S, mask=m_S)
         tl.store(W_ptr + pid * C + o_k, b_W, mask=m_W)
@@ -186,8 +192,9 @@ def stats_config(num_classes: int, element_size: int = 4, aligned: bool = True) 
     ``element_size`` bytes, pipelined for ``aligned`` NCHW launches (see ``FUSED_STATS``).
     maxnreg=255: left alone, ptxas caps some variants at 128 registers and spills."""
     size = 4 if element_size >= 4 else 2
-    fused = num_classes <= FUSED_MAX_CLASSES
-    c_block = max(16, triton.next_power_of_2(num_classes)) if fused else CHUNK_CLASSES
+    fused = num_classes + 2 <= FUSED_MAX_CLASSES
+    # fused: two spare rows after the classes, where the kernel sums W and N with S
+    c_block = max(16, triton.next_power_of_2(num_classes + 2)) if fused else CHUNK_CLASSES
     if not aligned:
         chosen, pix_block, stages = CONSERVATIVE, CONSERVATIVE["tile_elements"] // c_block, CONSERVATIVE["num_stages"]
     elif fused:
@@ -222,6 +229,7 @@ def stats_launches(logits: torch.Tensor, temperature: float, valid: torch.Tensor
     valid_arg = valid.contiguous().view(torch.uint8) if has_valid else logits
     bad = torch.zeros(1, dtype=torch.int32, device=device)
     n_blocks = triton_cdiv(C, c_block)
+    n_column_blocks = triton_cdiv(C + 2, c_block)  # S's columns, then W and N
     options = {key: config[key] for key in ("num_warps", "num_stages", "maxnreg")}
     if layout.upsample:  # four gathered neighbours a pixel, mostly cache hits: no prefetch, fewer registers
         options["num_stages"] = 1
@@ -252,7 +260,7 @@ def stats_launches(logits: torch.Tensor, temperature: float, valid: torch.Tensor
             {"HAS_VALID": has_valid, "UPSAMPLE": layout.upsample, "C_BLOCK": c_block, "PIX_BLOCK": row_pix_block},
             {**options, "num_warps": ROW_STATS["num_warps"], "num_stages": ROW_STATS["num_stages"]}))
     launches.append(Launch(
-        _stats_kernel, (n_programs, n_blocks, n_blocks),
+        _stats_kernel, (n_programs, n_blocks, n_column_blocks),
         (logits, valid_arg, row_max, row_conf, row_cls, S, W, N, bad, *layout.kernel_args(), scale,
          float(confidence_power), n_tiles, *tables),
         {"HAS_VALID": has_valid, "FUSED": fused, "PARTIALS": deterministic, "UPSAMPLE": layout.upsample,
