@@ -36,9 +36,9 @@ def steps(logits: torch.Tensor) -> dict:
     no_mask = np.empty(0, np.uint8)
 
     def stats_loops():
-        S, W = np.zeros((cpu_kernels.UNITS, C, C)), np.zeros((cpu_kernels.UNITS, C))
+        S, W, N = np.zeros((cpu_kernels.UNITS, C, C)), np.zeros((cpu_kernels.UNITS, C)), np.zeros((cpu_kernels.UNITS, C))
         for start, m in pieces:
-            cpu_kernels.stats_chunk(z, 0, start, m, np.float32(1), no_mask, S, W)
+            cpu_kernels.stats_chunk(z, 0, start, m, np.float32(1), np.float32(1), no_mask, S, W, N)
 
     def softmax_loops():
         for (start, m), d_chunk in zip(pieces, d):

@@ -15,12 +15,16 @@ def image_batch(G, C, L, scale=3.0):
     return (torch.randn(G, C, L) * scale).numpy()
 
 
-def run_stats(z, g, start, n, temperature=1.0, valid=None):
+def run_stats(z, g, start, n, temperature=1.0, valid=None, power=1.0, counts=False):
     C = z.shape[1]
     S_parts = np.zeros((cpu_kernels.UNITS, C, C))
     W_parts = np.zeros((cpu_kernels.UNITS, C))
+    N_parts = np.zeros((cpu_kernels.UNITS, C))
     mask = np.empty(0, np.uint8) if valid is None else valid.astype(np.uint8)
-    bad = cpu_kernels.stats_chunk(z, g, start, n, np.float32(1 / temperature), mask, S_parts, W_parts)
+    bad = cpu_kernels.stats_chunk(z, g, start, n, np.float32(1 / temperature), np.float32(power), mask, S_parts,
+                                  W_parts, N_parts)
+    if counts:
+        return S_parts.sum(0), W_parts.sum(0), N_parts.sum(0), int(bad)
     return S_parts.sum(0), W_parts.sum(0), int(bad)
 
 
@@ -93,6 +97,19 @@ def test_stats_chunk_mask_temperature_and_non_finite_logits():
     clean[np.flatnonzero(valid)[:3]] = False
     S_ref, W_ref = oracle.stats(as_logits(z, 0, 0, 3000), 2.5, torch.from_numpy(clean)[None])
     oracle.assert_stats_close(torch.from_numpy(S), torch.from_numpy(W), S_ref, W_ref)
+
+
+@pytest.mark.parametrize("power", [0.0, 0.5, 3.0])
+def test_stats_chunk_counts_and_confidence_power(power):
+    z = image_batch(1, 7, 3000)
+    valid = np.random.default_rng(1).random(3000) > 0.2
+    S, W, N, bad = run_stats(z, 0, 0, 3000, valid=valid, power=power, counts=True)
+    assert bad == 0
+    logits = as_logits(z, 0, 0, 3000)
+    oracle.assert_stats_close(torch.from_numpy(S), torch.from_numpy(W),
+                              *oracle.stats(logits, 1.0, torch.from_numpy(valid)[None], confidence_power=power))
+    expected = np.bincount(oracle.pixels_by_class(logits).argmax(axis=1)[valid], minlength=7)
+    assert np.array_equal(N, expected)
 
 
 def test_stats_chunk_ties_take_the_lowest_class():
