@@ -36,7 +36,8 @@ def steps(logits: torch.Tensor) -> dict:
     no_mask = np.empty(0, np.uint8)
 
     def stats_loops():
-        S, W, N = np.zeros((cpu_kernels.UNITS, C, C)), np.zeros((cpu_kernels.UNITS, C)), np.zeros((cpu_kernels.UNITS, C))
+        S = np.zeros((cpu_kernels.UNITS, C, C))
+        W, N = np.zeros((cpu_kernels.UNITS, C)), np.zeros((cpu_kernels.UNITS, C))
         for start, m in pieces:
             cpu_kernels.stats_chunk(z, 0, start, m, np.float32(1), np.float32(1), no_mask, S, W, N)
 

@@ -111,7 +111,7 @@ def pass_function(provider: str, pass_name: str, logits: torch.Tensor, prototype
         predict = lambda: _compiled_predict(logits, prototypes, 1.0)  # noqa: E731
 
         def calibrate():
-            S, W, _ = _compiled_stats(logits, 1.0, None)
+            S, W, *_ = _compiled_stats(logits, 1.0, None)  # the reference also returns counts
             return _compiled_predict(logits, reference.prototypes_from_stats(S, W, "onehot"), 1.0)
 
         return {"stats": stats, "predict": predict, "calibrate": calibrate}[pass_name]

@@ -60,12 +60,12 @@ MAX_CONFIDENCE_POWER = 8.0  # (1/C)**8 stays a normal float32 for C up to 2^15 c
 
 
 def check_confidence_power(confidence_power) -> float:
+    expected = f"confidence_power: expected a number in [0, {MAX_CONFIDENCE_POWER:g}], got {confidence_power!r}"
     if isinstance(confidence_power, bool) or not isinstance(confidence_power, Real):
-        raise TypeError(f"confidence_power: expected a number in [0, {MAX_CONFIDENCE_POWER:g}], got {confidence_power!r}")
-    confidence_power = float(confidence_power)
-    if not (0.0 <= confidence_power <= MAX_CONFIDENCE_POWER):
-        raise ValueError(f"confidence_power: expected a number in [0, {MAX_CONFIDENCE_POWER:g}], got {confidence_power!r}")
-    return confidence_power
+        raise TypeError(expected)
+    if not (0.0 <= float(confidence_power) <= MAX_CONFIDENCE_POWER):  # NaN fails too
+        raise ValueError(expected)
+    return float(confidence_power)
 
 
 def check_valid(valid, logits: torch.Tensor, shape: tuple | None = None) -> None:

@@ -79,7 +79,7 @@ def stats_and_counts(logits, *, temperature=1.0, valid=None, backend="auto", det
         raise TypeError(f"deterministic: expected None or a bool, got {deterministic!r}")
     confidence_power = _checks.check_confidence_power(confidence_power)
     # calibration never back-propagates; logits straight from a model may carry grad
-    return _call(_stats_op, _stats, logits.detach(), valid, temperature, backend, deterministic, confidence_power,
+    return _call(_stats_op, _stats_impl, logits.detach(), valid, temperature, backend, deterministic, confidence_power,
                  *_resize(upsample))
 
 
@@ -105,7 +105,7 @@ def _resize(upsample) -> tuple:
     return list(upsample.size), None, upsample.align_corners
 
 
-def _stats(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: float, backend: str,
+def _stats_impl(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: float, backend: str,
               deterministic: Optional[bool], confidence_power: float, size: Optional[Sequence[int]],
               scale_factor: Optional[Sequence[float]],
               align_corners: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -127,7 +127,7 @@ def _stats(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: flo
     return S, W, N
 
 
-_stats_op = torch.library.custom_op("fastcal::prototype_stats", _stats, mutates_args=())
+_stats_op = torch.library.custom_op("fastcal::prototype_stats", _stats_impl, mutates_args=())
 
 
 @_stats_op.register_fake
@@ -193,7 +193,7 @@ def predict(logits, prototypes, *, temperature=1.0, backend="auto", label_dtype=
     _checks.check_label_dtype(label_dtype, C)
     _checks.check_choice("backend", backend, _checks.BACKENDS)
     _checks.check_choice("output", output, _checks.OUTPUTS)
-    return _call(_predict_op, _predict_labels, logits.detach(), prototypes.detach(), temperature, backend,
+    return _call(_predict_op, _predict_impl, logits.detach(), prototypes.detach(), temperature, backend,
                  label_dtype, output == "scores", *_resize(upsample))
 
 
@@ -201,7 +201,7 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _predict(logits, prototypes, temperature, backend, label_dtype, scores, upsample):
+def _run_predict(logits, prototypes, temperature, backend, label_dtype, scores, upsample):
     module = resolve_backend(backend, logits.device)
     if pixel_count(logits, upsample) == 0:
         return torch.empty(_output_shape(logits, upsample, scores),
@@ -216,16 +216,16 @@ def _output_shape(logits, upsample, scores: bool) -> tuple:
     return (shape[0], logits.shape[1], *shape[1:]) if scores else shape
 
 
-def _predict_labels(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, backend: str,
+def _predict_impl(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, backend: str,
                 label_dtype: torch.dtype, scores: bool, size: Optional[Sequence[int]],
                 scale_factor: Optional[Sequence[float]], align_corners: bool) -> torch.Tensor:
     if not _capturing(prototypes.device):
         _checks.check_prototype_values(prototypes)
     upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
-    return _predict(logits, prototypes, temperature, backend, label_dtype, scores, upsample)
+    return _run_predict(logits, prototypes, temperature, backend, label_dtype, scores, upsample)
 
 
-_predict_op = torch.library.custom_op("fastcal::predict", _predict_labels, mutates_args=())
+_predict_op = torch.library.custom_op("fastcal::predict", _predict_impl, mutates_args=())
 
 
 @_predict_op.register_fake
@@ -268,24 +268,24 @@ def calibrate(logits, prototypes=None, *, temperature=1.0, valid=None, empty="on
     if deterministic is not None and not isinstance(deterministic, bool):
         raise TypeError(f"deterministic: expected None or a bool, got {deterministic!r}")
     confidence_power = _checks.check_confidence_power(confidence_power)
-    return _call(_calibrate_op, _calibrate, logits.detach(), valid, temperature, empty, backend, label_dtype,
+    return _call(_calibrate_op, _calibrate_impl, logits.detach(), valid, temperature, empty, backend, label_dtype,
                  output == "scores", deterministic, confidence_power, *_resize(upsample))
 
 
-def _calibrate(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: float, empty: str, backend: str,
+def _calibrate_impl(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: float, empty: str, backend: str,
                   label_dtype: torch.dtype, scores: bool, deterministic: Optional[bool], confidence_power: float,
                   size: Optional[Sequence[int]], scale_factor: Optional[Sequence[float]],
                   align_corners: bool) -> torch.Tensor:
     upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
     if pixel_count(logits, upsample) == 0:  # nothing to build prototypes from, nothing to label
-        return _predict(logits, None, temperature, backend, label_dtype, scores, upsample)
-    S, W, _ = _stats(logits, valid, temperature, backend, deterministic, confidence_power, size, scale_factor,
+        return _run_predict(logits, None, temperature, backend, label_dtype, scores, upsample)
+    S, W, _ = _stats_impl(logits, valid, temperature, backend, deterministic, confidence_power, size, scale_factor,
                      align_corners)
     prototypes = prototypes_from_stats(S, W, empty=empty)
-    return _predict(logits, prototypes, temperature, backend, label_dtype, scores, upsample)
+    return _run_predict(logits, prototypes, temperature, backend, label_dtype, scores, upsample)
 
 
-_calibrate_op = torch.library.custom_op("fastcal::calibrate", _calibrate, mutates_args=())
+_calibrate_op = torch.library.custom_op("fastcal::calibrate", _calibrate_impl, mutates_args=())
 
 
 @_calibrate_op.register_fake

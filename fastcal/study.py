@@ -157,7 +157,8 @@ class Study:
             "diagnostics": diagnostics.to_dict(),
         }
         target_calibrator = self.fit(self.logits(self.images(TARGET, c.pool_images, 1)[0]))
-        target_distances = [r.distance for r in target_calibrator.diagnostics(CLASSES).classes if r.distance is not None]
+        target_distances = [r.distance for r in target_calibrator.diagnostics(CLASSES).classes
+                            if r.distance is not None]
         out["collapse"]["smallest prototype distance on the target"] = min(target_distances)
         return out
 
@@ -236,12 +237,12 @@ def write_figures(results: dict, out: str) -> None:
     _save(figure, plt, out, "drift")
 
     failures = results["failure_modes"]
-    cases = [("no cars: no-car images", failures["no cars, empty=onehot"]["argmax on no-car images"],
-              failures["no cars, empty=onehot"]["calibrated on no-car images"]),
-             ("no cars: images with cars\n(empty='onehot')", failures["no cars, empty=onehot"]["argmax on images with cars"],
-              failures["no cars, empty=onehot"]["calibrated on images with cars"]),
-             ("no cars: images with cars\n(empty='skip')", failures["no cars, empty=skip"]["argmax on images with cars"],
-              failures["no cars, empty=skip"]["calibrated on images with cars"]),
+    onehot, skip = failures["no cars, empty=onehot"], failures["no cars, empty=skip"]
+    cases = [("no cars: no-car images", onehot["argmax on no-car images"], onehot["calibrated on no-car images"]),
+             ("no cars: images with cars\n(empty='onehot')", onehot["argmax on images with cars"],
+              onehot["calibrated on images with cars"]),
+             ("no cars: images with cars\n(empty='skip')", skip["argmax on images with cars"],
+              skip["calibrated on images with cars"]),
              ("collapse", failures["collapse"]["argmax"], failures["collapse"]["calibrated"])]
     figure, axis = plt.subplots(figsize=(7, 3.8))
     x = np.arange(len(cases))
@@ -265,43 +266,45 @@ def findings(results: dict) -> list[tuple[str, str]]:
     rows = []
     power = results["confidence_power"]
     best = max(power["rows"], key=lambda r: r["miou"])
-    paper = next(r for r in power["rows"] if r["power"] == 1.0) if any(r["power"] == 1.0 for r in power["rows"]) \
-        else power["rows"][0]
+    paper = next((r for r in power["rows"] if r["power"] == 1.0), power["rows"][0])
     spread = max(r["miou"] for r in power["rows"]) - min(r["miou"] for r in power["rows"])
     rows.append(("Confidence weighting",
-                 f"best γ = {best['power']:g} ({report.points(paper['miou'], best['miou'])} over γ = {paper['power']:g}); "
-                 f"all γ tried span {100 * spread:.1f} pt; argmax {100 * power['argmax']:.1f}%, "
-                 f"γ = {paper['power']:g} {100 * paper['miou']:.1f}%"))
+                 f"best γ = {best['power']:g} ({report.points(paper['miou'], best['miou'])} over "
+                 f"γ = {paper['power']:g}); all γ tried span {100 * spread:.1f} pt; "
+                 f"argmax {_pct(power['argmax'])}, γ = {paper['power']:g} {_pct(paper['miou'])}"))
+
     count = results["image_count"]["rows"]
     argmax = results["image_count"]["argmax"]
-    beats = [r["images"] for r in count if r["min"] > argmax]
+    always = [r["images"] for r in count if all(q["min"] > argmax for q in count if q["images"] >= r["images"])]
     rows.append(("Unlabelled images needed",
-                 (f"every subset of {beats[0]} or more images beats the argmax" if beats and
-                  all(r["min"] > argmax for r in count if r["images"] >= beats[0]) else
-                  "no subset size beats the argmax on every draw") +
-                 f"; 1 image: {100 * count[0]['mean']:.1f}% ± {100 * count[0]['std']:.1f}, "
-                 f"{count[-1]['images']} images: {100 * count[-1]['mean']:.1f}% (argmax {100 * argmax:.1f}%)"))
+                 (f"every subset of {always[0]} or more images beats the argmax" if always
+                  else "no subset size beats the argmax on every draw")
+                 + f"; 1 image: {_pct(count[0]['mean'])} ± {100 * count[0]['std']:.1f}, "
+                 f"{count[-1]['images']} images: {_pct(count[-1]['mean'])} (argmax {_pct(argmax)})"))
+
     drift = results["drift"]["mean"]
-    last = {m: v[-1] for m, v in drift.items()}
     mean = {m: float(np.mean(v)) for m, v in drift.items()}
     best_method = max((m for m in mean if m != "argmax"), key=mean.get)
     rows.append(("Drifting stream",
-                 f"best over the stream: {best_method} ({report.points(mean['argmax'], mean[best_method])} over argmax "
-                 f"on average); at the most severe step: " +
-                 ", ".join(f"{m} {100 * v:.1f}%" for m, v in last.items())))
+                 f"best over the stream: {best_method} ({report.points(mean['argmax'], mean[best_method])} over "
+                 "argmax on average); at the most severe step: "
+                 + ", ".join(f"{m} {_pct(v[-1])}" for m, v in drift.items())))
+
     failures = results["failure_modes"]
-    no_cars = failures["no cars, empty=onehot"]
-    skip = failures["no cars, empty=skip"]
+    no_cars, skip = failures["no cars, empty=onehot"], failures["no cars, empty=skip"]
     rows.append(("A class absent from the target (car)",
                  f"{no_cars['car pixels seen']:.0f} pixels taken as car; on images with cars, car IoU "
-                 f"{_pct(no_cars['car IoU with cars, argmax'])} argmax, {_pct(no_cars['car IoU with cars, calibrated'])} "
-                 f"calibrated (onehot), {_pct(skip['car IoU with cars, calibrated'])} (skip); no-car images "
-                 f"{report.points(no_cars['argmax on no-car images'], no_cars['calibrated on no-car images'])}"))
+                 f"{_pct(no_cars['car IoU with cars, argmax'])} argmax, "
+                 f"{_pct(no_cars['car IoU with cars, calibrated'])} calibrated (onehot), "
+                 f"{_pct(skip['car IoU with cars, calibrated'])} (skip); no-car images "
+                 + report.points(no_cars["argmax on no-car images"], no_cars["calibrated on no-car images"])))
+
     collapse = failures["collapse"]
     rows.append(("Collapsing prototypes",
-                 f"closest prototypes {collapse['smallest prototype distance']:.3f} apart (target: "
-                 f"{collapse['smallest prototype distance on the target']:.3f}); mIoU {100 * collapse['argmax']:.1f}% argmax, "
-                 f"{100 * collapse['calibrated']:.1f}% calibrated ({report.points(collapse['argmax'], collapse['calibrated'])}); "
+                 f"closest prototypes {collapse['smallest prototype distance']:.3f} apart "
+                 f"(target: {collapse['smallest prototype distance on the target']:.3f}); "
+                 f"mIoU {_pct(collapse['argmax'])} argmax, {_pct(collapse['calibrated'])} calibrated "
+                 f"({report.points(collapse['argmax'], collapse['calibrated'])}); "
                  f"diagnostic warnings: {len(collapse['diagnostics']['warnings'])}"))
     return rows
 

@@ -63,8 +63,8 @@ def demo_table(results: dict) -> str:
             lines.append(f"{name[:6] + ' ' + kind:18s}{cells}")
     lines.append("")
     lines.append(f"training: {results['train_seconds']:.1f} s; calibration "
-                 f"({results['config']['calib_images']} unlabelled target images): {results['calibrate_seconds']:.2f} s; "
-                 f"whole demo: {results['seconds']:.1f} s")
+                 f"({results['config']['calib_images']} unlabelled target images): "
+                 f"{results['calibrate_seconds']:.2f} s; whole demo: {results['seconds']:.1f} s")
     return "\n".join(lines)
 
 
