@@ -86,3 +86,18 @@ def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="backend: 'triton' needs CUDA tensors.*backend='torch'"):
         fastcal.calibrate(torch.randn(1, 3, 4, 4), backend="triton")
+
+
+@pytest.mark.parametrize("scores", [False, True])
+@pytest.mark.parametrize("num_classes", [19, 150])
+def test_launch_reads_no_value_back(num_classes, scores):
+    """Everything predict does before its kernel runs works on meta tensors, which have no values:
+    nothing reads a value back to the host (on CUDA a synchronisation, which a CUDA graph being
+    captured cannot contain)."""
+    from fastcal.kernels import predict
+
+    z = torch.empty(2, num_classes, 64, 64, device="meta")
+    P = torch.empty(num_classes, num_classes, device="meta")
+    launch, out = predict.predict_launch(z, P, 1.0, programs=8, scores=scores)
+    assert out.device.type == "meta"
+    assert out.shape == ((2, num_classes, 64, 64) if scores else (2, 64, 64))
