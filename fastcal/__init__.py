@@ -5,7 +5,7 @@ reference implementation (:mod:`fastcal.reference`) they are all checked against
 """
 from .api import calibrate, predict, prototype_stats, prototypes_from_stats
 from .calibrator import LabelCalibrator
-from . import nn  # the model wrapper, fastcal.nn.LabelCalibration
+from . import nn  # noqa: F401  (fastcal.nn.LabelCalibration, the model wrapper)
 
 __all__ = ["calibrate", "predict", "prototype_stats", "prototypes_from_stats", "LabelCalibrator"]
 __version__ = "0.1.0"

@@ -328,7 +328,7 @@ def markdown(results: dict, figures: bool = True) -> str:
               "|---|---|---|---|---|---|"]
     lines += [f"| {r['images']} | {100 * r['mean']:.1f}% | {100 * r['std']:.1f} pt | {100 * r['min']:.1f}% | "
               f"{100 * r['max']:.1f}% | {r['runs']} |" for r in count["rows"]]
-    lines += [f"", f"argmax: {100 * count['argmax']:.1f}%"]
+    lines += ["", f"argmax: {100 * count['argmax']:.1f}%"]
     drift = results["drift"]
     methods = list(drift["mean"])
     lines += ["", "## 3. A drifting stream", "", "| shift | " + " | ".join(methods) + " |",

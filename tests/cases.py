@@ -8,6 +8,11 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def device_of(backend: str) -> str:
+    """Where a test puts its tensors for ``backend``: the Triton kernels' device, else the CPU."""
+    return KERNEL_DEVICE if backend == "triton" else "cpu"
+
+
 def make_logits(shape, dtype=torch.float32, layout="contiguous", scale=3.0, device="cpu"):
     """Random logits of ``shape`` [N, C, *spatial] in the given memory ``layout``:
     "contiguous" (NCHW), "channels_last" (class axis innermost) or "sliced"

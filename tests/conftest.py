@@ -46,3 +46,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["reference", "torch", "torch-ops", "triton"])
+def backend(request, monkeypatch):
+    """Every backend, and the torch backend made to run PyTorch operations on every chunk instead of
+    its fused loops ("torch-ops": what it does for large C and for tensors on other devices). Use
+    ``cases.device_of(backend)`` for the device its tensors go on."""
+    if request.param == "torch-ops":
+        from fastcal import cpu_kernels
+
+        monkeypatch.setattr(cpu_kernels, "MAX_CLASSES", 0)
+        return "torch"
+    return request.param

@@ -3,24 +3,11 @@ import pytest
 import torch
 
 import fastcal
-from fastcal import cpu_kernels
 
 import oracle
-from cases import DTYPES, KERNEL_DEVICE, make_logits
+from cases import DTYPES, device_of, make_logits
 
 POWERS = [0.0, 0.5, 2.0, 4.0]
-
-
-@pytest.fixture(params=["reference", "torch", "torch-ops", "triton"])
-def backend(request, monkeypatch):
-    if request.param == "torch-ops":
-        monkeypatch.setattr(cpu_kernels, "MAX_CLASSES", 0)
-        return "torch"
-    return request.param
-
-
-def device_of(backend):
-    return KERNEL_DEVICE if backend == "triton" else "cpu"
 
 
 @pytest.mark.parametrize("power", POWERS)

@@ -2,18 +2,10 @@
 import pytest
 import torch
 
-from fastcal import api, cpu_kernels
+from fastcal import api
 
 import oracle
-from cases import KERNEL_DEVICE, make_logits
-
-
-@pytest.fixture(params=["reference", "torch", "torch-ops", "triton"])
-def backend(request, monkeypatch):
-    if request.param == "torch-ops":
-        monkeypatch.setattr(cpu_kernels, "MAX_CLASSES", 0)
-        return "torch"
-    return request.param
+from cases import device_of, make_logits
 
 
 def expected_counts(z, valid=None):
@@ -25,7 +17,7 @@ def expected_counts(z, valid=None):
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("shape", [(2, 19, 64, 65), (1, 150, 6, 7), (40, 3)], ids=str)
 def test_counts_are_exact(backend, shape, deterministic):
-    z = make_logits(shape, device=KERNEL_DEVICE if backend == "triton" else "cpu")
+    z = make_logits(shape, device=device_of(backend))
     valid = torch.rand(shape[0], *shape[2:], device=z.device) > 0.2
     z[~valid.unsqueeze(1).expand_as(z)] = float("nan")  # left out, not counted
     _, W, N = api.stats_and_counts(z, valid=valid, backend=backend, deterministic=deterministic,
@@ -35,7 +27,7 @@ def test_counts_are_exact(backend, shape, deterministic):
 
 
 def test_counts_of_the_upsampled_pixels(backend):
-    z = make_logits((2, 5, 7, 9), device=KERNEL_DEVICE if backend == "triton" else "cpu")
+    z = make_logits((2, 5, 7, 9), device=device_of(backend))
     _, _, N = api.stats_and_counts(z, backend=backend, size=(20, 30))
     up = oracle.interpolate(z, size=(20, 30))
     top_two = torch.from_numpy(oracle.pixels_by_class(up)).topk(2, dim=1).values

@@ -4,25 +4,11 @@ import pytest
 import torch
 
 import fastcal
-from fastcal import cpu_kernels
 
 import oracle
-from cases import DTYPES, KERNEL_DEVICE, LAYOUTS, make_logits
+from cases import DTYPES, LAYOUTS, device_of, make_logits
 
 SHAPES = [(2, 2, 13, 11), (2, 19, 17, 23), (1, 3, 4, 5, 6), (37, 19), (1, 150, 5, 7), (3, 1024)]
-
-
-@pytest.fixture(params=["reference", "torch", "torch-ops", "triton"])
-def backend(request, monkeypatch):
-    """Each backend, and the torch backend's PyTorch-operations path ("torch-ops")."""
-    if request.param == "torch-ops":
-        monkeypatch.setattr(cpu_kernels, "MAX_CLASSES", 0)
-        return "torch"
-    return request.param
-
-
-def device_of(backend):
-    return KERNEL_DEVICE if backend == "triton" else "cpu"
 
 
 def fitted(z, empty="onehot"):

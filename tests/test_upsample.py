@@ -1,33 +1,19 @@
 """Calibration at the model's output resolution: every backend's fused bilinear upsampling against
 F.interpolate and the float64 oracle (``oracle.interpolate``, PyTorch's rule in NumPy)."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastcal
-from fastcal import cpu_kernels
 
 import oracle
-from cases import DTYPES, KERNEL_DEVICE, make_logits
+from cases import DTYPES, device_of, make_logits
 
 FLOAT32_EPS = 2.0**-23
 # (input H, W) and the resize: scale factors 4 and 8, a size that is no multiple of the input,
 # a fractional factor, and upsampling to a single row or column
 RESIZES = [((9, 13), {"scale_factor": 4}), ((5, 7), {"scale_factor": 8}), ((11, 6), {"size": (50, 29)}),
            ((7, 10), {"scale_factor": 2.5}), ((6, 8), {"size": (1, 33)})]
-
-
-@pytest.fixture(params=["reference", "torch", "torch-ops", "triton"])
-def backend(request, monkeypatch):
-    if request.param == "torch-ops":
-        monkeypatch.setattr(cpu_kernels, "MAX_CLASSES", 0)
-        return "torch"
-    return request.param
-
-
-def device_of(backend):
-    return KERNEL_DEVICE if backend == "triton" else "cpu"
 
 
 def check(z, backend, temperature=1.0, valid=None, **resize):

@@ -19,20 +19,6 @@ PALETTE = np.array([[128, 64, 128], [244, 35, 232], [70, 70, 70], [107, 142, 35]
                     [70, 130, 180], [0, 0, 142], [220, 20, 60], [153, 153, 153]], dtype=np.uint8)
 
 
-@dataclass
-class DemoConfig:
-    seed: int = 0
-    height: int = 48
-    width: int = 96
-    train_images: int = 384
-    calib_images: int = 96       # unlabelled target images the calibrator sees
-    test_images: int = 96        # held-out labelled images, in each domain
-    steps: int = 300
-    batch: int = 16
-    channels: int = 24
-    panel_images: int = 4
-
-
 @dataclass(frozen=True)
 class Domain:
     name: str
