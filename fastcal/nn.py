@@ -126,15 +126,19 @@ class LabelCalibration(nn.Module):
     @torch.no_grad()
     def fit(self, loader, *, progress: bool = True) -> "LabelCalibration":
         """Statistics of the model's logits over every batch of ``loader`` (unlabelled images: see
-        :func:`batch_images` for what a batch may be), replacing any earlier ones; a progress bar
-        on stderr with ``progress`` (tqdm)."""
+        :func:`batch_images` for what a batch may be, moved to the device of the model's
+        parameters), replacing any earlier ones; a progress bar on stderr with ``progress`` (tqdm)."""
         if self.mode == "episodic":
             raise ValueError("fit: the 'episodic' mode keeps no statistics between batches")
         from tqdm.auto import tqdm
 
         self.calibrator.reset()
+        parameter = next(self.model.parameters(), None)
         for batch in tqdm(loader, desc="fastcal fit", unit="batch", disable=not progress):
-            logits, resize = self._logits(batch_images(batch))
+            images = batch_images(batch)
+            if parameter is not None:  # loaders yield CPU tensors; the model may sit on a GPU
+                images = images.to(parameter.device)
+            logits, resize = self._logits(images)
             self.calibrator.update(logits, **resize)
         self._fitted = self.calibrator.state_dict()
         return self

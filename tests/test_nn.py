@@ -170,3 +170,10 @@ def test_bad_arguments_and_outputs():
         LabelCalibration(ReturnsTuple(), 3)(torch.randn(2, 3, 4, 4))
     with pytest.raises(TypeError, match="loader"):
         LabelCalibration(small_model(), C, mode="offline").fit([["not", "tensors"]], progress=False)
+
+
+def test_fit_shows_progress(capsys):
+    wrapper = LabelCalibration(small_model(), C, mode="offline")
+    wrapper.fit(batches(2), progress=True)
+    assert "fastcal fit" in capsys.readouterr().err
+    assert wrapper.calibrator.num_updates == 2
