@@ -309,6 +309,17 @@ def findings(results: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def _format(key: str, value) -> str:
+    """A failure-mode figure: pixel counts whole, distances to 3 decimals, the rest (mIoU, IoU) in %."""
+    if value is None:
+        return "n/a"
+    if "pixels" in key:
+        return f"{value:.0f}"
+    if "distance" in key:
+        return f"{value:.3f}"
+    return _pct(value)
+
+
 def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
@@ -338,9 +349,7 @@ def markdown(results: dict, figures: bool = True) -> str:
     lines += ["", "## 4. Failure modes", ""]
     for name, case in results["failure_modes"].items():
         figures_of_case = {k: v for k, v in case.items() if k != "diagnostics"}
-        lines.append(f"**{name}**: " + "; ".join(
-            f"{k} {_pct(v) if isinstance(v, float) and v <= 1 and 'pixels' not in k and 'distance' not in k else v}"
-            for k, v in figures_of_case.items()))
+        lines.append(f"**{name}**: " + "; ".join(f"{k} {_format(k, v)}" for k, v in figures_of_case.items()))
         lines += [f"- diagnostics: {w}" for w in case["diagnostics"]["warnings"]] or ["- diagnostics: no warnings"]
         lines.append("")
     if figures:
