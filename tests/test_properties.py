@@ -76,6 +76,8 @@ def check_against_oracle(z, temperature, valid, backend, power=1.0):
     P = fastcal.prototypes_from_stats(S, W)
     labels = fastcal.predict(z, P, temperature=temperature, backend=backend)
     oracle.assert_labels_match(labels, z, P, temperature)
+    oracle.assert_scores_close(fastcal.predict(z, P, temperature=temperature, backend=backend, output="scores"),
+                               z, P, temperature)
     if valid is None:  # calibrate is the two passes, to the bit
         assert torch.equal(fastcal.calibrate(z, temperature=temperature, backend=backend, confidence_power=power),
                            labels)
