@@ -113,6 +113,11 @@ def check_prototype_values(prototypes: torch.Tensor) -> None:
 OUTPUTS = ("labels", "scores")
 
 
+def check_deterministic(deterministic) -> None:
+    if deterministic is not None and not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic: expected None or a bool, got {deterministic!r}")
+
+
 def check_choice(name: str, value, choices) -> None:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")

@@ -75,8 +75,7 @@ def stats_and_counts(logits, *, temperature=1.0, valid=None, backend="auto", det
     upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
     _checks.check_valid(valid, logits, _upsample.output_shape(logits, upsample))
     _checks.check_choice("backend", backend, _checks.BACKENDS)
-    if deterministic is not None and not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic: expected None or a bool, got {deterministic!r}")
+    _checks.check_deterministic(deterministic)
     confidence_power = _checks.check_confidence_power(confidence_power)
     # calibration never back-propagates; logits straight from a model may carry grad
     return _call(_stats_op, _stats_impl, logits.detach(), valid, temperature, backend, deterministic, confidence_power,
@@ -253,21 +252,17 @@ def calibrate(logits, prototypes=None, *, temperature=1.0, valid=None, empty="on
     """
     _checks.check_choice("empty", empty, _checks.EMPTY_POLICIES)
     _checks.check_logits(logits)
-    _checks.check_confidence_power(confidence_power)
+    confidence_power = _checks.check_confidence_power(confidence_power)
+    upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
+    _checks.check_valid(valid, logits, _upsample.output_shape(logits, upsample))
     if prototypes is not None:
-        upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
-        _checks.check_valid(valid, logits, _upsample.output_shape(logits, upsample))
         return predict(logits, prototypes, temperature=temperature, backend=backend, label_dtype=label_dtype,
                        output=output, size=size, scale_factor=scale_factor, align_corners=align_corners)
     temperature = _checks.check_temperature(temperature)
-    upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
-    _checks.check_valid(valid, logits, _upsample.output_shape(logits, upsample))
     _checks.check_choice("backend", backend, _checks.BACKENDS)
     _checks.check_choice("output", output, _checks.OUTPUTS)
     _checks.check_label_dtype(label_dtype, logits.shape[1])
-    if deterministic is not None and not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic: expected None or a bool, got {deterministic!r}")
-    confidence_power = _checks.check_confidence_power(confidence_power)
+    _checks.check_deterministic(deterministic)
     return _call(_calibrate_op, _calibrate_impl, logits.detach(), valid, temperature, empty, backend, label_dtype,
                  output == "scores", deterministic, confidence_power, *_resize(upsample))
 

@@ -7,7 +7,7 @@ from numbers import Real
 
 import torch
 
-from . import _checks, _upsample, api
+from . import _checks, api
 
 STATE_FORMAT = "fastcal.LabelCalibrator"
 STATE_VERSION = 2  # 2: the confidence power and the pixel counts per class; version 1 still loads
@@ -129,8 +129,7 @@ class LabelCalibrator:
         S, W, N = api.stats_and_counts(logits, temperature=self.temperature, valid=valid, backend=self.backend,
                                        confidence_power=self.confidence_power, size=size,
                                        scale_factor=scale_factor, align_corners=align_corners)
-        upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
-        pixels = int(valid.sum()) if valid is not None else api.pixel_count(logits, upsample)
+        pixels = int(N.sum())  # the valid pixels: a non-finite one has already raised
         if pixels == 0:
             return self
         if not self._device_fixed:
