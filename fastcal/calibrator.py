@@ -78,6 +78,7 @@ class LabelCalibrator:
         self._S_local, self._W_local, self._N_local = torch.zeros_like(S), torch.zeros_like(W), torch.zeros_like(N)
         self._shared_counts = (num_updates, num_pixels)
         self._local_updates = self._local_pixels = 0
+        self._cached_prototypes = None
 
     @property
     def S(self) -> torch.Tensor:
@@ -143,17 +144,26 @@ class LabelCalibrator:
         self._S_local, self._W_local, self._N_local = self._S_local + S, self._W_local + W, self._N_local + N
         self._local_updates += 1
         self._local_pixels += pixels
+        self._cached_prototypes = None
         return self
 
     def _move_to(self, device) -> None:
         self._S_shared, self._W_shared = self._S_shared.to(device), self._W_shared.to(device)
         self._S_local, self._W_local = self._S_local.to(device), self._W_local.to(device)
         self._N_shared, self._N_local = self._N_shared.to(device), self._N_local.to(device)
+        self._cached_prototypes = None
 
     @property
     def prototypes(self) -> torch.Tensor:
         """[C, C] float32 prototypes from the sums so far (see :func:`fastcal.prototypes_from_stats`)."""
-        return api.prototypes_from_stats(self.S, self.W, empty=self.empty)
+        return self._current_prototypes().clone()
+
+    def _current_prototypes(self) -> torch.Tensor:
+        """The prototypes, built once per state of the sums (and empty policy): building them checks
+        the sums, which on CUDA reads them back, and ``predict`` would otherwise do it every call."""
+        if self._cached_prototypes is None or self._cached_prototypes[0] != self.empty:
+            self._cached_prototypes = (self.empty, api.prototypes_from_stats(self.S, self.W, empty=self.empty))
+        return self._cached_prototypes[1]
 
     def diagnostics(self, class_names=None, *, min_pixels: float = 1000, min_distance: float = 0.2):
         """Per class: pixels, weight, the prototype's own probability, its nearest other prototype,
@@ -175,7 +185,7 @@ class LabelCalibrator:
         [N, C, *spatial] with ``output="scores"`` (of the bilinearly upsampled logits with ``size`` /
         ``scale_factor``, as in :func:`fastcal.predict`)."""
         self._check_batch(logits)
-        prototypes = self.prototypes.to(logits.device)
+        prototypes = self._current_prototypes().to(logits.device)
         return api.predict(logits, prototypes, temperature=self.temperature, backend=self.backend,
                            label_dtype=label_dtype, output=output, size=size, scale_factor=scale_factor,
                            align_corners=align_corners)

@@ -91,3 +91,30 @@ def test_logits_that_carry_grad_are_fine(backend):
     assert not cal.S.requires_grad and not cal.prototypes.requires_grad
     labels = cal.predict(logits)
     assert torch.equal(labels, fastcal.calibrate(logits.detach(), cal.prototypes, backend=backend))
+
+
+def test_prototypes_are_built_once_per_state_of_the_sums(monkeypatch):
+    from fastcal import api
+
+    built = []
+    original = api.prototypes_from_stats
+    monkeypatch.setattr(api, "prototypes_from_stats", lambda *a, **k: built.append(1) or original(*a, **k))
+    z = torch.randn(2, 5, 8, 8) * 3
+    cal = fastcal.LabelCalibrator(5).update(z)
+    first = cal.predict(z)
+    assert torch.equal(cal.predict(z), first) and len(built) == 1  # the second call reuses them
+    P = cal.prototypes
+    P.fill_(0.0)  # a caller's copy: the calibrator's own stay as they were
+    assert torch.equal(cal.predict(z), first) and len(built) == 1
+    cal.update(z[:1] * 2)
+    fresh = original(cal.S, cal.W, empty="onehot")
+    assert torch.equal(cal.prototypes, fresh) and len(built) == 2  # an update invalidates them
+    cal.empty = "skip"
+    cal.prototypes
+    assert len(built) == 3  # so does another empty policy
+    cal.empty = "onehot"
+    state = cal.state_dict()
+    cal.reset()
+    assert torch.equal(cal.prototypes, torch.eye(5))  # nothing left of the sums after reset
+    cal.load_state_dict(state)
+    assert torch.equal(cal.prototypes, fresh)
