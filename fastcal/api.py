@@ -1,9 +1,10 @@
 """The functional API, its ``torch.library`` ops, and the one place that chooses a backend.
 
 Each public function checks its arguments (types, shapes, devices: nothing that reads a tensor's
-values) and calls its op, ``torch.ops.fastcal.{prototype_stats, predict, calibrate}``, which
-``torch.compile`` treats as one opaque call with a known output shape (its fake implementation),
-so that compiled inference code runs fastcal's own kernels without a graph break.
+values), then runs its op, ``torch.ops.fastcal.{prototype_stats, predict, calibrate}``: through the
+dispatcher where a tracer must see it (``torch.compile`` treats it as one opaque call with a known
+output shape, its fake implementation, so compiled inference code runs fastcal's own kernels
+without a graph break), and as a plain call of the op's body otherwise (see ``_call``).
 """
 from __future__ import annotations
 
@@ -105,9 +106,9 @@ def _resize(upsample) -> tuple:
 
 
 def _stats_impl(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: float, backend: str,
-              deterministic: Optional[bool], confidence_power: float, size: Optional[Sequence[int]],
-              scale_factor: Optional[Sequence[float]],
-              align_corners: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                deterministic: Optional[bool], confidence_power: float, size: Optional[Sequence[int]],
+                scale_factor: Optional[Sequence[float]],
+                align_corners: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
     module = resolve_backend(backend, logits.device)
     C = logits.shape[1]
@@ -203,21 +204,24 @@ def _capturing(device: torch.device) -> bool:
 def _run_predict(logits, prototypes, temperature, backend, label_dtype, scores, upsample):
     module = resolve_backend(backend, logits.device)
     if pixel_count(logits, upsample) == 0:
-        return torch.empty(_output_shape(logits, upsample, scores),
-                           dtype=torch.float32 if scores else label_dtype, device=logits.device)
+        return _empty_output(logits, upsample, scores, label_dtype)
     if scores:
         return module.scores(logits, prototypes, temperature, upsample)
     return module.predict(logits, prototypes, temperature, label_dtype, upsample)
 
 
-def _output_shape(logits, upsample, scores: bool) -> tuple:
+def _empty_output(logits, upsample, scores: bool, label_dtype) -> torch.Tensor:
+    """An uninitialised output: labels [N, *spatial] of ``label_dtype``, or float32 scores
+    [N, C, *spatial] (the fake implementations' result, and the answer for an empty batch)."""
     shape = _upsample.output_shape(logits, upsample)
-    return (shape[0], logits.shape[1], *shape[1:]) if scores else shape
+    if scores:
+        return logits.new_empty((shape[0], logits.shape[1], *shape[1:]), dtype=torch.float32)
+    return logits.new_empty(shape, dtype=label_dtype)
 
 
 def _predict_impl(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, backend: str,
-                label_dtype: torch.dtype, scores: bool, size: Optional[Sequence[int]],
-                scale_factor: Optional[Sequence[float]], align_corners: bool) -> torch.Tensor:
+                  label_dtype: torch.dtype, scores: bool, size: Optional[Sequence[int]],
+                  scale_factor: Optional[Sequence[float]], align_corners: bool) -> torch.Tensor:
     if not _capturing(prototypes.device):
         _checks.check_prototype_values(prototypes)
     upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
@@ -230,7 +234,7 @@ _predict_op = torch.library.custom_op("fastcal::predict", _predict_impl, mutates
 @_predict_op.register_fake
 def _(logits, prototypes, temperature, backend, label_dtype, scores, size, scale_factor, align_corners):
     upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
-    return logits.new_empty(_output_shape(logits, upsample, scores), dtype=torch.float32 if scores else label_dtype)
+    return _empty_output(logits, upsample, scores, label_dtype)
 
 
 def calibrate(logits, prototypes=None, *, temperature=1.0, valid=None, empty="onehot",
@@ -267,10 +271,10 @@ def calibrate(logits, prototypes=None, *, temperature=1.0, valid=None, empty="on
                  output == "scores", deterministic, confidence_power, *_resize(upsample))
 
 
-def _calibrate_impl(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: float, empty: str, backend: str,
-                  label_dtype: torch.dtype, scores: bool, deterministic: Optional[bool], confidence_power: float,
-                  size: Optional[Sequence[int]], scale_factor: Optional[Sequence[float]],
-                  align_corners: bool) -> torch.Tensor:
+def _calibrate_impl(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: float, empty: str,
+                    backend: str, label_dtype: torch.dtype, scores: bool, deterministic: Optional[bool],
+                    confidence_power: float, size: Optional[Sequence[int]], scale_factor: Optional[Sequence[float]],
+                    align_corners: bool) -> torch.Tensor:
     upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
     if pixel_count(logits, upsample) == 0:  # nothing to build prototypes from, nothing to label
         return _run_predict(logits, None, temperature, backend, label_dtype, scores, upsample)
@@ -287,4 +291,4 @@ _calibrate_op = torch.library.custom_op("fastcal::calibrate", _calibrate_impl, m
 def _(logits, valid, temperature, empty, backend, label_dtype, scores, deterministic, confidence_power, size,
       scale_factor, align_corners):
     upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
-    return logits.new_empty(_output_shape(logits, upsample, scores), dtype=torch.float32 if scores else label_dtype)
+    return _empty_output(logits, upsample, scores, label_dtype)
