@@ -125,7 +125,7 @@ class Study:
                 "std": {m: s.std(0).tolist() for m, s in scores.items()}}
 
     # ----- 4. failure modes -----------------------------------------------------------------
-    def failure_modes(self, test, test_labels) -> dict:
+    def failure_modes(self, pool, test, test_labels) -> dict:
         c = self.config
         out = {}
         no_cars_pool = self.logits(self.images(NO_CARS, c.pool_images, 20_000)[0])
@@ -149,18 +149,19 @@ class Study:
         collapse_test = self.logits(collapse_images)
         calibrator = self.fit(collapse_pool)
         diagnostics = calibrator.diagnostics(CLASSES)
-        distances = [row["distance"] for row in diagnostics.to_dict()["classes"] if row["distance"] is not None]
         out["collapse"] = {
             "argmax": report.miou(collapse_test.argmax(1), collapse_labels),
             "calibrated": report.miou(calibrator.predict(collapse_test), collapse_labels),
-            "smallest prototype distance": min(distances),
+            "smallest prototype distance": _closest(diagnostics),
+            "smallest prototype distance on the target": _closest(self.fit(pool).diagnostics(CLASSES)),
             "diagnostics": diagnostics.to_dict(),
         }
-        target_calibrator = self.fit(self.logits(self.images(TARGET, c.pool_images, 1)[0]))
-        target_distances = [r.distance for r in target_calibrator.diagnostics(CLASSES).classes
-                            if r.distance is not None]
-        out["collapse"]["smallest prototype distance on the target"] = min(target_distances)
         return out
+
+
+def _closest(diagnostics) -> float:
+    """The distance between the two closest prototypes."""
+    return min(c.distance for c in diagnostics.classes if c.distance is not None)
 
 
 def run(config: StudyConfig, out: str, progress: bool = True, figures: bool = True) -> dict:
@@ -178,7 +179,7 @@ def run(config: StudyConfig, out: str, progress: bool = True, figures: bool = Tr
     results["confidence_power"] = study.confidence_power(pool, test, test_labels)
     results["image_count"] = study.image_count(pool, test, test_labels)
     results["drift"] = study.drift()
-    results["failure_modes"] = study.failure_modes(test, test_labels)
+    results["failure_modes"] = study.failure_modes(pool, test, test_labels)
     results["seconds"] = time.perf_counter() - start
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
