@@ -7,7 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .calibrator import LabelCalibrator
-from .nn import batch_images, model_logits
+from .nn import batch_images, model_logits, output_size
 
 
 def fit_calibrator(model: Callable, loader: Iterable, num_classes: int, *, device=None,
@@ -20,7 +20,8 @@ def fit_calibrator(model: Callable, loader: Iterable, num_classes: int, *, devic
     (torchvision) or an object with ``.logits`` (HuggingFace). Labels in the loader, if any, are
     never looked at. ``size`` / ``scale_factor`` / ``align_corners`` upsample the model's logits on
     the fly (see :func:`fastcal.prototype_stats`), for models whose output is smaller than their
-    input. A progress bar (tqdm) goes to stderr with ``progress``. The model is put in eval mode
+    input; ``size="input"`` means each batch's image height and width. A progress bar (tqdm) goes
+    to stderr with ``progress``. The model is put in eval mode
     for the pass and back in training mode afterwards if it was.
     """
     calibrator = calibrator or LabelCalibrator(num_classes, **calibrator_kwargs)
@@ -34,7 +35,8 @@ def fit_calibrator(model: Callable, loader: Iterable, num_classes: int, *, devic
     try:
         with torch.inference_mode():
             for batch in tqdm(loader, desc="calibrating", unit="batch", disable=not progress, leave=False):
-                calibrator.update(model_logits(model(batch_images(batch).to(device))), size=size,
+                images = batch_images(batch).to(device)
+                calibrator.update(model_logits(model(images)), size=output_size(size, images),
                                   scale_factor=scale_factor, align_corners=align_corners)
     finally:
         if was_training and hasattr(model, "train"):

@@ -30,6 +30,11 @@ def model_logits(output) -> torch.Tensor:
     )
 
 
+def output_size(size, images: torch.Tensor):
+    """``size`` as the ops take it: ``"input"`` means the images' height and width."""
+    return tuple(images.shape[-2:]) if size == "input" else size
+
+
 def batch_images(batch):
     """The model input in a batch from a data loader: the batch itself (a tensor), its first item
     (``(images, labels)``), or ``batch["pixel_values"]`` / ``batch["image"]`` / ``batch["images"]``."""
@@ -105,10 +110,7 @@ class LabelCalibration(nn.Module):
         self.model.eval()
         with torch.no_grad():
             logits = model_logits(self.model(images))
-        resize = dict(self.resize)
-        if resize["size"] == "input":
-            resize["size"] = tuple(images.shape[-2:])
-        return logits, resize
+        return logits, {**self.resize, "size": output_size(self.resize["size"], images)}
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -123,23 +125,17 @@ class LabelCalibration(nn.Module):
             raise RuntimeError("LabelCalibration(mode='offline'): call fit(loader) before predicting")
         return self.calibrator.predict(logits, output=self.output, **resize)
 
-    @torch.no_grad()
     def fit(self, loader, *, progress: bool = True) -> "LabelCalibration":
-        """Statistics of the model's logits over every batch of ``loader`` (unlabelled images: see
-        :func:`batch_images` for what a batch may be, moved to the device of the model's
-        parameters), replacing any earlier ones; a progress bar on stderr with ``progress`` (tqdm)."""
+        """Statistics of the model's logits over every batch of ``loader`` (unlabelled images, moved
+        to the device of the model's parameters: see :func:`fastcal.fit.fit_calibrator`), replacing
+        any earlier ones; a progress bar on stderr with ``progress`` (tqdm)."""
         if self.mode == "episodic":
             raise ValueError("fit: the 'episodic' mode keeps no statistics between batches")
-        from tqdm.auto import tqdm
+        from .fit import fit_calibrator
 
         self.calibrator.reset()
-        parameter = next(self.model.parameters(), None)
-        for batch in tqdm(loader, desc="fastcal fit", unit="batch", disable=not progress):
-            images = batch_images(batch)
-            if parameter is not None:  # loaders yield CPU tensors; the model may sit on a GPU
-                images = images.to(parameter.device)
-            logits, resize = self._logits(images)
-            self.calibrator.update(logits, **resize)
+        fit_calibrator(self.model, loader, self.calibrator.num_classes, calibrator=self.calibrator,
+                       progress=progress, **self.resize)
         self._fitted = self.calibrator.state_dict()
         return self
 
