@@ -26,11 +26,8 @@ def steps(logits: torch.Tensor) -> dict:
     n = torch_backend.CHUNK_ELEMENTS // C
     pieces = [(start, min(n, L - start)) for start in range(0, L, n)]
     prototypes = fastcal.prototypes_from_stats(*fastcal.prototype_stats(logits))
-    A_times_minus_2, centre, bias = torch_backend._distance_operands(prototypes)
-    centre, bias = centre.numpy(), bias.numpy()
-    d_flat, distance_flat = torch.empty(C * n), torch.empty(C * n)
-    d = [d_flat[:C * m].view(C, m) for _, m in pieces]  # [C, m] chunk buffers, as the torch backend's
-    distance = [distance_flat[:C * m].view(C, m) for _, m in pieces]
+    A_times_minus_2, centre, bias = (t.numpy() for t in torch_backend._distance_operands(prototypes))
+    d = np.empty(C * n, np.float32)  # a chunk buffer, as the scores output uses
     labels = np.empty(L, np.int64)
     out = torch.empty_like(logits)
     no_mask = np.empty(0, np.uint8)
@@ -42,23 +39,19 @@ def steps(logits: torch.Tensor) -> dict:
             cpu_kernels.stats_chunk(z, 0, start, m, np.float32(1), np.float32(1), no_mask, S, W, N)
 
     def softmax_loops():
-        for (start, m), d_chunk in zip(pieces, d):
-            cpu_kernels.centred_softmax_chunk(z, 0, start, m, np.float32(1), centre, d_chunk.numpy())
+        for start, m in pieces:
+            cpu_kernels.centred_softmax_chunk(z, 0, start, m, np.float32(1), centre, d[:C * m].reshape(C, m))
 
-    def gemm():
-        for d_chunk, distance_chunk in zip(d, distance):
-            torch.mm(A_times_minus_2, d_chunk, out=distance_chunk)
-
-    def argmin_loops():
-        for (start, m), distance_chunk in zip(pieces, distance):
-            cpu_kernels.argmin_chunk(distance_chunk.numpy(), bias, m, labels[start:start + m])
+    def predict_loops():
+        for start, m in pieces:
+            cpu_kernels.predict_chunk(z, 0, start, m, np.float32(1), centre, A_times_minus_2, bias,
+                                      labels[start:start + m])
 
     return {
         "exp (one pass, the floor)": lambda: torch.exp(logits, out=out),
         "stats pass: stats_chunk": stats_loops,
-        "predict pass: centred_softmax_chunk": softmax_loops,
-        "predict pass: torch.mm": gemm,
-        "predict pass: argmin_chunk": argmin_loops,
+        "predict pass: softmax alone": softmax_loops,
+        "predict pass: predict_chunk": predict_loops,
         "prototype_stats (whole pass)": lambda: fastcal.prototype_stats(logits),
         "predict (whole pass)": lambda: fastcal.predict(logits, prototypes),
         "calibrate": lambda: fastcal.calibrate(logits),

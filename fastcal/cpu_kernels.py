@@ -47,6 +47,8 @@ from numba import njit, prange, types
 from numba.core import event
 from numba.extending import intrinsic
 
+TILE = 16  # output columns a step of the interpolation along x: one 512-bit vector of float32
+BAND = 8  # source columns a tile of the interpolation along x reads
 BLOCK = 256  # pixels a block: [C, 256] float32 exp values, 19 KiB for C = 19, 256 KiB at most
 UNITS = 16  # work items a call: enough for the threads, and fixed, so sums do not depend on the thread count
 # Beyond this the float64 sums per work unit (UNITS * C^2 * 8 bytes, 8 MiB at 256) and the block
@@ -313,43 +315,84 @@ def _centred_block(src, src_start, count, inv_temperature, centre, d, d_start):
 
 
 @njit(inline="always", fastmath=_FAST)
-def _source_row(z_image, offset, cols, out):
+def _source_row(z_image, offset, cols, padded, out):
     """``out[k, x]``: source row ``offset`` (of ``z_image`` [C, H*W]) interpolated along x to the
-    output columns: ``(1 - wx) z[x0] + wx z[x1]``."""
-    col0, col1, col_weight = cols
+    output columns, ``(1 - wx) z[x0] + wx z[x1]``.
+
+    Each class's source row is first copied into ``padded`` as float32, followed by copies of its
+    last value, so that ``x1 = x0 + 1`` for every column. Then, a tile of ``TILE`` output columns
+    at a time, ``out[tile] = sum_s padded[first + s] * weights[s]`` over the ``BAND`` source
+    columns from the tile's ``first`` (weights ``1 - wx`` at ``x0``, ``wx`` at ``x0 + 1``, zero
+    elsewhere; the nonzero terms are added in that order, as in the two-term formula): eight
+    broadcast multiply-adds a tile instead of two gathers per output value. Rows with a NaN or
+    infinite logit take the gathers, as zero weights times NaN would spread it over the tile,
+    and so do all rows when a tile spans more than ``BAND`` source columns (a factor below
+    about 2.5; ``first`` is then empty)."""
+    in_width, col0, col_weight, first, weights = cols
     one = np.float32(1.0)
     for k in range(z_image.shape[0]):
-        source = z_image[k]
+        source = z_image[k, offset:offset + in_width]
+        nonfinite = 0
+        for x in range(in_width):
+            v = _to_float32(source[x])
+            padded[x] = v
+            nonfinite += (v - v) != 0  # NaN for NaN and +-inf; an integer sum, so it vectorizes
+        for x in range(in_width, padded.shape[0]):
+            padded[x] = padded[in_width - 1]
         out_k = out[k]
-        for x in range(out.shape[1]):
-            out_k[x] = ((one - col_weight[x]) * _to_float32(source[offset + col0[x]])
-                        + col_weight[x] * _to_float32(source[offset + col1[x]]))
+        if nonfinite == 0 and first.shape[0] > 0:
+            for t in range(first.shape[0]):
+                # one expression over fixed slots: a loop over the slots, or += per slot, runs 2-4x slower
+                f = first[t]
+                p0, p1, p2, p3 = padded[f], padded[f + 1], padded[f + 2], padded[f + 3]
+                p4, p5, p6, p7 = padded[f + 4], padded[f + 5], padded[f + 6], padded[f + 7]
+                w = weights[t]
+                for i in range(TILE):
+                    out_k[t * TILE + i] = (p0 * w[0, i] + p1 * w[1, i] + p2 * w[2, i] + p3 * w[3, i]
+                                           + p4 * w[4, i] + p5 * w[5, i] + p6 * w[6, i] + p7 * w[7, i])
+        else:
+            for x in range(out_k.shape[0]):
+                out_k[x] = (one - col_weight[x]) * padded[col0[x]] + col_weight[x] * padded[col0[x] + 1]
 
 
 @njit(inline="always")
-def _cached_source_row(z_image, offset, keep, cols, rows_cache, cached):
+def _upsample_scratch(C, cols):
+    """``(block, rows_cache, cached, padded)`` for :func:`_block_upsample`."""
+    in_width, col0 = cols[0], cols[1]
+    cached = np.empty(2, np.int64)
+    # set by hand: inside a parallel loop, np.full here would give the caller a copy of its own
+    cached[0] = -1
+    cached[1] = -1
+    return np.empty((C, BLOCK), np.float32), np.empty((2, C, col0.shape[0]), np.float32), cached, \
+        np.empty(in_width + BAND, np.float32)
+
+
+@njit(inline="always")
+def _cached_source_row(z_image, offset, keep, cols, rows_cache, cached, padded):
     """The slot of ``rows_cache`` [2, C, W_out] holding source row ``offset`` interpolated along x,
     computing it into the slot that does not hold row ``keep`` when it is not there yet."""
     for slot in range(2):
         if cached[slot] == offset:
             return slot
     slot = 1 if cached[0] == keep else 0
-    _source_row(z_image, offset, cols, rows_cache[slot])
+    _source_row(z_image, offset, cols, padded, rows_cache[slot])
     cached[slot] = offset
     return slot
 
 
 @njit(inline="always", fastmath=_FAST)
-def _block_upsample(z_image, start, count, width, rows, cols, out, rows_cache, cached):
-    """``out[k, i]``: the bilinear value of output pixel ``start + i`` (row-major, ``width`` columns),
+def _block_upsample(z_image, start, count, width, rows, cols, out, rows_cache, cached, padded):
+    """``out[k, i]``: the bilinear
+    value of output pixel ``start + i`` (row-major, ``width`` columns),
     ``(1 - wy) ((1 - wx) z[y0, x0] + wx z[y0, x1]) + wy ((1 - wx) z[y1, x0] + wx z[y1, x1])`` as
-    ``F.interpolate`` forms it.
+    ``F.interpolate`` forms it (``rows_cache``, ``cached`` and ``padded`` from :func:`_upsample_scratch`).
 
     The two source rows of an output row are interpolated along x once and kept in ``rows_cache``
     (``cached`` holds their offsets), so consecutive blocks and output rows of a work unit reuse
-    them: the gathers along x happen once per source row, the blend along y is contiguous.
-    ``rows`` = (offset of source row y0, of y1, weight of y1) per output row, ``cols`` = (x0, x1,
-    weight of x1) per output column, as ``fastcal._upsample`` computes them."""
+    them: the work along x happens once per source row, the blend along y is contiguous.
+    ``rows`` = (offset of source row y0, of y1, weight of y1) per output row, ``cols`` = (source
+    width, x0 and weight of x1 per output column, then the bands of :func:`_source_row`), as
+    ``fastcal.torch_backend`` prepares them."""
     row0, row1, row_weight = rows
     one = np.float32(1.0)
     i = 0
@@ -357,8 +400,8 @@ def _block_upsample(z_image, start, count, width, rows, cols, out, rows_cache, c
         y = (start + i) // width
         x_start = start + i - y * width
         segment = min(count - i, width - x_start)  # the block's pixels on output row y
-        top = _cached_source_row(z_image, row0[y], row1[y], cols, rows_cache, cached)
-        bottom = _cached_source_row(z_image, row1[y], row0[y], cols, rows_cache, cached)
+        top = _cached_source_row(z_image, row0[y], row1[y], cols, rows_cache, cached, padded)
+        bottom = _cached_source_row(z_image, row1[y], row0[y], cols, rows_cache, cached, padded)
         wy = row_weight[y]
         for k in range(z_image.shape[0]):
             top_k = rows_cache[top, k, x_start:x_start + segment]
@@ -409,14 +452,12 @@ def upsampled_stats_chunk(z, g, start, n, inv_temperature, power, valid, S_parts
     for u in prange(UNITS):
         _prefer_512_bit_vectors()
         scratch = _stats_scratch(C)
-        block = np.empty((C, BLOCK), np.float32)
-        rows_cache = np.empty((2, C, width), np.float32)
-        cached = np.full(2, -1, np.int64)
+        block, rows_cache, cached, padded = _upsample_scratch(C, cols)
         bad = 0
         for b in range(u * blocks // UNITS, (u + 1) * blocks // UNITS):
             offset = b * BLOCK
             count = min(BLOCK, n - offset)
-            _block_upsample(z_image, start + offset, count, width, rows, cols, block, rows_cache, cached)
+            _block_upsample(z_image, start + offset, count, width, rows, cols, block, rows_cache, cached, padded)
             bad += _stats_block(block, 0, count, inv_temperature, power, valid, offset, masked, scratch,
                                 S_parts[u], W_parts[u], N_parts[u])
         nonfinite_parts[u] = bad
@@ -447,39 +488,91 @@ def upsampled_centred_softmax_chunk(z, g, start, n, inv_temperature, centre, d, 
     blocks = (n + BLOCK - 1) // BLOCK
     for u in prange(units):
         _prefer_512_bit_vectors()
-        block = np.empty((C, BLOCK), np.float32)
-        rows_cache = np.empty((2, C, width), np.float32)
-        cached = np.full(2, -1, np.int64)
+        block, rows_cache, cached, padded = _upsample_scratch(C, cols)
         for b in range(u * blocks // units, (u + 1) * blocks // units):
             offset = b * BLOCK
             count = min(BLOCK, n - offset)
-            _block_upsample(z_image, start + offset, count, width, rows, cols, block, rows_cache, cached)
+            _block_upsample(z_image, start + offset, count, width, rows, cols, block, rows_cache, cached, padded)
             _centred_block(block, 0, count, inv_temperature, centre, d, offset)
 
 
-@_parallel_loop
-def argmin_chunk(distance, bias, n, labels):
-    """``labels[i] = argmin_k bias[k] + distance[k, i]`` for ``i < n``, lowest k on ties."""
-    C = distance.shape[0]
-    blocks = (n + BLOCK - 1) // BLOCK
-    for b in prange(blocks):
-        _prefer_512_bit_vectors()
-        offset = b * BLOCK
-        count = min(BLOCK, n - offset)
-        best = np.empty(BLOCK, np.float32)
-        label = np.zeros(BLOCK, np.int32)
-        row = distance[0, offset:offset + count]
-        for i in range(count):
-            best[i] = bias[0] + row[i]
-        for k in range(1, C):
-            row = distance[k, offset:offset + count]
-            bias_k = bias[k]
-            for i in range(count):
-                v = bias_k + row[i]
-                smaller = v < best[i]  # strict: ties keep the lower class
-                best[i] = v if smaller else best[i]
-                label[i] = k if smaller else label[i]
-        out = labels[offset:offset + count]
-        for i in range(count):
-            out[i] = label[i]
+@njit(inline="always", fastmath=_FAST)
+def _block_nearest(d, count, A, bias, scratch, labels, labels_start):
+    """``labels[labels_start + i] = argmin_k bias[k] + sum_j A[k, j] d[j, i]`` (lowest k on ties) for
+    the block's ``count`` pixels of ``d`` [C, BLOCK].
 
+    Each class's row of distances is summed in ``distance`` [BLOCK] and compared at once, so the
+    [C, BLOCK] distances are never stored. Four classes of ``d`` a step: each step reads and writes
+    the row once for four multiply-adds (one a step would be bound by those loads and stores)."""
+    distance, best, label = scratch
+    C = d.shape[0]
+    fours = C - C % 4
+    for k in range(C):
+        bias_k = bias[k]
+        for i in range(count):
+            distance[i] = bias_k
+        for j in range(0, fours, 4):
+            a0, a1, a2, a3 = A[k, j], A[k, j + 1], A[k, j + 2], A[k, j + 3]
+            d0, d1, d2, d3 = d[j, :count], d[j + 1, :count], d[j + 2, :count], d[j + 3, :count]
+            for i in range(count):
+                distance[i] += a0 * d0[i] + a1 * d1[i] + a2 * d2[i] + a3 * d3[i]
+        for j in range(fours, C):
+            a_j, d_j = A[k, j], d[j, :count]
+            for i in range(count):
+                distance[i] += a_j * d_j[i]
+        if k == 0:
+            for i in range(count):
+                best[i] = distance[i]
+                label[i] = 0
+        else:
+            for i in range(count):
+                smaller = distance[i] < best[i]  # strict: ties keep the lower class
+                best[i] = distance[i] if smaller else best[i]
+                label[i] = k if smaller else label[i]
+    out = labels[labels_start:labels_start + count]
+    for i in range(count):
+        out[i] = label[i]
+
+
+@njit(inline="always")
+def _nearest_scratch(C):
+    return np.empty((C, BLOCK), np.float32), (np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32),
+                                              np.empty(BLOCK, np.int32))
+
+
+@_parallel_loop
+def predict_chunk(z, g, start, n, inv_temperature, centre, A, bias, labels):
+    """``labels[i] = argmin_k bias[k] + (A (p - centre))[k]`` for pixels ``start .. start + n`` of image
+    ``g``, ``p = softmax(z[g, :, start + i] / T)``: with ``A = -2 (P - c)``, ``bias[k] = ||P[k] - c||^2``
+    and ``centre = c`` (see ``fastcal._common.centred_prototypes``), the nearest prototype.
+
+    Every step of a block stays in the caches: softmax, distances, argmin; one label written."""
+    z_image = z[g]
+    blocks = (n + BLOCK - 1) // BLOCK
+    for u in prange(UNITS):
+        _prefer_512_bit_vectors()
+        d, scratch = _nearest_scratch(z.shape[1])
+        for b in range(u * blocks // UNITS, (u + 1) * blocks // UNITS):
+            offset = b * BLOCK
+            count = min(BLOCK, n - offset)
+            _centred_block(z_image, start + offset, count, inv_temperature, centre, d, 0)
+            _block_nearest(d, count, A, bias, scratch, labels, offset)
+
+
+@_parallel_loop
+def upsampled_predict_chunk(z, g, start, n, inv_temperature, centre, A, bias, labels, units, width, rows, cols):
+    """:func:`predict_chunk` over output pixels ``start .. start + n`` of the bilinear upsampling of
+    image ``g`` (see :func:`upsampled_stats_chunk`), in ``units`` contiguous runs of blocks."""
+    z_image = z[g]
+    C = z.shape[1]
+    blocks = (n + BLOCK - 1) // BLOCK
+    for u in prange(units):
+        _prefer_512_bit_vectors()
+        d, scratch = _nearest_scratch(C)
+        block, rows_cache, cached, padded = _upsample_scratch(C, cols)
+        for b in range(u * blocks // units, (u + 1) * blocks // units):
+            offset = b * BLOCK
+            count = min(BLOCK, n - offset)
+            _block_upsample(z_image, start + offset, count, width, rows, cols, block, rows_cache, cached, padded)
+            _centred_block(block, 0, count, inv_temperature, centre, d, 0)
+            _block_nearest(d, count, A, bias, scratch, labels, offset)

@@ -169,11 +169,34 @@ def _indexed(index: tuple):
     return select
 
 
+def _column_bands(x0: torch.Tensor, wx: torch.Tensor, band: int, tile: int):
+    """The bands of :func:`fastcal.cpu_kernels._source_row` for output columns (whole tiles) with
+    source column ``x0`` and weight ``wx`` of ``x0 + 1``: ``(first, weights)``, the first source
+    column of each tile [T] and the weights of its ``band`` source columns for each of its
+    output columns [T, band, tile]. Empty when a tile spans more than ``band`` source columns."""
+    x0, wx = x0.view(-1, tile), wx.view(-1, tile)
+    first = x0[:, 0]
+    if int((x0[:, -1] - first).max()) + 2 > band:
+        return np.zeros(0, np.int64), np.zeros((0, band, tile), np.float32)
+    weights = torch.zeros(x0.shape[0], band, tile)
+    tiles, columns, slot = torch.arange(x0.shape[0])[:, None], torch.arange(tile)[None, :], x0 - first[:, None]
+    weights[tiles, slot, columns] = 1.0 - wx
+    weights[tiles, slot + 1, columns] = wx
+    return first.numpy(), weights.numpy()
+
+
 def _upsample_tables(logits: torch.Tensor, upsample):
-    """The loops' source tables (see :func:`fastcal.cpu_kernels._block_upsample`) as NumPy arrays."""
+    """The loops' tables (see :func:`fastcal.cpu_kernels._block_upsample`): the output width, and
+    ``rows`` and ``cols`` as NumPy arrays, the column tables padded to whole tiles."""
+    from .cpu_kernels import BAND, TILE
+
     # the loops read the input as a contiguous [C, H*W] image: rows W apart, columns adjacent
-    rows, columns = upsample.source_offsets(tuple(logits.shape[2:]), (logits.shape[3], 1))
-    return (upsample.size[1], tuple(t.numpy() for t in rows), tuple(t.numpy() for t in columns))
+    in_width = logits.shape[3]
+    rows, (x0, _, wx) = upsample.source_offsets(tuple(logits.shape[2:]), (in_width, 1))
+    pad = -len(x0) % TILE  # repeats of the last column
+    x0, wx = torch.cat([x0, x0[-1:].expand(pad)]), torch.cat([wx, wx[-1:].expand(pad)])
+    cols = (in_width, x0.numpy(), wx.numpy(), *_column_bands(x0, wx, BAND, TILE))
+    return upsample.size[1], tuple(t.numpy() for t in rows), cols
 
 
 def _upsampled_pieces(logits: torch.Tensor, upsample, pixels: int):
@@ -341,19 +364,36 @@ def _distance_operands(prototypes: torch.Tensor):
     return A.mul_(-2.0), centre, bias
 
 
+def _fused_predict(logits, prototypes, temperature, labels, upsample):
+    """The fused loops' predict pass: softmax, distances and argmin a block of pixels at a time
+    (see :func:`fastcal.cpu_kernels.predict_chunk`), labels written straight into ``labels``."""
+    from . import cpu_kernels
+
+    A_times_minus_2, centre, bias = (t.numpy() for t in _distance_operands(prototypes))
+    inv_temperature = np.float32(1.0 / temperature)
+    if upsample is None:
+        loop, pieces, tables = cpu_kernels.predict_chunk, _pieces(logits, _Buffers(logits.shape[1], logits.device)), ()
+    else:
+        from numba import get_num_threads
+
+        # a whole image a call, one contiguous run of blocks a thread: the runs share their source rows
+        loop, pieces = cpu_kernels.upsampled_predict_chunk, _upsampled_pieces(logits, upsample, math.prod(upsample.size))
+        tables = (get_num_threads(), *_upsample_tables(logits, upsample))
+    for select, z, g, start, n in pieces:
+        cpu_kernels.run(loop, z, g, start, n, inv_temperature, centre, A_times_minus_2, bias,
+                        select(labels).numpy(), *tables)
+    return labels
+
+
 @_fork_safe
 def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64,
             upsample=None):
-    """One GEMM a chunk: the argmin of ``bias - 2 A (p - c)`` (see :func:`_distance_operands`)."""
+    """The argmin of ``bias - 2 A (p - c)`` (see :func:`_distance_operands`): in the fused loops, or
+    with one GEMM a chunk."""
     labels = torch.empty(_upsample.output_shape(logits, upsample), dtype=label_dtype, device=logits.device)
-    bias, pieces = _centred_distances(logits, prototypes, temperature, upsample)
     if uses_fused_loops(logits):
-        from . import cpu_kernels
-
-        for select, d, distance in pieces:
-            cpu_kernels.run(cpu_kernels.argmin_chunk, distance.numpy(), bias.numpy(), d.shape[1],
-                            select(labels).numpy())
-        return labels
+        return _fused_predict(logits, prototypes, temperature, labels, upsample)
+    bias, pieces = _centred_distances(logits, prototypes, temperature, upsample)
     buffers = _Buffers(logits.shape[1], logits.device)
     for select, d, distance in pieces:
         distance.add_(bias[:, None])

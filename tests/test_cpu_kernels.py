@@ -132,24 +132,50 @@ def test_stats_chunk_does_not_depend_on_the_thread_count():
     assert np.array_equal(S_one, S_all) and np.array_equal(W_one, W_all)
 
 
+@numba.njit
+def nearest_labels(d, A, bias, labels):
+    """``cpu_kernels._block_nearest`` over the columns of ``d`` [C, n], a block at a time."""
+    C, n = d.shape
+    block, scratch = cpu_kernels._nearest_scratch(C)
+    for start in range(0, n, cpu_kernels.BLOCK):
+        count = min(cpu_kernels.BLOCK, n - start)
+        block[:, :count] = d[:, start:start + count]
+        cpu_kernels._block_nearest(block, count, A, bias, scratch, labels, start)
+
+
+@pytest.mark.parametrize("C", [1, 3, 4, 6, 19])
 @pytest.mark.parametrize("label_dtype", [np.int64, np.int32, np.uint8])
-def test_argmin_chunk_is_exact_and_takes_the_lowest_class_on_ties(label_dtype):
-    rng = np.random.default_rng(1)
-    distance = rng.integers(0, 4, size=(6, 1000)).astype(np.float32)  # many ties
-    bias = rng.integers(0, 2, size=6).astype(np.float32)
-    labels = np.full(1000, 99, label_dtype)
-    cpu_kernels.argmin_chunk(distance, bias, 700, labels)
-    expected = (distance + bias[:, None])[:, :700].argmin(axis=0)  # NumPy takes the first minimum
+def test_block_nearest_is_exact_and_takes_the_lowest_class_on_ties(C, label_dtype):
+    rng = np.random.default_rng(C)
+    # small integers: every sum is exact in float32, and many distances tie
+    d = rng.integers(0, 3, size=(C, 700)).astype(np.float32)
+    A = rng.integers(-2, 3, size=(C, C)).astype(np.float32)
+    bias = rng.integers(0, 3, size=C).astype(np.float32)
+    labels = np.full(750, 99, label_dtype)
+    nearest_labels(d, A, bias, labels)
+    expected = (bias[:, None] + A.astype(np.float64) @ d).argmin(axis=0)  # NumPy takes the first minimum
     assert np.array_equal(labels[:700], expected)
-    assert np.all(labels[700:] == 99)  # nothing beyond n is written
+    assert np.all(labels[700:] == 99)  # nothing beyond the pixels is written
 
 
-def test_argmin_chunk_skips_infinite_rows():
-    distance = np.zeros((3, 10), np.float32)
-    distance[2] = 5.0
+def test_block_nearest_skips_infinite_rows():
+    d = np.ones((3, 10), np.float32)
+    A = np.array([[0, 0, 0], [0, 0, 0], [5, 5, 5]], np.float32)
     labels = np.empty(10, np.int64)
-    cpu_kernels.argmin_chunk(distance, np.array([np.inf, np.inf, 1.0], np.float32), 10, labels)
+    nearest_labels(d, A, np.array([np.inf, np.inf, 1.0], np.float32), labels)
     assert np.all(labels == 2)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_predict_chunk_matches_oracle(temperature):
+    z = image_batch(2, 19, 5000)
+    P = torch.softmax(torch.randn(19, 19) * 2, dim=1)
+    centre = P.mean(dim=0)
+    A = (-2 * (P - centre)).float().numpy()
+    bias = ((P - centre) ** 2).sum(dim=1).float().numpy()
+    labels = np.full(5000 - 300, 99, np.int64)
+    cpu_kernels.predict_chunk(z, 1, 300, 4700, np.float32(1 / temperature), centre.float().numpy(), A, bias, labels)
+    oracle.assert_labels_match(torch.from_numpy(labels)[None], as_logits(z, 1, 300, 4700), P, temperature)
 
 
 @pytest.mark.parametrize("dtype, bits", [(torch.float16, torch.uint16), (torch.bfloat16, torch.int16)])

@@ -11,9 +11,11 @@ from cases import DTYPES, device_of, make_logits
 
 FLOAT32_EPS = 2.0**-23
 # (input H, W) and the resize: scale factors 4 and 8, a size that is no multiple of the input,
-# a fractional factor, and upsampling to a single row or column
+# a fractional factor, upsampling to a single row or column, factors under 2 and downsampling
+# (where the CPU loops interpolate along x with gathers instead of bands)
 RESIZES = [((9, 13), {"scale_factor": 4}), ((5, 7), {"scale_factor": 8}), ((11, 6), {"size": (50, 29)}),
-           ((7, 10), {"scale_factor": 2.5}), ((6, 8), {"size": (1, 33)})]
+           ((7, 10), {"scale_factor": 2.5}), ((6, 8), {"size": (1, 33)}), ((9, 13), {"size": (5, 20)}),
+           ((12, 10), {"size": (5, 4)})]
 
 
 def check(z, backend, temperature=1.0, valid=None, **resize):
@@ -49,6 +51,21 @@ def test_dtypes_layouts_masks_and_temperature(backend, dtype, layout):
 def test_class_counts(backend, num_classes):
     z = make_logits((1, num_classes, 6, 5), device=device_of(backend))
     check(z, backend, size=(23, 17))
+
+
+def test_a_non_finite_logit_reaches_only_its_bilinear_neighbours(backend):
+    z = make_logits((1, 19, 9, 40), device=device_of(backend))
+    z[0, 4, 3, 5] = float("nan")
+    z[0, 7, 6, 30] = float("inf")
+    z_up = oracle.interpolate(z, None, 4, False)
+    valid = torch.isfinite(z_up).all(dim=1).to(z.device)  # masks exactly the pixels F.interpolate makes non-finite
+    assert 0 < int((~valid).sum()) < 200  # 8 x 8 output pixels each
+    S, W = fastcal.prototype_stats(z, valid=valid, backend=backend, scale_factor=4)
+    oracle.assert_stats_close(S, W, *oracle.stats(z_up, 1.0, valid.cpu()))
+    P = fastcal.prototypes_from_stats(S, W)
+    labels = fastcal.predict(z, P, backend=backend, scale_factor=4)
+    pixels = z_up.permute(0, 2, 3, 1)[valid.cpu()]  # [M, C]: the finite pixels
+    oracle.assert_labels_match(labels[valid].cpu(), pixels, P, logit_error=4 * FLOAT32_EPS * 20)
 
 
 def test_calibrate_is_interpolate_then_calibrate(backend):
