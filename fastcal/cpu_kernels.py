@@ -54,6 +54,10 @@ UNITS = 16  # work items a call: enough for the threads, and fixed, so sums do n
 # Beyond this the float64 sums per work unit (UNITS * C^2 * 8 bytes, 8 MiB at 256) and the block
 # outgrow the caches; more classes run PyTorch operations a chunk at a time.
 MAX_CLASSES = 256
+# Up to this many classes the predict pass sums the distances in the loops, a block at a time; beyond,
+# in a GEMM a chunk at a time (2 C^2 flops a pixel, where the GEMM's register tiling wins: measured
+# faster in the loops at C = 19 and 32, slower from 48)
+NEAREST_MAX_CLASSES = 32
 
 # a * b + c may become one FMA; nothing else is relaxed: sums keep their order, and NaN and inf
 # their IEEE meaning, which the finiteness check (v - v is NaN only for NaN and +-inf) relies on.
@@ -576,3 +580,31 @@ def upsampled_predict_chunk(z, g, start, n, inv_temperature, centre, A, bias, la
             _block_upsample(z_image, start + offset, count, width, rows, cols, block, rows_cache, cached, padded)
             _centred_block(block, 0, count, inv_temperature, centre, d, 0)
             _block_nearest(d, count, A, bias, scratch, labels, offset)
+
+
+@_parallel_loop
+def argmin_chunk(distance, bias, n, labels):
+    """``labels[i] = argmin_k bias[k] + distance[k, i]`` for ``i < n``, lowest k on ties."""
+    C = distance.shape[0]
+    blocks = (n + BLOCK - 1) // BLOCK
+    for b in prange(blocks):
+        _prefer_512_bit_vectors()
+        offset = b * BLOCK
+        count = min(BLOCK, n - offset)
+        best = np.empty(BLOCK, np.float32)
+        label = np.zeros(BLOCK, np.int32)
+        row = distance[0, offset:offset + count]
+        for i in range(count):
+            best[i] = bias[0] + row[i]
+        for k in range(1, C):
+            row = distance[k, offset:offset + count]
+            bias_k = bias[k]
+            for i in range(count):
+                v = bias_k + row[i]
+                smaller = v < best[i]  # strict: ties keep the lower class
+                best[i] = v if smaller else best[i]
+                label[i] = k if smaller else label[i]
+        out = labels[offset:offset + count]
+        for i in range(count):
+            out[i] = label[i]
+

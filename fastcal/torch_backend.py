@@ -390,10 +390,18 @@ def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, 
             upsample=None):
     """The argmin of ``bias - 2 A (p - c)`` (see :func:`_distance_operands`): in the fused loops, or
     with one GEMM a chunk."""
+    from . import cpu_kernels
+
     labels = torch.empty(_upsample.output_shape(logits, upsample), dtype=label_dtype, device=logits.device)
-    if uses_fused_loops(logits):
+    fused = uses_fused_loops(logits)
+    if fused and logits.shape[1] <= cpu_kernels.NEAREST_MAX_CLASSES:
         return _fused_predict(logits, prototypes, temperature, labels, upsample)
     bias, pieces = _centred_distances(logits, prototypes, temperature, upsample)
+    if fused:
+        for select, d, distance in pieces:
+            cpu_kernels.run(cpu_kernels.argmin_chunk, distance.numpy(), bias.numpy(), d.shape[1],
+                            select(labels).numpy())
+        return labels
     buffers = _Buffers(logits.shape[1], logits.device)
     for select, d, distance in pieces:
         distance.add_(bias[:, None])

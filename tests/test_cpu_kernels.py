@@ -166,6 +166,26 @@ def test_block_nearest_skips_infinite_rows():
     assert np.all(labels == 2)
 
 
+@pytest.mark.parametrize("label_dtype", [np.int64, np.int32, np.uint8])
+def test_argmin_chunk_is_exact_and_takes_the_lowest_class_on_ties(label_dtype):
+    rng = np.random.default_rng(1)
+    distance = rng.integers(0, 4, size=(6, 1000)).astype(np.float32)  # many ties
+    bias = rng.integers(0, 2, size=6).astype(np.float32)
+    labels = np.full(1000, 99, label_dtype)
+    cpu_kernels.argmin_chunk(distance, bias, 700, labels)
+    expected = (distance + bias[:, None])[:, :700].argmin(axis=0)  # NumPy takes the first minimum
+    assert np.array_equal(labels[:700], expected)
+    assert np.all(labels[700:] == 99)  # nothing beyond n is written
+
+
+def test_argmin_chunk_skips_infinite_rows():
+    distance = np.zeros((3, 10), np.float32)
+    distance[2] = 5.0
+    labels = np.empty(10, np.int64)
+    cpu_kernels.argmin_chunk(distance, np.array([np.inf, np.inf, 1.0], np.float32), 10, labels)
+    assert np.all(labels == 2)
+
+
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
 def test_predict_chunk_matches_oracle(temperature):
     z = image_batch(2, 19, 5000)
