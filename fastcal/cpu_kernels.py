@@ -24,15 +24,23 @@ in the tests); arguments below
 ``EXP_FLOOR`` give ``exp(EXP_FLOOR)`` = 1.6e-38, where float32 ``exp`` would give a
 denormal or 0: a difference no sum or distance can see.
 
-The stats pass is one call of ``stats_chunk`` per chunk. The predict pass is
-``centred_softmax_chunk`` (``d = p - c``, centred on the mean prototype ``c``), then the
-distances as one GEMM with the centred prototypes (``torch.mm``, which beats any loop
-here at ``2C^2`` flops a pixel), then ``argmin_chunk``.
+The stats pass is one call of ``stats_chunk`` per chunk. The predict pass is one call
+of ``predict_chunk`` per chunk: per block, ``d = p - c`` (centred on the mean prototype
+``c``), then each class's distance ``||A[k]||^2 - 2 d . A[k]`` summed over the block's
+pixels and compared with the best so far, so that nothing but the label leaves the
+caches. That is ``2C^2`` flops a pixel; from ``NEAREST_MAX_CLASSES`` classes on, a GEMM's
+register tiling does them faster, and the pass is ``centred_softmax_chunk`` into a
+chunk buffer, one ``torch.mm`` and ``argmin_chunk``.
+
+The ``upsampled_*`` loops read the logits at the model's resolution and interpolate
+each block bilinearly where it is used (see ``_block_upsample``).
 
 Memory traffic per pixel: ``stats_chunk`` reads ``C`` logits (``4C`` bytes in float32,
-``2C`` in half precision; and one mask byte); ``centred_softmax_chunk`` reads the same and
-writes ``4C`` bytes of ``d`` into a chunk buffer; ``argmin_chunk`` reads ``4C`` bytes of
-distances and writes one label.
+``2C`` in half precision; and one mask byte); ``predict_chunk`` reads the same and writes
+one label. Beyond ``NEAREST_MAX_CLASSES``, ``centred_softmax_chunk`` writes ``4C`` bytes
+of ``d`` into a chunk buffer and ``argmin_chunk`` reads ``4C`` bytes of distances. The
+upsampled loops read each source logit about once per pass (a work unit interpolates
+each source row it needs once along x, and keeps two).
 """
 from __future__ import annotations
 
@@ -327,7 +335,7 @@ def _source_row(z_image, offset, cols, padded, out):
     last value, so that ``x1 = x0 + 1`` for every column. Then, a tile of ``TILE`` output columns
     at a time, ``out[tile] = sum_s padded[first + s] * weights[s]`` over the ``BAND`` source
     columns from the tile's ``first`` (weights ``1 - wx`` at ``x0``, ``wx`` at ``x0 + 1``, zero
-    elsewhere; the nonzero terms are added in that order, as in the two-term formula): eight
+    elsewhere; so each value is ``(1 - wx) z[x0]`` rounded, then one multiply-add): eight
     broadcast multiply-adds a tile instead of two gathers per output value. Rows with a NaN or
     infinite logit take the gathers, as zero weights times NaN would spread it over the tile,
     and so do all rows when a tile spans more than ``BAND`` source columns (a factor below

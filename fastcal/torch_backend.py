@@ -5,8 +5,8 @@ pixels are walked in chunks of about ``CHUNK_ELEMENTS`` logits, read in the
 tensor's own layout (no permuted copy of the batch), and every intermediate is a
 chunk-sized buffer. Distances use the expanded form, centred on the mean
 prototype ``c`` for precision: ``||A[k]||^2 - 2 d . A[k]`` with ``d = p - c`` and
-``A[k] = P[k] - c`` (see :func:`fastcal._common.centred_prototypes`), one GEMM per
-chunk.
+``A[k] = P[k] - c`` (see :func:`fastcal._common.centred_prototypes`): summed in the
+fused loops up to ``cpu_kernels.NEAREST_MAX_CLASSES`` classes, else one GEMM per chunk.
 
 Two implementations of the chunk math, chosen by :func:`uses_fused_loops`:
 
@@ -388,8 +388,8 @@ def _fused_predict(logits, prototypes, temperature, labels, upsample):
 @_fork_safe
 def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64,
             upsample=None):
-    """The argmin of ``bias - 2 A (p - c)`` (see :func:`_distance_operands`): in the fused loops, or
-    with one GEMM a chunk."""
+    """The argmin of ``bias - 2 A (p - c)`` (see :func:`_distance_operands`): in the fused loops
+    (up to ``cpu_kernels.NEAREST_MAX_CLASSES`` classes), else with one GEMM a chunk."""
     from . import cpu_kernels
 
     labels = torch.empty(_upsample.output_shape(logits, upsample), dtype=label_dtype, device=logits.device)
