@@ -143,7 +143,7 @@ def nearest_labels(d, A, bias, labels):
         cpu_kernels._block_nearest(block, count, A, bias, scratch, labels, start)
 
 
-@pytest.mark.parametrize("C", [1, 3, 4, 6, 19])
+@pytest.mark.parametrize("C", [1, 3, 4, 6, 12, 19])
 @pytest.mark.parametrize("label_dtype", [np.int64, np.int32, np.uint8])
 def test_block_nearest_is_exact_and_takes_the_lowest_class_on_ties(C, label_dtype):
     rng = np.random.default_rng(C)
