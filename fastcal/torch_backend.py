@@ -377,7 +377,8 @@ def _fused_predict(logits, prototypes, temperature, labels, upsample):
         from numba import get_num_threads
 
         # a whole image a call, one contiguous run of blocks a thread: the runs share their source rows
-        loop, pieces = cpu_kernels.upsampled_predict_chunk, _upsampled_pieces(logits, upsample, math.prod(upsample.size))
+        loop = cpu_kernels.upsampled_predict_chunk
+        pieces = _upsampled_pieces(logits, upsample, math.prod(upsample.size))
         tables = (get_num_threads(), *_upsample_tables(logits, upsample))
     for select, z, g, start, n in pieces:
         cpu_kernels.run(loop, z, g, start, n, inv_temperature, centre, A_times_minus_2, bias,
