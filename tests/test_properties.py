@@ -9,7 +9,7 @@ tolerances, and the invariances exactly where float32 arithmetic is exact.
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fastcal
@@ -92,6 +92,55 @@ def test_every_backend_matches_the_oracle(backend, monkeypatch):
     @given(case=cases(backend), power=st.sampled_from([1.0, 0.0, 0.5, 2.0, 4.0]))
     def check(case, power):
         check_against_oracle(*case, api_backend, power)
+
+    check()
+
+
+@st.composite
+def resizes(draw):
+    """Bilinear resizes of every kind: down- and upsampling (the CPU loops interpolate along x by
+    bands where a tile of 16 output columns spans at most 8 source columns, by gathers
+    elsewhere), sizes that are no multiple of the input, one row or column, either
+    ``align_corners``."""
+    in_size = (draw(st.integers(1, 9)), draw(st.integers(1, 14)))
+    if draw(st.booleans()):
+        resize = {"size": (draw(st.integers(1, 40)), draw(st.integers(1, 70)))}
+    else:
+        factor = draw(st.sampled_from([0.5, 1.0, 1.5, 2.0, 2.5, 3.3, 4.0, 8.0, 9.0]))
+        assume(min(in_size) * factor >= 1)  # at least one output pixel
+        resize = {"scale_factor": factor}
+    return in_size, {**resize, "align_corners": draw(st.booleans())}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_upsampling_on_the_fly_matches_the_oracle(backend, monkeypatch):
+    """Stats and labels with ``size=`` / ``scale_factor=`` are those of the oracle's interpolation,
+    up to the float32 rounding of the interpolated logits."""
+    api_backend = run_backend(backend, monkeypatch)
+
+    @settings(max_examples=EXAMPLES[backend] * EXAMPLES_FACTOR // 3, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(resize=resizes(), seed=st.integers(0, 2**31 - 1), num_classes=st.sampled_from([2, 5, 19, 40]),
+           dtype=st.sampled_from(DTYPES), layout=st.sampled_from(["contiguous", "channels_last", "sliced"]),
+           temperature=st.sampled_from([0.3, 1.0, 4.0]), masked=st.booleans())
+    def check(resize, seed, num_classes, dtype, layout, temperature, masked):
+        (in_size, kwargs), device = resize, KERNEL_DEVICE if backend == "triton" else "cpu"
+        torch.manual_seed(seed)
+        z = make_logits((2, num_classes, *in_size), dtype, layout, device=device)
+        z_up = oracle.interpolate(z, kwargs.get("size"), kwargs.get("scale_factor"), kwargs["align_corners"])
+        # float32 interpolation rounds each logit by a few ulps of the largest neighbour
+        logit_error = 4 * 2.0**-23 * float(z.float().abs().max())
+        # where two classes' interpolated logits agree within that, the rounding picks the argmax (exact
+        # ties are common: half-precision logits and integer factors give dyadic values and weights k / f)
+        top_two = z_up.topk(2, dim=1).values
+        decided = top_two[:, 0] - top_two[:, 1] > 2 * logit_error
+        valid = decided & (torch.rand(decided.shape) > 0.3) if masked else decided
+        S, W = fastcal.prototype_stats(z, temperature=temperature, valid=valid.to(device), backend=api_backend,
+                                       **kwargs)
+        oracle.assert_stats_close(S, W, *oracle.stats(z_up, temperature, valid))
+        P = fastcal.prototypes_from_stats(S, W)
+        labels = fastcal.predict(z, P, temperature=temperature, backend=api_backend, **kwargs)
+        oracle.assert_labels_match(labels.cpu(), z_up, P, temperature, logit_error=logit_error)
 
     check()
 
