@@ -369,14 +369,12 @@ def _source_row(z_image, offset, cols, padded, out):
 
 @njit(inline="always")
 def _upsample_scratch(C, cols):
-    """``(block, rows_cache, cached, padded)`` for :func:`_block_upsample`."""
+    """``(block, rows_cache, cached, padded)`` for :func:`_block_upsample`. The callers unpack them and
+    pass them one by one: handed down as one tuple through the inlined helpers of a parallel loop,
+    the writes into ``cached`` did not reach the next block (every block interpolated its rows anew)."""
     in_width, col0 = cols[0], cols[1]
-    cached = np.empty(2, np.int64)
-    # set by hand: inside a parallel loop, np.full here would give the caller a copy of its own
-    cached[0] = -1
-    cached[1] = -1
-    return np.empty((C, BLOCK), np.float32), np.empty((2, C, col0.shape[0]), np.float32), cached, \
-        np.empty(in_width + BAND, np.float32)
+    return (np.empty((C, BLOCK), np.float32), np.empty((2, C, col0.shape[0]), np.float32), np.full(2, -1, np.int64),
+            np.empty(in_width + BAND, np.float32))
 
 
 @njit(inline="always")
@@ -394,8 +392,7 @@ def _cached_source_row(z_image, offset, keep, cols, rows_cache, cached, padded):
 
 @njit(inline="always", fastmath=_FAST)
 def _block_upsample(z_image, start, count, width, rows, cols, out, rows_cache, cached, padded):
-    """``out[k, i]``: the bilinear
-    value of output pixel ``start + i`` (row-major, ``width`` columns),
+    """``out[k, i]``: the bilinear value of output pixel ``start + i`` (row-major, ``width`` columns),
     ``(1 - wy) ((1 - wx) z[y0, x0] + wx z[y0, x1]) + wy ((1 - wx) z[y1, x0] + wx z[y1, x1])`` as
     ``F.interpolate`` forms it (``rows_cache``, ``cached`` and ``padded`` from :func:`_upsample_scratch`).
 
@@ -558,6 +555,7 @@ def _block_nearest(d, count, A, bias, scratch, labels, labels_start):
 
 @njit(inline="always")
 def _nearest_scratch(C):
+    """``(d, (distance, best, label))`` for :func:`_block_nearest`."""
     return np.empty((C, BLOCK), np.float32), (np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32),
                                               np.empty(BLOCK, np.int32))
 

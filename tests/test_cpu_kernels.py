@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastcal import cpu_kernels
+from fastcal import _upsample, cpu_kernels, torch_backend
 
 import oracle
 
@@ -211,3 +211,29 @@ def test_half_precision_bits_read_as_their_float32_values(dtype, bits):
     assert results[0][2] == 0 and run_stats(x.view(bits).numpy(), 0, 0, 10)[2] == 1
     for a, b in zip(*results):
         assert np.array_equal(a, b)
+
+
+@numba.njit(parallel=True)
+def rows_cached_after(z, blocks, width, rows, cols):
+    """The source rows ``_block_upsample`` holds after ``blocks`` blocks of image 0, in a parallel
+    loop as the upsampled loops call it."""
+    held = np.empty(2, np.int64)
+    for _ in numba.prange(1):
+        block, rows_cache, cached, padded = cpu_kernels._upsample_scratch(z.shape[1], cols)
+        for b in range(blocks):
+            cpu_kernels._block_upsample(z[0], b * cpu_kernels.BLOCK, cpu_kernels.BLOCK, width, rows, cols, block,
+                                        rows_cache, cached, padded)
+        held[:] = cached
+    return held
+
+
+def test_the_row_cache_keeps_the_last_output_rows_source_rows():
+    """Each source row is interpolated along x once per work unit only if the cache's record of what it
+    holds survives from block to block."""
+    logits = torch.randn(1, 3, 8, 16)
+    upsample = _upsample.resolve(logits, None, 4, False)
+    width, rows, cols = torch_backend._upsample_tables(logits, upsample)
+    blocks = 5  # 1280 pixels: output rows 0 .. 19 of 64 columns
+    y = blocks * cpu_kernels.BLOCK // width - 1
+    held = rows_cached_after(logits.view(1, 3, -1).numpy(), blocks, width, rows, cols)
+    assert sorted(held) == sorted({int(rows[0][y]), int(rows[1][y])})
