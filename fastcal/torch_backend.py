@@ -215,6 +215,21 @@ def _upsampled_pieces(logits: torch.Tensor, upsample, pixels: int):
             yield _image_range(N, C, L, g, start, n), z, g, start, n
 
 
+def _fused_walk(logits, upsample, buffers, plain_loop, upsampled_loop, *, pixels=None, thread_runs=True):
+    """``(loop, pieces, tables)`` of one pass of the fused loops: ``plain_loop`` over :func:`_pieces`, or
+    with ``upsample`` ``upsampled_loop`` over :func:`_upsampled_pieces` of ``pixels`` output pixels a
+    call (default a whole image: each work unit then interpolates each source row along x once).
+    ``tables`` follow the loop's own arguments: the upsampling tables, after the thread count when
+    the loop splits each call into one contiguous run of blocks a thread (``thread_runs``)."""
+    if upsample is None:
+        return plain_loop, _pieces(logits, buffers), ()
+    from numba import get_num_threads
+
+    pieces = _upsampled_pieces(logits, upsample, pixels or math.prod(upsample.size))
+    tables = _upsample_tables(logits, upsample)
+    return upsampled_loop, pieces, (get_num_threads(), *tables) if thread_runs else tables
+
+
 def _fused_prototype_stats(logits, temperature, valid, upsample, confidence_power):
     from . import cpu_kernels
 
@@ -226,13 +241,9 @@ def _fused_prototype_stats(logits, temperature, valid, upsample, confidence_powe
     nonfinite = 0
     if valid is not None:
         valid = valid.contiguous().view(torch.uint8)
-    if upsample is None:
-        loop, pieces, tables = cpu_kernels.stats_chunk, _pieces(logits, _Buffers(C, logits.device)), ()
-    else:
-        # a whole image a call: the stats pass needs no chunk buffer, and each work unit then
-        # interpolates each source row along x once
-        loop, pieces, tables = cpu_kernels.upsampled_stats_chunk, \
-            _upsampled_pieces(logits, upsample, math.prod(upsample.size)), _upsample_tables(logits, upsample)
+    # the stats loops' fixed work units keep the sums independent of the thread count
+    loop, pieces, tables = _fused_walk(logits, upsample, _Buffers(C, logits.device), cpu_kernels.stats_chunk,
+                                       cpu_kernels.upsampled_stats_chunk, thread_runs=False)
     for select, z, g, start, n in pieces:
         mask = all_valid if valid is None else select(valid).numpy()
         nonfinite += int(cpu_kernels.run(loop, z, g, start, n, np.float32(1.0 / temperature),
@@ -249,14 +260,10 @@ def _fused_distances(logits, A_times_minus_2, centre, temperature, upsample):
     buffers = _Buffers(logits.shape[1], logits.device)
     distance_buffer = torch.empty_like(buffers.e)
     inv_temperature = np.float32(1.0 / temperature)
-    if upsample is None:
-        loop, pieces, tables = cpu_kernels.centred_softmax_chunk, _pieces(logits, buffers), ()
-    else:
-        loop, pieces = cpu_kernels.upsampled_centred_softmax_chunk, \
-            _upsampled_pieces(logits, upsample, CHUNK_ELEMENTS // logits.shape[1])
-        from numba import get_num_threads
-
-        tables = (get_num_threads(), *_upsample_tables(logits, upsample))
+    # chunk-sized calls: d and the distances fill the chunk buffers
+    loop, pieces, tables = _fused_walk(logits, upsample, buffers, cpu_kernels.centred_softmax_chunk,
+                                       cpu_kernels.upsampled_centred_softmax_chunk,
+                                       pixels=CHUNK_ELEMENTS // logits.shape[1])
     for select, z, g, start, n in pieces:
         d = buffers.view(buffers.e, n)
         cpu_kernels.run(loop, z, g, start, n, inv_temperature, centre.numpy(), d.numpy(), *tables)
@@ -371,15 +378,8 @@ def _fused_predict(logits, prototypes, temperature, labels, upsample):
 
     A_times_minus_2, centre, bias = (t.numpy() for t in _distance_operands(prototypes))
     inv_temperature = np.float32(1.0 / temperature)
-    if upsample is None:
-        loop, pieces, tables = cpu_kernels.predict_chunk, _pieces(logits, _Buffers(logits.shape[1], logits.device)), ()
-    else:
-        from numba import get_num_threads
-
-        # a whole image a call, one contiguous run of blocks a thread: the runs share their source rows
-        loop = cpu_kernels.upsampled_predict_chunk
-        pieces = _upsampled_pieces(logits, upsample, math.prod(upsample.size))
-        tables = (get_num_threads(), *_upsample_tables(logits, upsample))
+    loop, pieces, tables = _fused_walk(logits, upsample, _Buffers(logits.shape[1], logits.device),
+                                       cpu_kernels.predict_chunk, cpu_kernels.upsampled_predict_chunk)
     for select, z, g, start, n in pieces:
         cpu_kernels.run(loop, z, g, start, n, inv_temperature, centre, A_times_minus_2, bias,
                         select(labels).numpy(), *tables)
