@@ -3,6 +3,7 @@
 Fused Triton kernels on CUDA, a chunked PyTorch path on CPU, and a plain
 reference implementation (:mod:`fastcal.reference`) they are all checked against.
 """
+from . import _process  # noqa: F401  (first: the fork hook, before any op runs)
 from .api import calibrate, predict, prototype_stats, prototypes_from_stats
 from .calibrator import LabelCalibrator
 from . import nn  # noqa: F401  (fastcal.nn.LabelCalibration, the model wrapper)

@@ -55,6 +55,8 @@ from numba import njit, prange, types
 from numba.core import event
 from numba.extending import intrinsic
 
+from . import _process
+
 TILE = 16  # output columns a step of the interpolation along x: one 512-bit vector of float32
 BAND = 8  # source columns a tile of the interpolation along x reads
 BLOCK = 256  # pixels a block: [C, 256] float32 exp values, 19 KiB for C = 19, 256 KiB at most
@@ -99,31 +101,29 @@ def _parallel_loop(fn):
 # One call at a time: Numba's workqueue threading layer (its fallback without OpenMP or TBB) aborts
 # the process on concurrent calls, and each call already keeps every core busy.
 _lock = threading.Lock()
-_forked = False  # whether this process is a child forked from one that had imported fastcal
 _LOGIT_TYPES = {"float32": "float32", "uint16": "float16", "int16": "bfloat16"}
 
 
-def _after_fork_in_child() -> None:
-    global _lock, _forked
+def _new_lock_in_child() -> None:
+    global _lock
     _lock = threading.Lock()  # another thread may have held it at the fork
-    _forked = True
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+_process.after_fork_in_child(_new_lock_in_child)
 
 
 def forked_child() -> bool:
-    """Whether this process was forked from one that had imported fastcal: there GNU OpenMP's thread
-    pools (the loops' and PyTorch's) are gone, and a parallel region started before the fork hangs
-    or kills the child."""
-    return _forked
+    """Whether this process was forked from one that had imported fastcal (see
+    :mod:`fastcal._process`): there GNU OpenMP's thread pools (the loops' and PyTorch's) are gone,
+    and a parallel region hangs or kills the child."""
+    return _process.forked_child()
 
 
 def available() -> bool:
     """Whether the loops may run in this process: not in a forked child, where the parent's OpenMP
     runtime may be in any state (PyTorch operations on one thread serve such a child, e.g. a
     DataLoader worker)."""
-    return not _forked
+    return not _process.forked_child()
 
 
 class _CompileNotice(event.Listener):

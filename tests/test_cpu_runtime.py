@@ -86,6 +86,51 @@ def test_a_child_forked_after_the_loops_ran_still_calibrates():
     assert_ok(result)
 
 
+FORK_WITHOUT_A_FASTCAL_CALL = """
+import os, sys, faulthandler
+import torch
+import fastcal
+x = torch.randn(1, 19, 64, 64)
+torch.randn(1000, 1000).sum()  # a multi-threaded PyTorch op, and no fastcal call, before the fork
+pid = os.fork()
+if pid == 0:
+    faulthandler.dump_traceback_later(60, exit=True)  # a hang fails the test instead of blocking it
+    labels = fastcal.calibrate(x)
+    os._exit(0 if labels.shape == (1, 64, 64) else 1)
+_, status = os.waitpid(pid, 0)
+assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status}"
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX-only")
+def test_a_child_forked_before_any_fastcal_call_finishes():
+    """The fork hook is in place from ``import fastcal`` on, not from the first CPU op."""
+    result = subprocess.run([sys.executable, "-c", FORK_WITHOUT_A_FASTCAL_CALL], capture_output=True, text=True,
+                            timeout=240)
+    assert_ok(result)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX-only")
+def test_forked_data_loader_workers_calibrate():
+    """DataLoader workers started with fork, whose dataset calls fastcal, finish and agree with the
+    parent's labels."""
+    result = run_python("""
+    torch.randn(1000, 1000).sum()
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+        def __getitem__(self, i):
+            return fastcal.calibrate(z[i % 2 : i % 2 + 1])[0]
+    loader = torch.utils.data.DataLoader(Images(), batch_size=2, num_workers=2, multiprocessing_context="fork",
+                                         timeout=120)
+    batches = list(loader)
+    expected = torch.cat([fastcal.calibrate(z[0:1]), fastcal.calibrate(z[1:2])])
+    for batch in batches:
+        assert torch.equal(batch, expected)
+    """)
+    assert_ok(result)
+
+
 def test_concurrent_calls_under_the_workqueue_layer():
     result = run_python("""
     import numba

@@ -1,0 +1,36 @@
+"""What this process may do with threads: whether it is a child forked from one that imported fastcal.
+
+GNU OpenMP's thread pools (PyTorch's and the Numba loops') do not survive ``fork()``: a parallel
+region in the child waits forever for threads that exist only in the parent. The hook is
+registered when ``fastcal`` is imported, before any op runs, so that a child forked after the
+parent ran any multi-threaded PyTorch operation (with or without a fastcal call) knows it is one
+and runs on one thread. A program that imports fastcal only after forking must do so in a fresh
+process (``multiprocessing``'s "spawn" or "forkserver"), as for any OpenMP code.
+"""
+from __future__ import annotations
+
+import os
+
+_forked = False
+_fork_hooks: list = []  # called in the child, after ``_forked`` is set
+
+
+def _after_fork_in_child() -> None:
+    global _forked
+    _forked = True
+    for hook in _fork_hooks:
+        hook()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def forked_child() -> bool:
+    """Whether this process was forked from one that had imported fastcal."""
+    return _forked
+
+
+def after_fork_in_child(hook) -> None:
+    """Call ``hook()`` in every child forked from now on (e.g. to replace a lock another thread held)."""
+    _fork_hooks.append(hook)
