@@ -65,29 +65,45 @@ def _pair(name, value, kind, check):
     return values
 
 
-def resolve(logits: torch.Tensor, size, scale_factor, align_corners) -> Upsample | None:
-    """Check the upsampling arguments against ``logits``; ``None`` when there is nothing to upsample."""
+def check_arguments(size, scale_factor, align_corners):
+    """Check the upsampling arguments on their own (types, values, not both ``size`` and
+    ``scale_factor``), before any logits are seen. Returns ``(size, scale_factor)`` as tuples of
+    int / float pairs, or None."""
     if not isinstance(align_corners, bool):
         raise TypeError(f"align_corners: expected a bool, got {align_corners!r}")
     if size is None and scale_factor is None:
         if align_corners:
             raise ValueError("align_corners: applies only with size= or scale_factor=")
-        return None
+        return None, None
     if size is not None and scale_factor is not None:
         raise ValueError("size, scale_factor: give one of them, not both")
+    if size is not None:
+        return tuple(int(v) for v in _pair("size", size, Integral, lambda v: v > 0)), None
+    return None, tuple(float(v) for v in _pair("scale_factor", scale_factor, Real,
+                                               lambda v: math.isfinite(v) and v > 0))
+
+
+def resolve(logits: torch.Tensor, size, scale_factor, align_corners) -> Upsample | None:
+    """Check the upsampling arguments against ``logits``; ``None`` when there is nothing to upsample.
+
+    An image with no pixels (``H == 0`` or ``W == 0``) cannot be interpolated: ``ValueError``, on
+    every backend, whatever the batch size (``F.interpolate`` refuses it too)."""
+    out, factors = check_arguments(size, scale_factor, align_corners)
+    if out is None and factors is None:
+        return None
     if logits.dim() != 4:
         raise ValueError(
             f"size/scale_factor: bilinear upsampling needs logits [N, C, H, W], got shape {tuple(logits.shape)}"
         )
     in_size = tuple(logits.shape[2:])
-    if size is not None:
-        out = _pair("size", size, Integral, lambda v: v > 0)
-        out = tuple(int(v) for v in out)
-        factors = None
+    if min(in_size) < 1:
+        raise ValueError(
+            f"logits: an image with no pixels (shape {tuple(logits.shape)}) cannot be interpolated "
+            "to size/scale_factor"
+        )
+    if out is not None:
         scale = tuple(i / o for i, o in zip(in_size, out))
     else:
-        factors = tuple(float(v) for v in _pair("scale_factor", scale_factor, Real,
-                                                 lambda v: math.isfinite(v) and v > 0))
         out = tuple(int(math.floor(i * f)) for i, f in zip(in_size, factors))
         if min(out) < 1:
             raise ValueError(f"scale_factor: {scale_factor!r} leaves no output pixel from {in_size}")

@@ -133,3 +133,50 @@ def test_resize_needs_two_spatial_dims_and_a_valid_mask_at_the_output_size():
     with pytest.raises(ValueError, match="valid: expected shape"):
         cal.update(torch.randn(1, 3, 4, 4), valid=torch.ones(1, 4, 4, dtype=torch.bool), size=(8, 8))
     assert cal.num_updates == 0
+
+
+EMPTY_SOURCES = [((1, 4, 0, 8), {"size": (4, 4)}), ((1, 19, 0, 64), {"size": (512, 1024)}),
+                 ((2, 4, 8, 0), {"size": (3, 5), "align_corners": True}), ((0, 4, 0, 0), {"size": (4, 4)}),
+                 ((1, 4, 0, 8), {"scale_factor": 2})]
+
+
+@pytest.mark.parametrize("shape, resize", EMPTY_SOURCES, ids=str)
+def test_an_image_with_no_pixels_cannot_be_interpolated(backend, shape, resize):
+    """One behaviour on every backend and every entry point: a ValueError, and nothing counted."""
+    z = torch.zeros(shape, device=device_of(backend))
+    message = "no pixels|leaves no output pixel"
+    with pytest.raises(ValueError, match=message):
+        fastcal.prototype_stats(z, backend=backend, **resize)
+    with pytest.raises(ValueError, match=message):
+        fastcal.calibrate(z, backend=backend, **resize)
+    with pytest.raises(ValueError, match=message):
+        fastcal.predict(z, torch.eye(shape[1], device=z.device), backend=backend, **resize)
+    calibrator = fastcal.LabelCalibrator(shape[1], backend=backend)
+    with pytest.raises(ValueError, match=message):
+        calibrator.update(z, **resize)
+    with pytest.raises(ValueError, match=message):
+        calibrator.predict(z, **resize)
+    assert calibrator.num_updates == 0 and calibrator.num_pixels == 0 and not calibrator.W.any()
+
+
+def test_models_and_loaders_with_empty_outputs_count_nothing():
+    """The model adapters (fit helper, wrapper) pass the same error on from a model whose output has
+    no pixels, whatever form the batches and the output take."""
+    from fastcal.fit import fit_calibrator
+    from fastcal.nn import LabelCalibration
+
+    class NoPixels(torch.nn.Module):
+        def forward(self, images):
+            return {"out": torch.zeros(images.shape[0], 3, 0, images.shape[-1])}
+
+    images = torch.randn(2, 3, 4, 4)
+    for loader in ([images], [(images, None)], [{"pixel_values": images}]):
+        calibrator = fastcal.LabelCalibrator(3)
+        with pytest.raises(ValueError, match="no pixels"):
+            fit_calibrator(NoPixels(), loader, 3, calibrator=calibrator, size="input", progress=False)
+        assert calibrator.num_updates == 0 and calibrator.num_pixels == 0
+    for mode in ("continual", "episodic"):
+        wrapper = LabelCalibration(NoPixels(), 3, mode=mode, size="input")
+        with pytest.raises(ValueError, match="no pixels"):
+            wrapper(images)
+        assert wrapper.calibrator.num_pixels == 0
