@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from numbers import Real
 
 import torch
@@ -41,6 +42,11 @@ class LabelCalibrator:
     later batches must come on the same device. A rejected batch (bad shape, NaN
     logits...) changes nothing. Works inside and outside ``torch.inference_mode()``
     and ``torch.no_grad()``, in any order: the sums are replaced, never updated in place.
+
+    Thread-safe: ``update``, ``predict``, ``reset``, ``all_reduce`` and the loads may be called from
+    several threads; each change of the state happens under one lock, while a batch's statistics
+    are computed outside it, so no batch is lost and ``S``, ``W``, the counts and the counters
+    always describe the same batches.
     """
 
     def __init__(self, num_classes: int, *, temperature: float = 1.0, empty: str = "onehot",
@@ -61,15 +67,26 @@ class LabelCalibrator:
                 raise ValueError(f"momentum: expected None or a number in (0, 1], got {momentum!r}")
             momentum = float(momentum)
         self.empty, self.backend, self.momentum = empty, backend, momentum
+        self._lock = threading.RLock()
         self.reset()
+
+    def __getstate__(self) -> dict:  # copy.deepcopy and pickle: a lock is neither
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     def reset(self) -> None:
         """Forget every statistic; the next batch may come on any device."""
-        device = getattr(self, "_S_shared", torch.empty(0)).device
-        zeros = torch.zeros(self.num_classes, dtype=torch.float64, device=device)
-        self._set_shared(torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64, device=device),
-                         zeros, zeros.clone(), 0, 0)
-        self._device_fixed = False
+        with self._lock:
+            device = getattr(self, "_S_shared", torch.empty(0)).device
+            zeros = torch.zeros(self.num_classes, dtype=torch.float64, device=device)
+            self._set_shared(torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64, device=device),
+                             zeros, zeros.clone(), 0, 0)
+            self._device_fixed = False
 
     def _set_shared(self, S, W, N, num_updates, num_pixels) -> None:
         """Make ``S``, ``W``, ``N`` and the counters the state every rank shares (after a reduction, a
@@ -82,29 +99,34 @@ class LabelCalibrator:
 
     @property
     def S(self) -> torch.Tensor:
-        """[C, C] float64 sums ``sum conf * p`` per argmax class."""
-        return self._S_shared + self._S_local
+        """[C, C] float64 sums ``sum w * p`` per argmax class, ``w = conf ** confidence_power``."""
+        with self._lock:
+            return self._S_shared + self._S_local
 
     @property
     def W(self) -> torch.Tensor:
-        """[C] float64 sums ``sum conf`` per argmax class."""
-        return self._W_shared + self._W_local
+        """[C] float64 sums ``sum w`` per argmax class, ``w = conf ** confidence_power``."""
+        with self._lock:
+            return self._W_shared + self._W_local
 
     @property
     def counts(self) -> torch.Tensor:
         """[C] float64 pixels counted per argmax class (decayed like ``W`` in online mode; NaN when
         loaded from a version-1 state, which did not keep them)."""
-        return self._N_shared + self._N_local
+        with self._lock:
+            return self._N_shared + self._N_local
 
     @property
     def num_updates(self) -> int:
         """Batches added (summed over ranks by :meth:`all_reduce`); empty batches do not count."""
-        return self._shared_counts[0] + self._local_updates
+        with self._lock:
+            return self._shared_counts[0] + self._local_updates
 
     @property
     def num_pixels(self) -> int:
         """Valid pixels added (summed over ranks by :meth:`all_reduce`)."""
-        return self._shared_counts[1] + self._local_pixels
+        with self._lock:
+            return self._shared_counts[1] + self._local_pixels
 
     def _check_batch(self, logits: torch.Tensor) -> None:
         _checks.check_logits(logits)
@@ -133,8 +155,16 @@ class LabelCalibrator:
         pixels = int(N.sum())  # the valid pixels: a non-finite one has already raised
         if pixels == 0:
             return self
+        with self._lock:
+            self._add(logits.device, S, W, N, pixels)
+        return self
+
+    def _add(self, device, S, W, N, pixels) -> None:
+        """One step of the stream (under the lock): decay, then add the batch's sums."""
+        if self._device_fixed and device != self._S_shared.device:  # another thread fixed it first
+            raise ValueError(f"logits: on {device}, but this calibrator's sums are on {self._S_shared.device}")
         if not self._device_fixed:
-            self._move_to(logits.device)
+            self._move_to(device)
             self._device_fixed = True
         if self.momentum is not None and self.num_updates:
             factors = self._decay_factors()
@@ -145,7 +175,6 @@ class LabelCalibrator:
         self._local_updates += 1
         self._local_pixels += pixels
         self._cached_prototypes = None
-        return self
 
     def _move_to(self, device) -> None:
         self._S_shared, self._W_shared = self._S_shared.to(device), self._W_shared.to(device)
@@ -161,9 +190,10 @@ class LabelCalibrator:
     def _current_prototypes(self) -> torch.Tensor:
         """The prototypes, built once per state of the sums (and empty policy): building them checks
         the sums, which on CUDA reads them back, and ``predict`` would otherwise do it every call."""
-        if self._cached_prototypes is None or self._cached_prototypes[0] != self.empty:
-            self._cached_prototypes = (self.empty, api.prototypes_from_stats(self.S, self.W, empty=self.empty))
-        return self._cached_prototypes[1]
+        with self._lock:
+            if self._cached_prototypes is None or self._cached_prototypes[0] != self.empty:
+                self._cached_prototypes = (self.empty, api.prototypes_from_stats(self.S, self.W, empty=self.empty))
+            return self._cached_prototypes[1]
 
     def diagnostics(self, class_names=None, *, min_pixels: float = 1000, min_distance: float = 0.2):
         """Per class: pixels, weight, the prototype's own probability, its nearest other prototype,
@@ -211,35 +241,41 @@ class LabelCalibrator:
 
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("all_reduce: torch.distributed is not initialized (call init_process_group first)")
-        device = self._S_shared.device
-        if dist.get_backend(group) != "nccl":
-            wire = torch.device("cpu")
-        else:
-            wire = device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
-        steps = torch.tensor([self._local_updates], dtype=torch.int64, device=wire)
-        dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=group)
-        lag = int(steps.item()) - self._local_updates
-        catch_up = 1.0 if self.momentum is None else (1.0 - self.momentum) ** lag
-        C = self.num_classes
-        payload = torch.cat([
-            (self._S_local * catch_up).flatten(), self._W_local * catch_up, self._N_local * catch_up,
-            torch.tensor([self._local_updates, self._local_pixels], dtype=torch.float64, device=device),
-        ]).to(wire)
-        if dist.get_rank(group) == 0:  # the shared part enters the sum once, caught up with the longest rank
-            payload[: C * C] += (self._S_shared * catch_up).flatten().to(wire)
-            payload[C * C: C * C + C] += (self._W_shared * catch_up).to(wire)
-            payload[C * C + C: C * C + 2 * C] += (self._N_shared * catch_up).to(wire)
-        dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=group)
-        payload = payload.to(device)
-        updates, pixels = self._shared_counts
-        self._set_shared(payload[: C * C].view(C, C).clone(), payload[C * C: C * C + C].clone(),
-                         payload[C * C + C: C * C + 2 * C].clone(),
-                         updates + int(payload[-2].item()), pixels + int(payload[-1].item()))
+        with self._lock:  # no update may land between the payload and the new shared state
+            device = self._S_shared.device
+            if dist.get_backend(group) != "nccl":
+                wire = torch.device("cpu")
+            else:
+                wire = device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+            steps = torch.tensor([self._local_updates], dtype=torch.int64, device=wire)
+            dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=group)
+            lag = int(steps.item()) - self._local_updates
+            catch_up = 1.0 if self.momentum is None else (1.0 - self.momentum) ** lag
+            C = self.num_classes
+            payload = torch.cat([
+                (self._S_local * catch_up).flatten(), self._W_local * catch_up, self._N_local * catch_up,
+                torch.tensor([self._local_updates, self._local_pixels], dtype=torch.float64, device=device),
+            ]).to(wire)
+            if dist.get_rank(group) == 0:  # the shared part enters the sum once, caught up with the longest rank
+                payload[: C * C] += (self._S_shared * catch_up).flatten().to(wire)
+                payload[C * C: C * C + C] += (self._W_shared * catch_up).to(wire)
+                payload[C * C + C: C * C + 2 * C] += (self._N_shared * catch_up).to(wire)
+            dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=group)
+            payload = payload.to(device)
+            updates, pixels = self._shared_counts
+            self._set_shared(payload[: C * C].view(C, C).clone(), payload[C * C: C * C + C].clone(),
+                             payload[C * C + C: C * C + 2 * C].clone(),
+                             updates + int(payload[-2].item()), pixels + int(payload[-1].item()))
         return self
 
     # ----- saved state ------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Plain tensors, numbers and strings: loadable with ``torch.load(weights_only=True)``."""
+        """Plain tensors, numbers and strings: loadable with ``torch.load(weights_only=True)``; a
+        snapshot of one state, whatever other threads do meanwhile."""
+        with self._lock:
+            return self._state_dict()
+
+    def _state_dict(self) -> dict:
         return {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
@@ -255,48 +291,47 @@ class LabelCalibrator:
         }
 
     def load_state_dict(self, state: dict) -> "LabelCalibrator":
-        """Replace the sums with ``state``'s after checking all of it; on any error nothing changes."""
+        """Replace the sums with ``state``'s after checking all of it; on any error nothing changes.
+
+        Every field is checked for its type, shape, device and range: plain ints for the version,
+        the class count and the counters (a bool is not one), plain numbers for the temperature,
+        confidence power and momentum (equal to this calibrator's), float64 tensors holding values
+        (not on the meta device, not requiring grad) of finite, non-negative sums, and weights that
+        are 0 (an empty class) or at least ``WEIGHT_FLOOR``, so every prototype ``S[k] / W[k]`` is
+        finite."""
         if not isinstance(state, dict):
             raise TypeError(f"state: expected a dict, got {type(state).__name__}")
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"state: not a {STATE_FORMAT} state (format={state.get('format')!r})")
         version = state.get("version")
-        if version not in (1, STATE_VERSION):
+        if not _is_int(version) or version not in (1, STATE_VERSION):
             raise ValueError(f"state: version {version!r} is not supported (expected 1 or {STATE_VERSION})")
         C = self.num_classes
-        if state.get("num_classes") != C:
+        if not _is_int(state.get("num_classes")) or state.get("num_classes") != C:
             raise ValueError(f"state: num_classes={state.get('num_classes')!r}, but this calibrator has {C}")
-        if state.get("temperature") != self.temperature:
-            raise ValueError(
-                f"state: statistics were taken at temperature {state.get('temperature')!r}, "
-                f"this calibrator uses {self.temperature}"
-            )
         # states saved before the confidence power existed were taken at the paper's power, 1
-        if state.get("confidence_power", 1.0) != self.confidence_power:
-            raise ValueError(
-                f"state: statistics were taken at confidence_power {state.get('confidence_power', 1.0)!r}, "
-                f"this calibrator uses {self.confidence_power}"
-            )
+        for name, value, what in (("temperature", state.get("temperature"), "taken at"),
+                                  ("confidence_power", state.get("confidence_power", 1.0), "taken at"),
+                                  ("momentum", state.get("momentum"), "decayed with")):
+            if not (_is_number(value) or (name == "momentum" and value is None)) or value != getattr(self, name):
+                raise ValueError(f"state: statistics were {what} {name} {value!r}, "
+                                 f"this calibrator uses {getattr(self, name)}")
         S, W = state.get("S"), state.get("W")
         # version 1 kept no pixel counts: unknown (NaN) from then on
         N = state.get("N") if version >= 2 else torch.full((C,), float("nan"), dtype=torch.float64)
         for name, tensor, shape in (("S", S, (C, C)), ("W", W, (C,))) + ((("N", N, (C,)),) if version >= 2 else ()):
-            if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float64:
-                raise ValueError(f"state[{name!r}]: expected a float64 tensor")
-            if tuple(tensor.shape) != shape:
-                raise ValueError(f"state[{name!r}]: expected shape {shape}, got {tuple(tensor.shape)}")
-            if not torch.isfinite(tensor).all() or (tensor < 0).any():
-                raise ValueError(f"state[{name!r}]: sums must be finite and non-negative")
-        if state.get("momentum") != self.momentum:
-            raise ValueError(
-                f"state: statistics were decayed with momentum {state.get('momentum')!r}, "
-                f"this calibrator uses {self.momentum}"
-            )
+            _check_state_tensor(name, tensor, shape)
+        if ((W > 0) & (W < WEIGHT_FLOOR)).any():
+            raise ValueError(f"state['W']: a weight is 0 (an empty class) or at least {WEIGHT_FLOOR:.3g}, "
+                             "below that a prototype S[k] / W[k] overflows")
+        if not torch.isfinite(S / torch.where(W > 0, W, 1.0)[:, None]).all():
+            raise ValueError("state['S']: the prototypes S[k] / W[k] must be finite")
         counts = [state.get("num_updates"), state.get("num_pixels")]
-        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+        if not all(_is_int(c) and c >= 0 for c in counts):
             raise ValueError("state: num_updates and num_pixels must be non-negative ints")
-        device = self._S_shared.device  # an unfixed calibrator still moves to the first batch's device
-        self._set_shared(S.to(device, copy=True), W.to(device, copy=True), N.to(device, copy=True), *counts)
+        with self._lock:
+            device = self._S_shared.device  # an unfixed calibrator still moves to the first batch's device
+            self._set_shared(S.to(device, copy=True), W.to(device, copy=True), N.to(device, copy=True), *counts)
         return self
 
     def save(self, path: str | os.PathLike) -> None:
@@ -337,10 +372,57 @@ class LabelCalibrator:
                 f"empty={self.empty!r}, backend={self.backend!r}, {power}{mode}, updates={self.num_updates})")
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it is to set it
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _check_state_tensor(name: str, tensor, shape: tuple) -> None:
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float64:
+        raise ValueError(f"state[{name!r}]: expected a float64 tensor")
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"state[{name!r}]: expected shape {shape}, got {tuple(tensor.shape)}")
+    if tensor.device.type == "meta":
+        raise ValueError(f"state[{name!r}]: on the meta device, which holds no values")
+    if tensor.requires_grad:
+        raise ValueError(f"state[{name!r}]: requires grad; the sums carry no gradient (pass it detached)")
+    if not torch.isfinite(tensor).all() or (tensor < 0).any():
+        raise ValueError(f"state[{name!r}]: sums must be finite and non-negative")
+
+
+def _umask_from_proc() -> int | None:
+    """The process umask as Linux reports it (``Umask:`` in ``/proc/self/status``, since 4.7)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _umask_at_import() -> int:
+    """Where the umask cannot be read, it can only be set: read it so once, at import, while no
+    other thread of this library creates files (a file created elsewhere in that instant would
+    get the mode of umask 0)."""
+    if _umask_from_proc() is not None:
+        return 0  # unused: /proc answers every call
+    mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK_AT_IMPORT = _umask_at_import()
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it (``/proc``), else as it was at import."""
+    mask = _umask_from_proc()
+    return _UMASK_AT_IMPORT if mask is None else mask
 
 
 def _fsync_directory(directory: str) -> None:

@@ -118,3 +118,44 @@ def test_prototypes_are_built_once_per_state_of_the_sums(monkeypatch):
     assert torch.equal(cal.prototypes, torch.eye(5))  # nothing left of the sums after reset
     cal.load_state_dict(state)
     assert torch.equal(cal.prototypes, fresh)
+
+
+def test_concurrent_updates_lose_no_batch():
+    """Four threads updating one calibrator: every batch lands whole, and S, W, the counts and the
+    counters describe the same batches as one thread adding them all."""
+    import threading
+
+    batches = [torch.randn(1, 4, 2, 2) * 3 for _ in range(200)]
+    serial = fastcal.LabelCalibrator(4, backend="torch")
+    for z in batches:
+        serial.update(z)
+    shared = fastcal.LabelCalibrator(4, backend="torch")
+    start = threading.Barrier(4)
+
+    def work(part):
+        start.wait()
+        for z in batches[part::4]:
+            shared.update(z)
+            shared.predict(z)
+
+    threads = [threading.Thread(target=work, args=(part,)) for part in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert shared.num_updates == 200 and shared.num_pixels == 800
+    assert float(shared.counts.sum()) == 800
+    torch.testing.assert_close(shared.S, serial.S, rtol=1e-12, atol=1e-12)  # the order of the adds differs
+    torch.testing.assert_close(shared.W, serial.W, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(shared.S.sum(dim=1), shared.W, rtol=1e-5, atol=0)  # each row of p sums to 1
+
+
+def test_a_calibrator_copies_and_pickles_with_its_lock():
+    import copy
+    import pickle
+
+    cal = fastcal.LabelCalibrator(4, backend="torch").update(torch.randn(1, 4, 3, 3))
+    for twin in (copy.deepcopy(cal), pickle.loads(pickle.dumps(cal))):
+        assert torch.equal(twin.S, cal.S) and twin._lock is not cal._lock
+        twin.update(torch.randn(1, 4, 3, 3))
+        assert twin.num_updates == 2 and cal.num_updates == 1

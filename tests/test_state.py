@@ -233,6 +233,34 @@ def test_save_keeps_the_umask_mode(tmp_path, umask):
     assert stat.S_IMODE((tmp_path / "state.pt").stat().st_mode) == 0o666 & ~umask
 
 
+def test_save_reads_the_umask_without_changing_it(tmp_path, monkeypatch):
+    """Setting the umask, even for an instant, gives another thread's new files mode 0666."""
+    calls = []
+    real_umask = os.umask
+    monkeypatch.setattr(os, "umask", lambda mask: (calls.append(mask), real_umask(mask))[1])
+    cal = fitted()
+    cal.save(tmp_path / "state.pt")
+    assert calls == []
+
+
+def test_saves_from_several_threads_leave_the_umask_alone(tmp_path):
+    import threading
+
+    cal = fitted()
+    old = os.umask(0o027)
+    try:
+        threads = [threading.Thread(target=lambda i=i: [cal.save(tmp_path / f"{i}-{k}.pt") for k in range(5)])
+                   for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert os.umask(0o027) == 0o027
+    finally:
+        os.umask(old)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {0o640}
+
+
 def test_save_flushes_the_file_and_the_folder_before_and_after_the_rename(tmp_path, monkeypatch):
     events = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -259,3 +287,52 @@ def test_an_interrupted_save_leaves_the_previous_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
     assert same_state(fastcal.LabelCalibrator(5).load(tmp_path / "state.pt"), first)
+
+
+# ----- every field of a loaded state: type, shape, device, range ------------------------------
+def bad_states(good: dict):
+    C = good["W"].shape[0]
+    tiny_W = good["W"].clone()
+    tiny_W[0] = 1e-320
+    huge_S, small_W = good["S"].clone(), good["W"].clone()
+    huge_S[0, 0], small_W[0] = 1e300, 1e-250  # a weight above the floor, a prototype of 1e550
+    return [
+        ({**good, "version": True}, ValueError, "version True"),
+        ({**good, "version": 2.0}, ValueError, "version 2.0"),
+        ({**good, "num_classes": float(C)}, ValueError, "num_classes"),
+        ({**good, "num_classes": True}, ValueError, "num_classes"),
+        ({**good, "temperature": torch.tensor([1.0, 1.0])}, ValueError, "temperature"),
+        ({**good, "temperature": True}, ValueError, "temperature"),
+        ({**good, "temperature": "1.0"}, ValueError, "temperature"),
+        ({**good, "confidence_power": torch.tensor(1.0)}, ValueError, "confidence_power"),
+        ({**good, "momentum": 0.0}, ValueError, "momentum"),
+        ({**good, "momentum": "none"}, ValueError, "momentum"),
+        ({**good, "S": good["S"].to("meta")}, ValueError, r"state\['S'\]: on the meta device"),
+        ({**good, "W": good["W"].to("meta")}, ValueError, r"state\['W'\]: on the meta device"),
+        ({**good, "N": good["N"].to("meta")}, ValueError, r"state\['N'\]: on the meta device"),
+        ({**good, "S": good["S"].clone().requires_grad_()}, ValueError, r"state\['S'\]: requires grad"),
+        ({**good, "W": good["W"].clone().requires_grad_()}, ValueError, r"state\['W'\]: requires grad"),
+        ({**good, "N": good["N"][:-1]}, ValueError, r"state\['N'\]: expected shape"),
+        ({**good, "N": -good["N"]}, ValueError, r"state\['N'\]: sums must be finite and non-negative"),
+        ({**good, "N": good["N"].float()}, ValueError, r"state\['N'\]: expected a float64"),
+        ({**good, "S": good["S"].numpy()}, ValueError, r"state\['S'\]: expected a float64 tensor"),
+        ({**good, "W": tiny_W}, ValueError, r"state\['W'\]: a weight is 0"),
+        ({**good, "S": huge_S, "W": small_W}, ValueError, r"state\['S'\]: the prototypes"),
+        ({**good, "num_updates": True}, ValueError, "num_updates"),
+        ({**good, "num_pixels": -1}, ValueError, "num_pixels"),
+        ({**good, "num_pixels": 3.0}, ValueError, "num_pixels"),
+    ]
+
+
+def test_every_state_field_is_checked_and_a_bad_one_changes_nothing():
+    good = fitted().state_dict()
+    target = fitted()
+    before = target.state_dict()
+    for state, error, message in bad_states(good):
+        with pytest.raises(error, match=message):  # the message tells which case failed
+            target.load_state_dict(state)
+        after = target.state_dict()
+        assert all(torch.equal(after[k], before[k]) for k in ("S", "W", "N"))
+        assert (after["num_updates"], after["num_pixels"]) == (before["num_updates"], before["num_pixels"])
+    target.load_state_dict(good)  # and the good one still loads
+    assert torch.equal(target.S, good["S"])
