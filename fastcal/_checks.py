@@ -17,13 +17,19 @@ LABEL_DTYPES = (torch.int64, torch.int32, torch.uint8)
 MAX_SPATIAL_DIMS = 3
 
 
+LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def check_logits(logits) -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits: expected a torch.Tensor, got {type(logits).__name__}")
-    if not logits.dtype.is_floating_point:
+    if logits.dtype not in LOGIT_DTYPES:
         raise TypeError(
-            f"logits: expected a floating dtype (float32, float16 or bfloat16), got {logits.dtype}"
+            f"logits: expected a floating dtype (float32, float16, bfloat16 or float64), got {logits.dtype}"
         )
+    if logits.device.type == "meta":
+        raise ValueError("logits: on the meta device, which holds no values to calibrate; "
+                         "expected a CPU or CUDA tensor")
     if logits.dim() < 2:
         raise ValueError(f"logits: expected shape [N, C, *spatial], got {tuple(logits.shape)}")
     if logits.dim() - 2 > MAX_SPATIAL_DIMS:
@@ -47,7 +53,10 @@ def check_temperature(temperature) -> float:
         if temperature.numel() != 1 or not temperature.dtype.is_floating_point:
             raise TypeError(f"temperature: expected a positive finite number, got {temperature!r}")
         temperature = temperature.item()
-    temperature = float(temperature)
+    try:
+        temperature = float(temperature)
+    except OverflowError:  # an int beyond float64's range
+        temperature = math.inf
     if not (math.isfinite(temperature) and MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
         raise ValueError(
             f"temperature: expected a positive finite number in float32's normal range "

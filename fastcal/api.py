@@ -244,7 +244,8 @@ def calibrate(logits, prototypes=None, *, temperature=1.0, valid=None, empty="on
 
     With ``prototypes=None`` the prototypes are built from these logits
     (transductive: one stats pass, then one predict pass); ``valid`` masks
-    pixels out of the statistics, and every pixel still gets a label; ``confidence_power`` weighs
+    pixels out of the statistics, and every pixel still gets a label (with ``prototypes`` given
+    there are no statistics, and ``valid`` is refused); ``confidence_power`` weighs
     the pixels as in :func:`prototype_stats` (with ``prototypes`` given it has nothing to weigh).
     ``output="scores"``: the float32 scores [N, C, *spatial] of :func:`predict` instead.
     ``size`` / ``scale_factor`` / ``align_corners``: calibrate the bilinearly upsampled logits
@@ -259,14 +260,17 @@ def calibrate(logits, prototypes=None, *, temperature=1.0, valid=None, empty="on
     confidence_power = _checks.check_confidence_power(confidence_power)
     upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
     _checks.check_valid(valid, logits, _upsample.output_shape(logits, upsample))
+    _checks.check_deterministic(deterministic)
     if prototypes is not None:
+        if valid is not None:
+            raise ValueError("valid: masks pixels out of the statistics, and with prototypes given there are "
+                             "none to build (every pixel gets a label); drop valid or the prototypes")
         return predict(logits, prototypes, temperature=temperature, backend=backend, label_dtype=label_dtype,
                        output=output, size=size, scale_factor=scale_factor, align_corners=align_corners)
     temperature = _checks.check_temperature(temperature)
     _checks.check_choice("backend", backend, _checks.BACKENDS)
     _checks.check_choice("output", output, _checks.OUTPUTS)
     _checks.check_label_dtype(label_dtype, logits.shape[1])
-    _checks.check_deterministic(deterministic)
     return _call(_calibrate_op, _calibrate_impl, logits.detach(), valid, temperature, empty, backend, label_dtype,
                  output == "scores", deterministic, confidence_power, *_resize(upsample))
 

@@ -6,6 +6,7 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
+from . import _upsample
 from .calibrator import LabelCalibrator
 from .nn import batch_images, model_logits, output_size
 
@@ -23,8 +24,19 @@ def fit_calibrator(model: Callable, loader: Iterable, num_classes: int, *, devic
     input; ``size="input"`` means each batch's image height and width. A progress bar (tqdm) goes
     to stderr with ``progress``. The model is put in eval mode
     for the pass and back in training mode afterwards if it was.
+
+    With ``calibrator=`` the batches are added to that calibrator; ``num_classes`` must then be its
+    own, and the keyword arguments that configure a new one (``temperature``, ``momentum``...) are
+    refused rather than ignored.
     """
-    calibrator = calibrator or LabelCalibrator(num_classes, **calibrator_kwargs)
+    _upsample.check_arguments((1, 1) if size == "input" else size, scale_factor, align_corners)
+    if calibrator is None:
+        calibrator = LabelCalibrator(num_classes, **calibrator_kwargs)
+    elif calibrator_kwargs:
+        raise TypeError(f"fit_calibrator: {', '.join(sorted(calibrator_kwargs))} configure a new calibrator; "
+                        "with calibrator= given they would be ignored (set them when building it)")
+    elif num_classes != calibrator.num_classes:
+        raise ValueError(f"num_classes: {num_classes!r}, but the calibrator given has {calibrator.num_classes}")
     if device is None:
         parameters = getattr(model, "parameters", None)
         first = next(iter(parameters()), None) if parameters else None

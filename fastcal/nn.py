@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _checks, api
+from . import _checks, _upsample, api
 from .calibrator import LabelCalibrator
 
 MODES = ("offline", "continual", "episodic")
@@ -92,8 +92,7 @@ class LabelCalibration(nn.Module):
         _checks.check_choice("output", output, _checks.OUTPUTS)
         if momentum is not None and mode != "continual":
             raise ValueError(f"momentum: only the 'continual' mode decays its statistics, got mode={mode!r}")
-        if size is not None and size != "input" and scale_factor is not None:
-            raise ValueError("size, scale_factor: give one of them, not both")
+        _upsample.check_arguments((1, 1) if size == "input" else size, scale_factor, align_corners)
         self.model = model.eval()
         self.mode, self.output = mode, output
         self.resize = {"size": size, "scale_factor": scale_factor, "align_corners": align_corners}
@@ -117,6 +116,8 @@ class LabelCalibration(nn.Module):
         logits, resize = self._logits(images)
         if self.mode == "episodic":
             c = self.calibrator
+            if logits.shape[1:2] != (c.num_classes,):
+                raise ValueError(f"logits: expected C={c.num_classes} classes on dim 1, got shape {tuple(logits.shape)}")
             return api.calibrate(logits, temperature=c.temperature, empty=c.empty, backend=c.backend,
                                  output=self.output, confidence_power=c.confidence_power, **resize)
         if self.mode == "continual":
@@ -150,7 +151,10 @@ class LabelCalibration(nn.Module):
         return {"calibrator": self.calibrator.state_dict(), "fitted": self._fitted, "mode": self.mode}
 
     def set_extra_state(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("mode") != self.mode:
+        if not isinstance(state, dict):
+            raise TypeError(f"state: expected the dict of a LabelCalibration's get_extra_state(), "
+                            f"got {type(state).__name__}")
+        if state.get("mode") != self.mode:
             raise ValueError(f"state: saved from a LabelCalibration in mode {state.get('mode')!r}, "
                              f"this one is {self.mode!r}")
         c = self.calibrator

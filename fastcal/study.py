@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import api
+from . import _cli, api
 from .calibrator import LabelCalibrator
 from .demo import DemoConfig, report, trained_model
 from .demo.network import logits_of
@@ -359,8 +359,9 @@ def markdown(results: dict, figures: bool = True) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="study-out", help="folder for results.json, report.md and the figures "
-                                                           "(default study-out)")
+    parser.add_argument("--out", default="study-out", type=_cli.output_folder,
+                        help="folder for results.json, report.md and the figures, created if missing "
+                             "(default study-out)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the scenes and the model (default 0)")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNGs (no matplotlib needed)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,5 +1,6 @@
 """A miniature run of the demo pipeline, its figures, the command line, and the fit helper."""
 import json
+import os
 import sys
 
 import numpy as np
@@ -94,3 +95,39 @@ def test_without_matplotlib_the_commands_say_how_to_install_it(monkeypatch, tmp_
         assert cli([command, "--out", str(tmp_path / command), "--quiet"]) == 2
         assert "pip install 'fastcal[plots]'" in capsys.readouterr().err
         assert not (tmp_path / command / "results.json").exists()  # said before doing the work
+
+
+def read_only_folder(tmp_path):
+    """A folder this process cannot write into (root ignores mode bits: a read-only file system)."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return "/sys/fastcal-out"
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return str(folder / "out")
+
+
+@pytest.mark.parametrize("command", ["demo", "study"])
+def test_bad_options_fail_at_once_with_one_line(command, tmp_path, capsys, monkeypatch):
+    """Each bad option ends the command while its line is parsed (exit 2, argparse's one-line error,
+    no traceback), before any scene is rendered or model trained."""
+    module = demo if command == "demo" else __import__("fastcal.study", fromlist=["run"])
+    monkeypatch.setattr(module, "run", lambda *args, **kwargs: pytest.fail("the work started"))
+    existing_file = tmp_path / "results.txt"
+    existing_file.write_text("not a folder")
+    cases = [(["--out", str(existing_file)], "exists and is not a folder"),
+             (["--out", str(existing_file / "sub")], "cannot write into"),
+             (["--out", read_only_folder(tmp_path)], "cannot write into")]
+    if command == "demo":
+        cases += [(["--device", "bogus"], "expected cpu, cuda or cuda:N"), (["--steps", "-5"], "positive integer"),
+                  (["--steps", "0"], "positive integer")]
+        if not torch.cuda.is_available():
+            cases.append((["--device", "cuda"], "no CUDA device is available"))
+    for options, message in cases:
+        with pytest.raises(SystemExit) as exit_code:
+            cli([command, *options])
+        assert exit_code.value.code == 2
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"fastcal {command}: error: argument") and message in last, err
+        assert "Traceback" not in err

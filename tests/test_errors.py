@@ -96,14 +96,11 @@ def test_bad_stats():
 
 
 def test_device_mismatch_is_reported():
-    meta = torch.randn(2, 4, 5, 5, device="meta")
-    with pytest.raises(ValueError, match="prototypes: on cpu, but logits are on meta"):
-        fastcal.predict(meta, torch.eye(4), backend="torch")
+    """Tensors on another device than the logits (meta stands in for one: it needs no GPU)."""
+    with pytest.raises(ValueError, match="prototypes: on meta, but logits are on cpu"):
+        fastcal.predict(Z, torch.eye(4, device="meta"), backend="torch")
     with pytest.raises(ValueError, match="valid: on meta, but logits are on cpu"):
         fastcal.prototype_stats(Z, valid=torch.ones(2, 5, 5, dtype=torch.bool, device="meta"))
-    cal = fitted()
-    with pytest.raises(ValueError, match="logits: on meta, but this calibrator's sums are on cpu"):
-        cal.update(meta)
 
 
 def test_masked_nan_is_accepted():
@@ -161,3 +158,38 @@ def test_temperatures_at_the_ends_of_the_range_work(temperature, backend):
     S, W = fastcal.prototype_stats(Z, temperature=temperature, backend=backend)
     assert torch.isfinite(S).all() and torch.isclose(W.sum(), torch.tensor(50.0 if temperature < 1 else 50 / 4,
                                                                            dtype=torch.float64))
+
+
+# ----- gaps an adversarial pass found --------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_logits_of_a_dtype_outside_the_contract(dtype):
+    z = torch.randn(1, 4, 3, 3).to(dtype)
+    for call in (fastcal.calibrate, fastcal.prototype_stats, lambda z: fastcal.predict(z, torch.eye(4)),
+                 fastcal.LabelCalibrator(4).update):
+        with pytest.raises(TypeError, match="logits: expected a floating dtype .*float64"):
+            call(z)
+
+
+def test_meta_logits_get_the_device_error():
+    z = torch.randn(1, 4, 3, 3, device="meta")
+    for call in (fastcal.calibrate, fastcal.prototype_stats, lambda z: fastcal.predict(z, torch.eye(4)),
+                 fastcal.LabelCalibrator(4).update, fastcal.LabelCalibrator(4).predict):
+        with pytest.raises(ValueError, match="logits: on the meta device"):
+            call(z)
+
+
+@pytest.mark.parametrize("temperature", [10**400, -(10**400)])
+def test_a_temperature_beyond_float_range(temperature):
+    with pytest.raises(ValueError, match="temperature: expected a positive finite number"):
+        fastcal.calibrate(Z, temperature=temperature)
+    with pytest.raises(ValueError, match="temperature: expected a positive finite number"):
+        fastcal.LabelCalibrator(4, temperature=temperature)
+
+
+def test_calibrate_with_prototypes_checks_every_argument():
+    P = torch.eye(4)
+    with pytest.raises(TypeError, match="deterministic"):
+        fastcal.calibrate(Z, P, deterministic="x")
+    with pytest.raises(ValueError, match="valid: masks pixels out of the statistics"):
+        fastcal.calibrate(Z, P, valid=torch.ones(2, 5, 5, dtype=torch.bool))
+    assert torch.equal(fastcal.calibrate(Z, P), fastcal.predict(Z, P))

@@ -177,3 +177,38 @@ def test_fit_shows_progress(capsys):
     wrapper.fit(batches(2), progress=True)
     assert "calibrating" in capsys.readouterr().err  # fit_calibrator's bar
     assert wrapper.calibrator.num_updates == 2
+
+
+def test_arguments_are_checked_when_the_wrapper_is_built():
+    for kwargs, error, message in [({"size": (0, 0)}, ValueError, "size: expected positive"),
+                                   ({"size": "Input"}, TypeError, "size: expected a"),
+                                   ({"scale_factor": -2}, ValueError, "scale_factor: expected positive"),
+                                   ({"size": "input", "scale_factor": 2}, ValueError, "give one of them"),
+                                   ({"align_corners": True}, ValueError, "align_corners: applies only")]:
+        with pytest.raises(error, match=message):
+            LabelCalibration(small_model(), C, **kwargs)
+
+
+def test_episodic_mode_checks_the_class_count():
+    wrapper = LabelCalibration(small_model(), C + 2, mode="episodic")
+    with pytest.raises(ValueError, match=f"expected C={C + 2} classes"):
+        wrapper(batches(1)[0])
+
+
+def test_set_extra_state_refuses_what_is_not_a_state():
+    wrapper = LabelCalibration(small_model(), C)
+    with pytest.raises(TypeError, match="state: expected the dict"):
+        wrapper.set_extra_state(5)
+
+
+def test_fit_calibrator_refuses_options_it_would_ignore():
+    from fastcal.fit import fit_calibrator
+
+    calibrator = fastcal.LabelCalibrator(C)
+    with pytest.raises(TypeError, match="temperature"):
+        fit_calibrator(small_model(), batches(1), C, calibrator=calibrator, temperature=-5, progress=False)
+    with pytest.raises(ValueError, match="num_classes"):
+        fit_calibrator(small_model(), batches(1), 9, calibrator=calibrator, progress=False)
+    assert calibrator.num_updates == 0
+    fit_calibrator(small_model(), batches(1), C, calibrator=calibrator, progress=False)
+    assert calibrator.num_updates == 1

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .. import _cli
 from ..fit import fit_calibrator
 from . import report
 from .network import SegmentationNet, logits_of, train
@@ -105,11 +106,14 @@ def run(config: DemoConfig, out: str, device: str = "cpu", progress: bool = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="demo-out", help="folder for results.json and panel.png (default demo-out)")
+    parser.add_argument("--out", default="demo-out", type=_cli.output_folder,
+                        help="folder for results.json and panel.png, created if missing (default demo-out)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the scenes and the training (default 0)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the model and the calibration run (default: cuda if available)")
-    parser.add_argument("--steps", type=int, default=DemoConfig.steps, help="training steps (default %(default)s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=_cli.device,
+                        help="where the model and the calibration run: cpu, cuda or cuda:N (default: cuda if "
+                             "available)")
+    parser.add_argument("--steps", type=_cli.positive_int, default=DemoConfig.steps,
+                        help="training steps (default %(default)s)")
     parser.add_argument("--no-figures", action="store_true", help="skip panel.png (no matplotlib needed)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
