@@ -26,7 +26,7 @@ def steps(logits: torch.Tensor) -> dict:
     n = torch_backend.CHUNK_ELEMENTS // C
     pieces = [(start, min(n, L - start)) for start in range(0, L, n)]
     prototypes = fastcal.prototypes_from_stats(*fastcal.prototype_stats(logits))
-    A_times_minus_2, centre, bias = (t.numpy() for t in torch_backend._distance_operands(prototypes))
+    A_times_minus_2, centre, bias = torch_backend._centred_on_host(prototypes.numpy())
     d = np.empty(C * n, np.float32)  # a chunk buffer, as the scores output uses
     labels = np.empty(L, np.int64)
     out = torch.empty_like(logits)

@@ -6,7 +6,9 @@ is touched.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from numbers import Real
 
 import torch
@@ -20,6 +22,23 @@ MAX_SPATIAL_DIMS = 3
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+class _MetaAllowed(threading.local):
+    value = False
+
+
+_meta_allowed = _MetaAllowed()
+
+
+@contextlib.contextmanager
+def meta_logits_allowed():
+    """Accept meta logits in :func:`check_logits` (planning launches that will not run)."""
+    _meta_allowed.value = True
+    try:
+        yield
+    finally:
+        _meta_allowed.value = False
+
+
 def check_logits(logits) -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits: expected a torch.Tensor, got {type(logits).__name__}")
@@ -27,7 +46,7 @@ def check_logits(logits) -> None:
         raise TypeError(
             f"logits: expected a floating dtype (float32, float16, bfloat16 or float64), got {logits.dtype}"
         )
-    if logits.device.type == "meta":
+    if logits.device.type == "meta" and not _meta_allowed.value:
         raise ValueError("logits: on the meta device, which holds no values to calibrate; "
                          "expected a CPU or CUDA tensor")
     if logits.dim() < 2:
@@ -109,13 +128,15 @@ def check_prototypes(prototypes, num_classes: int, device: torch.device) -> None
 
 def check_prototype_values(prototypes: torch.Tensor) -> None:
     """Finite entries, or a whole row of NaN for a class never predicted; not every row NaN.
-    Reads the values (on CUDA: one synchronisation)."""
+    Reads one number back (on CUDA: one synchronisation)."""
     nan_rows = torch.isnan(prototypes).all(dim=1)
-    if not torch.isfinite(prototypes[~nan_rows]).all():
+    not_finite = ~(torch.isfinite(prototypes) | nan_rows[:, None]).all()
+    status = int(not_finite.to(torch.int8) + 2 * nan_rows.all().to(torch.int8))
+    if status & 1:
         raise ValueError(
             "prototypes: entries must be finite; a row of NaN marks a class that is never predicted"
         )
-    if bool(nan_rows.all()):
+    if status & 2:
         raise ValueError("prototypes: every row is NaN, so no class could be predicted")
 
 

@@ -9,7 +9,7 @@ import torch
 
 def require(device: torch.device) -> None:
     """Triton runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (for tests)."""
-    if device.type == "cuda":
+    if device.type in ("cuda", "meta"):  # meta: launches built, not run (benchmarks/overhead.py)
         return
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         return
@@ -25,22 +25,41 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def prototype_stats(logits, temperature, valid, deterministic=False, upsample=None, confidence_power=1.0):
-    from .kernels.stats import prototype_stats as stats
+def stats_pass(logits, valid, plan):
+    from .kernels.stats import prototype_stats
 
     with _on_device(logits.device):
-        return stats(logits, temperature, valid, deterministic, upsample, confidence_power)
+        return prototype_stats(logits, plan.temperature, valid, plan.deterministic, plan.upsample,
+                               plan.confidence_power)
 
 
-def predict(logits, prototypes, temperature, label_dtype=torch.int64, upsample=None):
-    from .kernels.predict import predict as predict_labels
-
-    with _on_device(logits.device):
-        return predict_labels(logits, prototypes, temperature, label_dtype, upsample)
-
-
-def scores(logits, prototypes, temperature, upsample=None):
-    from .kernels.predict import scores as predict_scores
+def predict_pass(logits, operands, plan):
+    from .kernels.predict import predict
 
     with _on_device(logits.device):
-        return predict_scores(logits, prototypes, temperature, upsample)
+        return predict(logits, operands, plan.temperature, plan.label_dtype, plan.upsample)
+
+
+def scores_pass(logits, operands, plan):
+    from .kernels.predict import scores
+
+    with _on_device(logits.device):
+        return scores(logits, operands, plan.temperature, plan.upsample)
+
+
+def operands_pass(S, W, plan):
+    """The prototypes and the predict pass's padded operands in one launch (``kernels/prototypes.py``)
+    where one block of the predict pass holds every class; else as the reference builds them."""
+    from . import reference
+    from ._common import DistanceOperands
+    from .kernels.predict import predict_config
+    from .kernels.prototypes import operands
+    from .kernels.stats import FUSED_MAX_CLASSES
+
+    C = W.shape[0]
+    if C > FUSED_MAX_CLASSES:
+        return reference.operands_pass(S, W, plan)
+    c_block = predict_config(C)["C_BLOCK"]
+    with _on_device(W.device):
+        P, A, centre, bias = operands(S, W, plan.empty == "skip", c_block)
+    return DistanceOperands(P, padded={c_block: (A, centre, bias)})

@@ -1,45 +1,84 @@
-"""The functional API, its ``torch.library`` ops, and the one place that chooses a backend.
+"""The functional API and its ``torch.library`` ops.
 
-Each public function checks its arguments (types, shapes, devices: nothing that reads a tensor's
-values), then runs its op, ``torch.ops.fastcal.{prototype_stats, predict, calibrate}``: through the
-dispatcher where a tracer must see it (``torch.compile`` treats it as one opaque call with a known
-output shape, its fake implementation, so compiled inference code runs fastcal's own kernels
-without a graph break), and as a plain call of the op's body otherwise (see ``_call``).
+Every public call reads top-down: **check once, plan once** (:func:`fastcal._plan.plan`: the
+arguments' types, shapes, devices and options, resolved into one cached plan), then **run** the
+plan: ``_stats`` and ``_labels`` call the plan's backend, and read back at most one scalar, the
+non-finite check of a stats pass.
+
+The ops are ``torch.ops.fastcal.{prototype_stats, predict, calibrate}``. A tracer must see them
+(``torch.compile`` treats each as one opaque call with a known output shape, its fake
+implementation, so compiled inference code runs fastcal's own kernels without a graph break);
+anywhere else the plan runs without the dispatcher (see :func:`_traced`): the result is the same,
+a call costs less, and a process that never compiles never loads the compiler stack (the first
+eager call of a custom op imports ``torch._dynamo``; with it, two-process gloo jobs aborted at
+exit in about one run in six).
 """
 from __future__ import annotations
 
-import math
-from types import ModuleType
 from typing import Optional, Sequence
 
 import torch
 
-from . import _checks, _upsample, reference, torch_backend
+from . import _checks, _plan, _upsample, reference
+from ._common import distance_operands
 
 
-def resolve_backend(backend: str, device: torch.device) -> ModuleType:
-    """The module implementing ``prototype_stats`` and ``predict`` for ``backend`` on ``device``.
-
-    ``"auto"`` is Triton for CUDA tensors and the PyTorch fast path elsewhere.
-    """
-    _checks.check_choice("backend", backend, _checks.BACKENDS)
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
-    if backend == "reference":
-        return reference
-    if backend == "torch":
-        return torch_backend
-    from . import _triton
-
-    _triton.require(device)
-    return _triton
+# ----- running a plan -------------------------------------------------------------------------
+def _stats(plan: _plan.Plan, logits: torch.Tensor, valid: Optional[torch.Tensor]):
+    """``(S, W, N, bad)`` of the plan's stats pass; ``bad`` (valid pixels with a non-finite logit,
+    an int or a 0-dim tensor on the device) is not read here: callers fold it into their one read."""
+    if plan.pixels == 0:
+        zeros = torch.zeros(plan.num_classes, plan.num_classes, dtype=torch.float64, device=logits.device)
+        return zeros, zeros[0].clone(), zeros[0].clone(), 0
+    return plan.backend.stats_pass(logits, valid, plan)
 
 
-def pixel_count(logits: torch.Tensor, upsample=None) -> int:
-    """Pixels of the labels: of the logits, or of the upsampled output."""
-    return math.prod(_upsample.output_shape(logits, upsample))
+def _raise_nonfinite(count: int) -> None:
+    if count > 0:
+        raise ValueError(
+            f"logits: {count} valid pixel(s) have NaN or infinite logits; "
+            "mask them out with `valid` or fix the model output"
+        )
 
 
+def _raise_all_empty() -> None:
+    raise ValueError("W: every class is empty, so with empty='skip' no class could be predicted")
+
+
+def _labels(plan: _plan.Plan, logits: torch.Tensor, operands) -> torch.Tensor:
+    """Labels (or scores) of the plan's predict pass with prepared prototypes; reads nothing back."""
+    if plan.pixels == 0:
+        return plan.output(logits.device)
+    if plan.scores:
+        return plan.backend.scores_pass(logits, operands, plan)
+    return plan.backend.predict_pass(logits, operands, plan)
+
+
+_TRACING_MODES = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY,
+                  torch._C._TorchDispatchModeKey.FUNCTIONAL)
+
+
+def _traced(*tensors) -> bool:
+    """Whether a tracer must see the op: while ``torch.compile`` traces, under a tracing dispatch mode
+    (fake tensors, ``make_fx``, ``torch.export``, functionalization) or with tensor subclasses. Other
+    dispatch modes (a profiler, a counter of read-backs) see the op's own operations instead."""
+    return (torch.compiler.is_compiling()
+            or any(torch._C._get_dispatch_mode(key) is not None for key in _TRACING_MODES)
+            or any(t is not None and type(t) is not torch.Tensor for t in tensors))
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _checked_operands(prototypes: torch.Tensor):
+    """The distance operands of caller-given prototypes, their values checked the first time this
+    tensor is seen in its current state (not while a CUDA graph is being captured)."""
+    check = None if _capturing(prototypes.device) else _checks.check_prototype_values
+    return distance_operands(prototypes, check)  # keyed by the caller's tensor; built from it detached
+
+
+# ----- prototype_stats --------------------------------------------------------------------------
 def prototype_stats(logits, *, temperature=1.0, valid=None, backend="auto", deterministic=None,
                     confidence_power=1.0, size=None, scale_factor=None, align_corners=False):
     """Prototype sums ``S`` [C, C] and weights ``W`` [C] of a batch of logits, as float64.
@@ -51,7 +90,7 @@ def prototype_stats(logits, *, temperature=1.0, valid=None, backend="auto", dete
     float64. ``deterministic=None`` follows
     ``torch.are_deterministic_algorithms_enabled()``; only the Triton backend
     has a non-deterministic (atomic) mode. Raises ``ValueError`` when a valid
-    pixel has a NaN or infinite logit (which needs the sums on the host: on CUDA, one
+    pixel has a NaN or infinite logit (which needs one number on the host: on CUDA, one
     synchronisation).
 
     ``size=(H, W)`` or ``scale_factor=`` (with ``align_corners=``) computes the statistics of
@@ -71,60 +110,31 @@ def stats_and_counts(logits, *, temperature=1.0, valid=None, backend="auto", det
                      confidence_power=1.0, size=None, scale_factor=None, align_corners=False):
     """:func:`prototype_stats`, and ``N`` [C] float64: the number of pixels counted per argmax class
     (what :class:`LabelCalibrator` keeps for its diagnostics)."""
-    _checks.check_logits(logits)
-    temperature = _checks.check_temperature(temperature)
-    upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
-    _checks.check_valid(valid, logits, _upsample.output_shape(logits, upsample))
-    _checks.check_choice("backend", backend, _checks.BACKENDS)
-    _checks.check_deterministic(deterministic)
-    confidence_power = _checks.check_confidence_power(confidence_power)
+    plan = _plan.plan("stats", logits, valid=valid, temperature=temperature, backend=backend,
+                      deterministic=deterministic, confidence_power=confidence_power, size=size,
+                      scale_factor=scale_factor, align_corners=align_corners)
     # calibration never back-propagates; logits straight from a model may carry grad
-    return _call(_stats_op, _stats_impl, logits.detach(), valid, temperature, backend, deterministic, confidence_power,
-                 *_resize(upsample))
+    logits = logits.detach()
+    if _traced(logits, valid):
+        return _stats_op(logits, valid, plan.temperature, backend, plan.deterministic, plan.confidence_power,
+                         *plan.resize)
+    return _run_stats(plan, logits, valid)
 
 
-def _call(op, implementation, *args):
-    """``op(*args)`` where a tracer must see the op: while ``torch.compile`` traces, under a Python
-    dispatch mode (fake tensors, ``make_fx``, ``torch.export``) or with tensor subclasses. Anywhere
-    else ``implementation(*args)``, the op's own body, without the dispatcher: the result is the
-    same, a call costs less, and a process that never compiles never loads the compiler stack
-    (the first eager call of a custom op imports ``torch._dynamo``; with it, two-process gloo jobs
-    aborted at exit in about one run in six)."""
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor for a in args)):
-        return op(*args)
-    return implementation(*args)
-
-
-def _resize(upsample) -> tuple:
-    """``(size, scale_factor, align_corners)`` as the ops take them: the caller's choice, checked."""
-    if upsample is None:
-        return None, None, False
-    if upsample.scale_factor is not None:
-        return None, list(upsample.scale_factor), upsample.align_corners
-    return list(upsample.size), None, upsample.align_corners
+def _run_stats(plan, logits, valid):
+    S, W, N, bad = _stats(plan, logits, valid)
+    _raise_nonfinite(int(bad))  # the one read
+    return S, W, N
 
 
 def _stats_impl(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: float, backend: str,
                 deterministic: Optional[bool], confidence_power: float, size: Optional[Sequence[int]],
                 scale_factor: Optional[Sequence[float]],
                 align_corners: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
-    module = resolve_backend(backend, logits.device)
-    C = logits.shape[1]
-    if pixel_count(logits, upsample) == 0:
-        zeros = torch.zeros(C, C, dtype=torch.float64, device=logits.device)
-        return zeros, zeros[0].clone(), zeros[0].clone()
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-    S, W, N, nonfinite = module.prototype_stats(logits, temperature, valid, deterministic, upsample,
-                                                confidence_power)
-    if nonfinite:
-        raise ValueError(
-            f"logits: {nonfinite} valid pixel(s) have NaN or infinite logits; "
-            "mask them out with `valid` or fix the model output"
-        )
-    return S, W, N
+    plan = _plan.plan("stats", logits, valid=valid, temperature=temperature, backend=backend,
+                      deterministic=deterministic, confidence_power=confidence_power, size=size,
+                      scale_factor=scale_factor, align_corners=align_corners)
+    return _run_stats(plan, logits, valid)
 
 
 _stats_op = torch.library.custom_op("fastcal::prototype_stats", _stats_impl, mutates_args=())
@@ -137,6 +147,7 @@ def _(logits, valid, temperature, backend, deterministic, confidence_power, size
             logits.new_empty((C,), dtype=torch.float64))
 
 
+# ----- prototypes -------------------------------------------------------------------------------
 def check_stats(S, W) -> None:
     if not isinstance(S, torch.Tensor) or not isinstance(W, torch.Tensor):
         raise TypeError("S, W: expected torch tensors")
@@ -158,15 +169,17 @@ def prototypes_from_stats(S, W, *, empty="onehot") -> torch.Tensor:
     An empty class (``W[k] == 0``) gets the one-hot vector ``e_k`` with
     ``empty="onehot"``, or a row of NaN with ``empty="skip"``, which
     :func:`predict` never chooses. With ``"skip"`` and no statistics at all
-    there is nothing to predict, and ``ValueError`` is raised.
+    there is nothing to predict, and ``ValueError`` is raised. The sums are checked (finite,
+    non-negative), which reads them (on CUDA, one synchronisation).
     """
     check_stats(S, W)
     _checks.check_choice("empty", empty, _checks.EMPTY_POLICIES)
     if empty == "skip" and bool((W == 0).all()):
-        raise ValueError("W: every class is empty, so with empty='skip' no class could be predicted")
+        _raise_all_empty()
     return reference.prototypes_from_stats(S, W, empty)
 
 
+# ----- predict ----------------------------------------------------------------------------------
 def predict(logits, prototypes, *, temperature=1.0, backend="auto", label_dtype=torch.int64, output="labels",
             size=None, scale_factor=None, align_corners=False):
     """Labels ``argmin_k ||p(x) - P[k]||^2`` (lowest k on ties) as [N, *spatial].
@@ -181,51 +194,28 @@ def predict(logits, prototypes, *, temperature=1.0, backend="auto", label_dtype=
     logits [N, H, W], as in :func:`prototype_stats`.
 
     The op is ``torch.ops.fastcal.predict``: ``torch.compile`` traces it without a graph break.
-    It checks the prototypes' values (finite, or a whole row of NaN), which on CUDA reads them
-    back once; while a CUDA graph is being captured the check is skipped and nothing
-    synchronises (the labels are then those of whatever the prototypes hold).
+    The prototypes' values are checked (finite, or a whole row of NaN) the first time a prototypes
+    tensor is seen in its current state, when they are prepared for the distance loops (on CUDA,
+    one synchronisation); later calls with the same, unmodified tensor read nothing back and
+    prepare nothing. While a CUDA graph is being captured the check is skipped.
     """
-    _checks.check_logits(logits)
-    temperature = _checks.check_temperature(temperature)
-    upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
-    C = logits.shape[1]
-    _checks.check_prototypes(prototypes, C, logits.device)
-    _checks.check_label_dtype(label_dtype, C)
-    _checks.check_choice("backend", backend, _checks.BACKENDS)
-    _checks.check_choice("output", output, _checks.OUTPUTS)
-    return _call(_predict_op, _predict_impl, logits.detach(), prototypes.detach(), temperature, backend,
-                 label_dtype, output == "scores", *_resize(upsample))
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def _run_predict(logits, prototypes, temperature, backend, label_dtype, scores, upsample):
-    module = resolve_backend(backend, logits.device)
-    if pixel_count(logits, upsample) == 0:
-        return _empty_output(logits, upsample, scores, label_dtype)
-    if scores:
-        return module.scores(logits, prototypes, temperature, upsample)
-    return module.predict(logits, prototypes, temperature, label_dtype, upsample)
-
-
-def _empty_output(logits, upsample, scores: bool, label_dtype) -> torch.Tensor:
-    """An uninitialised output: labels [N, *spatial] of ``label_dtype``, or float32 scores
-    [N, C, *spatial] (the fake implementations' result, and the answer for an empty batch)."""
-    shape = _upsample.output_shape(logits, upsample)
-    if scores:
-        return logits.new_empty((shape[0], logits.shape[1], *shape[1:]), dtype=torch.float32)
-    return logits.new_empty(shape, dtype=label_dtype)
+    plan = _plan.plan("predict", logits, prototypes=prototypes, temperature=temperature, backend=backend,
+                      label_dtype=label_dtype, output=output, size=size, scale_factor=scale_factor,
+                      align_corners=align_corners)
+    logits = logits.detach()
+    if _traced(logits, prototypes):
+        return _predict_op(logits, prototypes.detach(), plan.temperature, backend, label_dtype, plan.scores,
+                           *plan.resize)
+    return _labels(plan, logits, _checked_operands(prototypes))
 
 
 def _predict_impl(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, backend: str,
                   label_dtype: torch.dtype, scores: bool, size: Optional[Sequence[int]],
                   scale_factor: Optional[Sequence[float]], align_corners: bool) -> torch.Tensor:
-    if not _capturing(prototypes.device):
-        _checks.check_prototype_values(prototypes)
-    upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
-    return _run_predict(logits, prototypes, temperature, backend, label_dtype, scores, upsample)
+    plan = _plan.plan("predict", logits, prototypes=prototypes, temperature=temperature, backend=backend,
+                      label_dtype=label_dtype, output="scores" if scores else "labels", size=size,
+                      scale_factor=scale_factor, align_corners=align_corners)
+    return _labels(plan, logits, _checked_operands(prototypes))
 
 
 _predict_op = torch.library.custom_op("fastcal::predict", _predict_impl, mutates_args=())
@@ -233,10 +223,18 @@ _predict_op = torch.library.custom_op("fastcal::predict", _predict_impl, mutates
 
 @_predict_op.register_fake
 def _(logits, prototypes, temperature, backend, label_dtype, scores, size, scale_factor, align_corners):
-    upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
-    return _empty_output(logits, upsample, scores, label_dtype)
+    return _fake_output(logits, label_dtype, scores, size, scale_factor, align_corners)
 
 
+def _fake_output(logits, label_dtype, scores, size, scale_factor, align_corners):
+    """The fake implementations' result: the output's shape and dtype, uninitialised."""
+    shape = _upsample.output_shape(logits, _upsample.resolve(logits, size, scale_factor, align_corners))
+    if scores:
+        return logits.new_empty((shape[0], logits.shape[1], *shape[1:]), dtype=torch.float32)
+    return logits.new_empty(shape, dtype=label_dtype)
+
+
+# ----- calibrate --------------------------------------------------------------------------------
 def calibrate(logits, prototypes=None, *, temperature=1.0, valid=None, empty="onehot",
               backend="auto", label_dtype=torch.int64, output="labels", deterministic=None,
               confidence_power=1.0, size=None, scale_factor=None, align_corners=False):
@@ -252,40 +250,65 @@ def calibrate(logits, prototypes=None, *, temperature=1.0, valid=None, empty="on
     (labels and ``valid`` at the output size) without writing them, as in :func:`prototype_stats`.
 
     The op is ``torch.ops.fastcal.calibrate`` (or ``fastcal::predict`` with ``prototypes``):
-    ``torch.compile`` traces it without a graph break. Building the prototypes reads the sums
-    back to the host (on CUDA, one synchronisation) to reject non-finite logits.
+    ``torch.compile`` traces it without a graph break. Building the prototypes reads one number
+    back to the host (on CUDA, one synchronisation) to reject non-finite logits (and, with
+    ``empty="skip"``, a batch where every class is empty); empty classes are resolved on the
+    device.
     """
-    _checks.check_choice("empty", empty, _checks.EMPTY_POLICIES)
-    _checks.check_logits(logits)
-    confidence_power = _checks.check_confidence_power(confidence_power)
-    upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
-    _checks.check_valid(valid, logits, _upsample.output_shape(logits, upsample))
-    _checks.check_deterministic(deterministic)
+    op = "calibrate" if prototypes is None else "calibrate-with-prototypes"
+    plan = _plan.plan(op, logits, valid=valid, prototypes=prototypes, temperature=temperature, backend=backend,
+                      deterministic=deterministic, confidence_power=confidence_power, empty=empty,
+                      label_dtype=label_dtype, output=output, size=size, scale_factor=scale_factor,
+                      align_corners=align_corners)
+    logits = logits.detach()
     if prototypes is not None:
-        if valid is not None:
-            raise ValueError("valid: masks pixels out of the statistics, and with prototypes given there are "
-                             "none to build (every pixel gets a label); drop valid or the prototypes")
-        return predict(logits, prototypes, temperature=temperature, backend=backend, label_dtype=label_dtype,
-                       output=output, size=size, scale_factor=scale_factor, align_corners=align_corners)
-    temperature = _checks.check_temperature(temperature)
-    _checks.check_choice("backend", backend, _checks.BACKENDS)
-    _checks.check_choice("output", output, _checks.OUTPUTS)
-    _checks.check_label_dtype(label_dtype, logits.shape[1])
-    return _call(_calibrate_op, _calibrate_impl, logits.detach(), valid, temperature, empty, backend, label_dtype,
-                 output == "scores", deterministic, confidence_power, *_resize(upsample))
+        if _traced(logits, prototypes):
+            return _predict_op(logits, prototypes.detach(), plan.temperature, backend, label_dtype, plan.scores,
+                               *plan.resize)
+        return _labels(plan, logits, _checked_operands(prototypes))
+    if _traced(logits, valid):
+        return _calibrate_op(logits, valid, plan.temperature, empty, backend, label_dtype, plan.scores,
+                             plan.deterministic, plan.confidence_power, *plan.resize)
+    return _run_calibrate(plan, logits, valid)
+
+
+def _run_calibrate(plan, logits, valid):
+    if plan.pixels == 0:  # nothing to build prototypes from, nothing to label
+        return plan.output(logits.device)
+    S, W, _, bad = _stats(plan, logits, valid)
+    _raise_first_problem(bad, (W == 0).all() if plan.empty == "skip" else None)
+    return _labels(plan, logits, plan.backend.operands_pass(S, W, plan))
+
+
+def _raise_first_problem(bad, all_empty: Optional[torch.Tensor]) -> None:
+    """Raise for non-finite logits, else (with ``all_empty``, under ``empty="skip"``) for a batch with
+    no class to predict: one number read back for both. (Meta tensors, on which the host work of
+    a call is measured, hold no number to read.)"""
+    if isinstance(bad, torch.Tensor) and bad.is_meta:
+        return None
+    if all_empty is None:
+        return _raise_nonfinite(int(bad))
+    if not isinstance(bad, torch.Tensor):  # counted on the host: no read needed for it
+        _raise_nonfinite(bad)
+        if bool(all_empty):
+            _raise_all_empty()
+        return None
+    status = int(torch.where(bad > 0, bad, -all_empty.to(bad.dtype)))
+    _raise_nonfinite(status)
+    if status < 0:
+        _raise_all_empty()
+    return None
 
 
 def _calibrate_impl(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: float, empty: str,
                     backend: str, label_dtype: torch.dtype, scores: bool, deterministic: Optional[bool],
                     confidence_power: float, size: Optional[Sequence[int]], scale_factor: Optional[Sequence[float]],
                     align_corners: bool) -> torch.Tensor:
-    upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
-    if pixel_count(logits, upsample) == 0:  # nothing to build prototypes from, nothing to label
-        return _run_predict(logits, None, temperature, backend, label_dtype, scores, upsample)
-    S, W, _ = _stats_impl(logits, valid, temperature, backend, deterministic, confidence_power, size, scale_factor,
-                     align_corners)
-    prototypes = prototypes_from_stats(S, W, empty=empty)
-    return _run_predict(logits, prototypes, temperature, backend, label_dtype, scores, upsample)
+    plan = _plan.plan("calibrate", logits, valid=valid, temperature=temperature, backend=backend,
+                      deterministic=deterministic, confidence_power=confidence_power, empty=empty,
+                      label_dtype=label_dtype, output="scores" if scores else "labels", size=size,
+                      scale_factor=scale_factor, align_corners=align_corners)
+    return _run_calibrate(plan, logits, valid)
 
 
 _calibrate_op = torch.library.custom_op("fastcal::calibrate", _calibrate_impl, mutates_args=())
@@ -294,5 +317,4 @@ _calibrate_op = torch.library.custom_op("fastcal::calibrate", _calibrate_impl, m
 @_calibrate_op.register_fake
 def _(logits, valid, temperature, empty, backend, label_dtype, scores, deterministic, confidence_power, size,
       scale_factor, align_corners):
-    upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
-    return _empty_output(logits, upsample, scores, label_dtype)
+    return _fake_output(logits, label_dtype, scores, size, scale_factor, align_corners)

@@ -8,7 +8,8 @@ from numbers import Real
 
 import torch
 
-from . import _checks, api
+from . import _checks, _plan, api, reference
+from ._common import DistanceOperands
 
 STATE_FORMAT = "fastcal.LabelCalibrator"
 STATE_VERSION = 2  # 2: the confidence power and the pixel counts per class; version 1 still loads
@@ -85,10 +86,10 @@ class LabelCalibrator:
             device = getattr(self, "_S_shared", torch.empty(0)).device
             zeros = torch.zeros(self.num_classes, dtype=torch.float64, device=device)
             self._set_shared(torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64, device=device),
-                             zeros, zeros.clone(), 0, 0)
+                             zeros, zeros.clone(), 0, 0, any_weight=False)
             self._device_fixed = False
 
-    def _set_shared(self, S, W, N, num_updates, num_pixels) -> None:
+    def _set_shared(self, S, W, N, num_updates, num_pixels, any_weight: bool | None = None) -> None:
         """Make ``S``, ``W``, ``N`` and the counters the state every rank shares (after a reduction, a
         load or a reset), with nothing local on top."""
         self._S_shared, self._W_shared, self._N_shared = S, W, N
@@ -96,6 +97,9 @@ class LabelCalibrator:
         self._shared_counts = (num_updates, num_pixels)
         self._local_updates = self._local_pixels = 0
         self._cached_prototypes = None
+        # whether any class has weight, kept on the host so that predicting with empty="skip" need
+        # not read W back to refuse a calibrator with nothing to predict
+        self._any_weight = bool((W > 0).any()) if any_weight is None else any_weight
 
     @property
     def S(self) -> torch.Tensor:
@@ -129,7 +133,8 @@ class LabelCalibrator:
             return self._shared_counts[1] + self._local_pixels
 
     def _check_batch(self, logits: torch.Tensor) -> None:
-        _checks.check_logits(logits)
+        """What the plan cannot know: this calibrator's class count and device (the logits
+        themselves were checked by the plan)."""
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"logits: expected C={self.num_classes} classes on dim 1, got {logits.shape[1]}")
         if self._device_fixed and logits.device != self._S_shared.device:
@@ -148,11 +153,18 @@ class LabelCalibrator:
 
         ``size`` / ``scale_factor`` / ``align_corners``: the statistics of the bilinearly upsampled
         logits (``valid`` at the output size), as in :func:`fastcal.prototype_stats`."""
+        plan = _plan.plan("stats", logits, valid=valid, temperature=self.temperature, backend=self.backend,
+                          confidence_power=self.confidence_power, size=size, scale_factor=scale_factor,
+                          align_corners=align_corners)
         self._check_batch(logits)
-        S, W, N = api.stats_and_counts(logits, temperature=self.temperature, valid=valid, backend=self.backend,
-                                       confidence_power=self.confidence_power, size=size,
-                                       scale_factor=scale_factor, align_corners=align_corners)
-        pixels = int(N.sum())  # the valid pixels: a non-finite one has already raised
+        logits = logits.detach()
+        if api._traced(logits, valid):
+            S, W, N = api._stats_op(logits, valid, plan.temperature, self.backend, plan.deterministic,
+                                    plan.confidence_power, *plan.resize)
+            pixels = int(N.sum())
+        else:
+            S, W, N, bad = api._stats(plan, logits, valid)
+            pixels = _pixels_or_raise(bad, N)
         if pixels == 0:
             return self
         with self._lock:
@@ -175,6 +187,7 @@ class LabelCalibrator:
         self._local_updates += 1
         self._local_pixels += pixels
         self._cached_prototypes = None
+        self._any_weight = True
 
     def _move_to(self, device) -> None:
         self._S_shared, self._W_shared = self._S_shared.to(device), self._W_shared.to(device)
@@ -185,15 +198,28 @@ class LabelCalibrator:
     @property
     def prototypes(self) -> torch.Tensor:
         """[C, C] float32 prototypes from the sums so far (see :func:`fastcal.prototypes_from_stats`)."""
-        return self._current_prototypes().clone()
+        return self._current_prototypes()[0].clone()
 
-    def _current_prototypes(self) -> torch.Tensor:
-        """The prototypes, built once per state of the sums (and empty policy): building them checks
-        the sums, which on CUDA reads them back, and ``predict`` would otherwise do it every call."""
+    def _current_prototypes(self, device=None) -> tuple:
+        """``(prototypes, operands)`` on ``device`` (default: the sums'), built once per state of the
+        sums, empty policy and device, and trusted: the sums are this calibrator's own, checked
+        when they were loaded, so nothing is read back (empty classes are resolved on the device)."""
         with self._lock:
-            if self._cached_prototypes is None or self._cached_prototypes[0] != self.empty:
-                self._cached_prototypes = (self.empty, api.prototypes_from_stats(self.S, self.W, empty=self.empty))
-            return self._cached_prototypes[1]
+            device = self._S_shared.device if device is None else torch.device(device)
+            cached = self._cached_prototypes
+            if cached is None or cached[0] != self.empty:
+                if self.empty == "skip" and not self._any_weight:
+                    api._raise_all_empty()
+                cached = self._cached_prototypes = (self.empty, {})
+            if device not in cached[1]:
+                home = self._S_shared.device
+                if home not in cached[1]:
+                    P = reference.prototypes_from_stats(self.S, self.W, self.empty)
+                    cached[1][home] = (P, DistanceOperands(P))
+                if device != home:
+                    P = cached[1][home][0].to(device)
+                    cached[1][device] = (P, DistanceOperands(P))
+            return cached[1][device]
 
     def diagnostics(self, class_names=None, *, min_pixels: float = 1000, min_distance: float = 0.2):
         """Per class: pixels, weight, the prototype's own probability, its nearest other prototype,
@@ -214,11 +240,16 @@ class LabelCalibrator:
         """Calibrated labels [N, *spatial] with the current prototypes, or their float32 scores
         [N, C, *spatial] with ``output="scores"`` (of the bilinearly upsampled logits with ``size`` /
         ``scale_factor``, as in :func:`fastcal.predict`)."""
+        plan = _plan.plan("own-predict", logits, temperature=self.temperature,
+                          backend=self.backend, label_dtype=label_dtype, output=output, size=size,
+                          scale_factor=scale_factor, align_corners=align_corners)
         self._check_batch(logits)
-        prototypes = self._current_prototypes().to(logits.device)
-        return api.predict(logits, prototypes, temperature=self.temperature, backend=self.backend,
-                           label_dtype=label_dtype, output=output, size=size, scale_factor=scale_factor,
-                           align_corners=align_corners)
+        prototypes, operands = self._current_prototypes(logits.device)
+        logits = logits.detach()
+        if api._traced(logits):
+            return api._predict_op(logits, prototypes, plan.temperature, self.backend, label_dtype, plan.scores,
+                                   *plan.resize)
+        return api._labels(plan, logits, operands)
 
     # ----- distributed -----------------------------------------------------------------
     def all_reduce(self, group=None) -> "LabelCalibrator":
@@ -370,6 +401,16 @@ class LabelCalibrator:
         power = "" if self.confidence_power == 1.0 else f"confidence_power={self.confidence_power}, "
         return (f"LabelCalibrator(num_classes={self.num_classes}, temperature={self.temperature}, "
                 f"empty={self.empty!r}, backend={self.backend!r}, {power}{mode}, updates={self.num_updates})")
+
+
+def _pixels_or_raise(bad, N: torch.Tensor) -> int:
+    """The batch's counted pixels, or ``ValueError`` for non-finite logits: one number read back."""
+    if not isinstance(bad, torch.Tensor):  # counted on the host
+        api._raise_nonfinite(bad)
+        return int(N.sum())
+    status = int(torch.where(bad > 0, -bad.double(), N.sum()))
+    api._raise_nonfinite(-status)
+    return status
 
 
 def _is_int(value) -> bool:

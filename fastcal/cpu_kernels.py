@@ -44,7 +44,6 @@ each source row it needs once along x, and keeps two).
 """
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -150,9 +149,17 @@ class _CompileNotice(event.Listener):
             self.started = None
 
 
+# registered once: it speaks only of these loops, whose compiles happen inside ``run``
+event.register("numba:compile", _CompileNotice())
+
+
 def run(loop, *args):
-    """Call one of the parallel loops below: one call at a time, telling the user when it compiles."""
-    with _lock, event.install_listener("numba:compile", _CompileNotice()):
+    """Call one of the parallel loops below: one call at a time, telling the user when it compiles.
+
+    Small calls go to the pool too: a call of 64 pixels is no slower on the pool than on one
+    thread (the loops' OpenMP workers wait spinning between calls; ``python -m benchmarks.overhead``
+    measures both, docs/overhead.md)."""
+    with _lock:
         return loop(*args)
 
 

@@ -37,42 +37,43 @@ def soft_labels(logits: torch.Tensor, temperature: float):
     return p, cls, conf
 
 
-def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
-                    deterministic: bool = True, upsample=None, confidence_power: float = 1.0):
+def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None = None,
+                    upsample=None, confidence_power: float = 1.0):
     """``S`` [C, C], ``W`` [C] and the pixel count ``N`` [C] per argmax class in float64, and the
-    number of valid pixels with a non-finite logit.
+    number of valid pixels with a non-finite logit (a 0-dim tensor: the caller reads it).
 
     Logits are read as float32, so a float64 logit beyond float32's range is non-finite. With
-    ``upsample``, the statistics of ``F.interpolate`` of the float32 logits."""
+    ``upsample``, the statistics of ``F.interpolate`` of the float32 logits. A pixel left out
+    (masked, or non-finite) weighs 0 and counts 0, so nothing is indexed by a mask (which would
+    read the mask back)."""
     if upsample is not None:
         logits = upsampled(logits, upsample)
     num_classes = logits.shape[1]
     p, cls, conf = soft_labels(logits, temperature)
-    if valid is None:
-        valid = torch.ones(cls.shape, dtype=torch.bool, device=cls.device)
     finite = torch.isfinite(logits.movedim(1, -1).float()).all(dim=-1)
-    p, cls, conf = p[valid & finite], cls[valid & finite], conf[valid & finite]
+    used = finite if valid is None else valid & finite
+    zero = torch.zeros((), device=p.device)
+    weight = torch.where(used, conf ** confidence_power, zero).double()
+    p = torch.where(used[..., None], p, zero).double()  # a non-finite pixel's p is NaN
+    cls = cls.reshape(-1)
     S = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=logits.device)
-    W = torch.zeros(num_classes, dtype=torch.float64, device=logits.device)
-    weight = conf ** confidence_power
-    S.index_add_(0, cls, (weight[:, None] * p).double())
-    W.index_add_(0, cls, weight.double())
-    N = torch.bincount(cls, minlength=num_classes).double()
-    nonfinite = int((valid & ~finite).sum())
-    return S, W, N, nonfinite
+    S.index_add_(0, cls, (weight[..., None] * p).reshape(-1, num_classes))
+    W = torch.zeros(num_classes, dtype=torch.float64, device=logits.device).index_add_(0, cls, weight.reshape(-1))
+    N = torch.zeros(num_classes, dtype=torch.float64, device=logits.device).index_add_(0, cls, used.reshape(-1).double())
+    nonfinite = ~finite if valid is None else valid & ~finite
+    return S, W, N, nonfinite.sum()
 
 
 def prototypes_from_stats(S: torch.Tensor, W: torch.Tensor, empty: str) -> torch.Tensor:
     """``P[k] = S[k] / W[k]``; an empty class gets ``e_k`` ("onehot") or a NaN row ("skip")."""
     num_classes = W.shape[0]
-    P = S.double() / W.double()[:, None]
-    is_empty = W == 0
+    is_empty = (W == 0)[:, None]
+    P = S.double() / torch.where(is_empty, 1.0, W.double()[:, None])
     if empty == "onehot":
-        eye = torch.eye(num_classes, dtype=torch.float64, device=S.device)
-        P[is_empty] = eye[is_empty]
+        fill = torch.eye(num_classes, dtype=torch.float64, device=S.device)
     else:
-        P[is_empty] = float("nan")
-    return P.float()
+        fill = torch.full((), float("nan"), dtype=torch.float64, device=S.device)
+    return torch.where(is_empty, fill, P).float()
 
 
 def _distance_blocks(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, upsample):
@@ -93,7 +94,7 @@ def _distance_blocks(logits: torch.Tensor, prototypes: torch.Tensor, temperature
     block = max(1, (1 << 24) // P.numel())
     for start in range(0, pixels.shape[0], block):
         distance = ((pixels[start:start + block, None, :] - P) ** 2).sum(dim=-1)
-        distance[:, skipped] = float("inf")
+        distance = torch.where(skipped, float("inf"), distance)
         yield slice(start, start + block), distance
 
 
@@ -117,3 +118,22 @@ def scores(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, u
     for block, distance in blocks:
         out[block] = -distance
     return out.view(shape).movedim(-1, 1).contiguous()
+
+
+# ----- the backend interface (see fastcal._plan): the functions above, run with a plan ----------
+def stats_pass(logits, valid, plan):
+    return prototype_stats(logits, plan.temperature, valid, plan.upsample, plan.confidence_power)
+
+
+def predict_pass(logits, operands, plan):
+    return predict(logits, operands.prototypes, plan.temperature, plan.label_dtype, plan.upsample)
+
+
+def scores_pass(logits, operands, plan):
+    return scores(logits, operands.prototypes, plan.temperature, plan.upsample)
+
+
+def operands_pass(S, W, plan):
+    from ._common import DistanceOperands
+
+    return DistanceOperands(prototypes_from_stats(S, W, plan.empty))

@@ -30,8 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import _upsample
-from ._common import centred_prototypes
+from . import _process
 
 CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 logits a chunk: per-op overhead vanishes, buffers stay small
 DIRECT_MIN_PIXELS = 4096  # fused loops read an NCHW batch in place when its images are this large
@@ -107,12 +106,7 @@ def _shifted_exp(z: torch.Tensor, temperature: float, buffers: _Buffers, with_ar
     z_max = z.amax(dim=0).float()
     e = torch.sub(z, z_max, out=buffers.view(buffers.e, n))  # upcasts half-precision chunks
     if with_argmax:
-        # one full reduction tells whether the chunk is clean (a sum of finite logits that
-        # overflows only sends the chunk down the exact per-pixel check)
-        if bool(torch.isfinite(z.sum())):
-            finite = torch.ones(n, dtype=torch.bool, device=z.device)
-        else:
-            finite = torch.isfinite(z).all(dim=0)
+        finite = torch.isfinite(z).all(dim=0)  # per pixel, on the device: nothing read back
         cls = _first_zero(e, buffers.view(buffers.scratch, n), buffers)
     if temperature != 1.0:
         e.mul_(1.0 / temperature)
@@ -131,39 +125,99 @@ def uses_fused_loops(logits: torch.Tensor) -> bool:
 
 # how the fused loops read each dtype in place: float16 and bfloat16 as their bits
 _IN_PLACE = {torch.float32: torch.float32, torch.float16: torch.uint16, torch.bfloat16: torch.int16}
+SMALL_BATCH_IMAGES = 4  # batches of at most this many images are read in place whatever their size
 
 
-def _pieces(logits: torch.Tensor, buffers: _Buffers):
-    """Yield ``(select, z, g, start, n)`` covering every pixel once: the fused loops read pixels
-    ``start .. start + n`` of image ``g`` of ``z``, a C-contiguous [G, C, L] array (see
-    :mod:`fastcal.cpu_kernels` for its dtypes), and ``select(t)`` is the flat [n] view of the same
-    pixels in a C-contiguous [N, *spatial] tensor ``t`` (``select(t, classes=True)``: their
-    [C, ...] view in a C-contiguous [N, C, *spatial] tensor)."""
-    N, C = logits.shape[:2]
-    L = math.prod(logits.shape[2:])
-    pixels = max(1, CHUNK_ELEMENTS // C)
-    if logits.dtype in _IN_PLACE and logits.is_contiguous() and L >= DIRECT_MIN_PIXELS:
-        z = logits.view(N, C, L).view(_IN_PLACE[logits.dtype]).numpy()
-        for g in range(N):
-            for start in range(0, L, pixels):
-                n = min(pixels, L - start)
-                yield _image_range(N, C, L, g, start, n), z, g, start, n
-        return
-    for index, chunk in _chunks(logits):
-        n = chunk.shape[1]
-        z = buffers.view(buffers.scratch, n).copy_(chunk)  # upcasts half precision, gathers other layouts
-        yield _indexed(index), z.view(1, C, n).numpy(), 0, 0, n
+def host_array(t: torch.Tensor) -> np.ndarray:
+    """The one route from a tensor to host memory on the fast path: a NumPy view of a CPU tensor
+    for the loops. Tests replace it to see that no other backend, and no CUDA tensor, goes here."""
+    return t.numpy()
+
+
+class _Walk:
+    """How a pass of the fused loops covers the pixels, planned once per plan (see
+    :mod:`fastcal._plan`): from shapes, strides and dtypes only.
+
+    ``in_place``: the loops read the logits' own memory (NCHW float32 / float16 / bfloat16, or the
+    small float32 copy of an upsampling source); else each chunk is copied into a float32
+    ``[C, n]`` buffer. ``ranges``: per call of a loop, ``(g, start, n, select)`` (in place) or
+    ``(index, select)`` (copied chunks), ``select(t)`` viewing the same pixels in a C-contiguous
+    [N, *spatial] tensor ``t`` (``select(t, classes=True)``: their [C, ...] view in
+    [N, C, *spatial]). ``tables``: the loop's trailing arguments (the upsampling tables, after
+    the thread count when the loop splits each call into one run of blocks a thread)."""
+
+    def __init__(self, logits, upsample, plain_loop, upsampled_loop, pixels=None, thread_runs=True):
+        N, C = logits.shape[:2]
+        self.upsampled = upsample is not None
+        if self.upsampled:
+            from numba import get_num_threads
+
+            self.loop = upsampled_loop
+            L = math.prod(upsample.size)
+            self.in_place = logits.dtype in _IN_PLACE and logits.is_contiguous()
+            pixels = pixels or L  # a whole image a call: each work unit interpolates a source row once
+            self.ranges = [(g, start, min(pixels, L - start), _image_range(N, C, L, g, start, min(pixels, L - start)))
+                           for g in range(N) for start in range(0, L, pixels)]
+            tables = _upsample_tables(logits, upsample)
+            self.tables = (get_num_threads(), *tables) if thread_runs else tables
+            self.buffer_pixels = 0
+            return
+        self.loop, self.tables = plain_loop, ()
+        L = math.prod(logits.shape[2:])
+        pixels = max(1, CHUNK_ELEMENTS // C)
+        self.in_place = (logits.dtype in _IN_PLACE and logits.is_contiguous()
+                         and (L >= DIRECT_MIN_PIXELS or N <= SMALL_BATCH_IMAGES))
+        if self.in_place:
+            self.ranges = [(g, start, min(pixels, L - start), _image_range(N, C, L, g, start, min(pixels, L - start)))
+                           for g in range(N) for start in range(0, L, pixels)]
+            self.buffer_pixels = 0
+        else:
+            self.ranges = [(index, _indexed(index)) for index in _chunk_index((N, *logits.shape[2:]), pixels)]
+            self.buffer_pixels = min(pixels, N * L)
+
+    def pieces(self, logits: torch.Tensor):
+        """Yield ``(select, z, g, start, n)`` covering every pixel once: the loop reads pixels
+        ``start .. start + n`` of image ``g`` of ``z``, a C-contiguous [G, C, L] array."""
+        N, C = logits.shape[:2]
+        if self.upsampled:
+            H, W = logits.shape[2:]
+            source = logits if self.in_place else logits.float().contiguous()
+            view = source.view(N, C, H * W)
+            z = host_array(view.view(_IN_PLACE[view.dtype]) if view.dtype != torch.float32 else view)
+            for g, start, n, select in self.ranges:
+                yield select, z, g, start, n
+            return
+        if self.in_place:
+            z = host_array(logits.view(N, C, -1).view(_IN_PLACE[logits.dtype]))
+            for g, start, n, select in self.ranges:
+                yield select, z, g, start, n
+            return
+        by_class = logits.movedim(1, 0)
+        buffer = torch.empty(C * self.buffer_pixels, dtype=torch.float32, device=logits.device)
+        for index, select in self.ranges:
+            chunk = by_class[(slice(None), *index)].reshape(C, -1)
+            n = chunk.shape[1]
+            z = buffer[: C * n].view(C, n).copy_(chunk)  # upcasts half precision, gathers other layouts
+            yield select, host_array(z.view(1, C, n)), 0, 0, n
+
+
+def _walk(plan, logits, name: str, plain_loop, upsampled_loop, **options) -> _Walk:
+    """The plan's walk for pass ``name``, planned on first use."""
+    walk = plan.walks.get(name)
+    if walk is None:
+        walk = plan.walks[name] = _Walk(logits, plan.upsample, plain_loop, upsampled_loop, **options)
+    return walk
 
 
 def _image_range(N: int, C: int, L: int, g: int, start: int, n: int):
-    """The selector (see :func:`_pieces`) of pixels ``start .. start + n`` of image ``g``."""
+    """The selector (see :class:`_Walk`) of pixels ``start .. start + n`` of image ``g``."""
     def select(t, classes=False):
         return t.view(N, C, L)[g, :, start:start + n] if classes else t.view(N, L)[g, start:start + n]
     return select
 
 
 def _indexed(index: tuple):
-    """The selector (see :func:`_pieces`) of the pixels ``index`` selects in [N, *spatial]."""
+    """The selector (see :class:`_Walk`) of the pixels ``index`` selects in [N, *spatial]."""
     def select(t, classes=False):
         return t.movedim(1, 0)[(slice(None), *index)] if classes else t[index].view(-1)
     return select
@@ -187,7 +241,8 @@ def _column_bands(x0: torch.Tensor, wx: torch.Tensor, band: int, tile: int):
 
 def _upsample_tables(logits: torch.Tensor, upsample):
     """The loops' tables (see :func:`fastcal.cpu_kernels._block_upsample`): the output width, and
-    ``rows`` and ``cols`` as NumPy arrays, the column tables padded to whole tiles."""
+    ``rows`` and ``cols`` as NumPy arrays, the column tables padded to whole tiles. Built from
+    shapes alone, on the host, once per plan."""
     from .cpu_kernels import BAND, TILE
 
     # the loops read the input as a contiguous [C, H*W] image: rows W apart, columns adjacent
@@ -199,38 +254,7 @@ def _upsample_tables(logits: torch.Tensor, upsample):
     return upsample.size[1], tuple(t.numpy() for t in rows), cols
 
 
-def _upsampled_pieces(logits: torch.Tensor, upsample, pixels: int):
-    """As :func:`_pieces`, over the output pixels of the upsampling, ``pixels`` at a time; ``z``
-    [N, C, H*W] holds the input-resolution logits (in place for NCHW float32 / float16 / bfloat16,
-    else a float32 copy of the small input)."""
-    N, C, H, W = logits.shape
-    L = math.prod(upsample.size)
-    if logits.dtype in _IN_PLACE and logits.is_contiguous():
-        z = logits.view(N, C, H * W).view(_IN_PLACE[logits.dtype]).numpy()
-    else:
-        z = logits.float().contiguous().view(N, C, H * W).numpy()
-    for g in range(N):
-        for start in range(0, L, pixels):
-            n = min(pixels, L - start)
-            yield _image_range(N, C, L, g, start, n), z, g, start, n
-
-
-def _fused_walk(logits, upsample, buffers, plain_loop, upsampled_loop, *, pixels=None, thread_runs=True):
-    """``(loop, pieces, tables)`` of one pass of the fused loops: ``plain_loop`` over :func:`_pieces`, or
-    with ``upsample`` ``upsampled_loop`` over :func:`_upsampled_pieces` of ``pixels`` output pixels a
-    call (default a whole image: each work unit then interpolates each source row along x once).
-    ``tables`` follow the loop's own arguments: the upsampling tables, after the thread count when
-    the loop splits each call into one contiguous run of blocks a thread (``thread_runs``)."""
-    if upsample is None:
-        return plain_loop, _pieces(logits, buffers), ()
-    from numba import get_num_threads
-
-    pieces = _upsampled_pieces(logits, upsample, pixels or math.prod(upsample.size))
-    tables = _upsample_tables(logits, upsample)
-    return upsampled_loop, pieces, (get_num_threads(), *tables) if thread_runs else tables
-
-
-def _fused_prototype_stats(logits, temperature, valid, upsample, confidence_power):
+def _fused_prototype_stats(logits, valid, plan):
     from . import cpu_kernels
 
     C = logits.shape[1]
@@ -242,49 +266,52 @@ def _fused_prototype_stats(logits, temperature, valid, upsample, confidence_powe
     if valid is not None:
         valid = valid.contiguous().view(torch.uint8)
     # the stats loops' fixed work units keep the sums independent of the thread count
-    loop, pieces, tables = _fused_walk(logits, upsample, _Buffers(C, logits.device), cpu_kernels.stats_chunk,
-                                       cpu_kernels.upsampled_stats_chunk, thread_runs=False)
-    for select, z, g, start, n in pieces:
-        mask = all_valid if valid is None else select(valid).numpy()
-        nonfinite += int(cpu_kernels.run(loop, z, g, start, n, np.float32(1.0 / temperature),
-                                         np.float32(confidence_power), mask, S_parts, W_parts, N_parts, *tables))
+    walk = _walk(plan, logits, "stats", cpu_kernels.stats_chunk, cpu_kernels.upsampled_stats_chunk,
+                 thread_runs=False)
+    inv_temperature, power = np.float32(1.0 / plan.temperature), np.float32(plan.confidence_power)
+    for select, z, g, start, n in walk.pieces(logits):
+        mask = all_valid if valid is None else host_array(select(valid))
+        nonfinite += int(cpu_kernels.run(walk.loop, z, g, start, n, inv_temperature, power, mask, S_parts, W_parts,
+                                         N_parts, *walk.tables))
     return (torch.from_numpy(S_parts.sum(axis=0)), torch.from_numpy(W_parts.sum(axis=0)),
             torch.from_numpy(N_parts.sum(axis=0)), nonfinite)
 
 
-def _fused_distances(logits, A_times_minus_2, centre, temperature, upsample):
-    """Yield ``(select, d, distance)`` per piece (see :func:`_pieces`): ``d = p - c`` [C, n] from the
+def _fused_distances(logits, operands, plan):
+    """Yield ``(select, d, distance)`` per piece (see :class:`_Walk`): ``d = p - c`` [C, n] from the
     fused loops and ``distance = -2 A d`` [C, n], in buffers the next piece reuses."""
     from . import cpu_kernels
 
-    buffers = _Buffers(logits.shape[1], logits.device)
-    distance_buffer = torch.empty_like(buffers.e)
-    inv_temperature = np.float32(1.0 / temperature)
+    C = logits.shape[1]
+    A_times_minus_2, centre, _ = _cpu_operands(operands)
+    inv_temperature = np.float32(1.0 / plan.temperature)
     # chunk-sized calls: d and the distances fill the chunk buffers
-    loop, pieces, tables = _fused_walk(logits, upsample, buffers, cpu_kernels.centred_softmax_chunk,
-                                       cpu_kernels.upsampled_centred_softmax_chunk,
-                                       pixels=CHUNK_ELEMENTS // logits.shape[1])
-    for select, z, g, start, n in pieces:
-        d = buffers.view(buffers.e, n)
-        cpu_kernels.run(loop, z, g, start, n, inv_temperature, centre.numpy(), d.numpy(), *tables)
-        yield select, d, torch.mm(A_times_minus_2, d, out=buffers.view(distance_buffer, n))
+    walk = _walk(plan, logits, "distances", cpu_kernels.centred_softmax_chunk,
+                 cpu_kernels.upsampled_centred_softmax_chunk, pixels=CHUNK_ELEMENTS // C)
+    size = C * min(CHUNK_ELEMENTS // C, plan.pixels)
+    d_buffer, distance_buffer = torch.empty(size), torch.empty(size)
+    for select, z, g, start, n in walk.pieces(logits):
+        d = d_buffer[: C * n].view(C, n)
+        cpu_kernels.run(walk.loop, z, g, start, n, inv_temperature, host_array(centre), host_array(d), *walk.tables)
+        yield select, d, torch.mm(A_times_minus_2, d, out=distance_buffer[: C * n].view(C, n))
 
 
-def _chunk_distances(logits, A_times_minus_2, centre, temperature, upsample):
+def _chunk_distances(logits, operands, plan):
     """As :func:`_fused_distances`, with PyTorch operations on each chunk (:func:`_chunks`)."""
+    A_times_minus_2, centre, _ = _cpu_operands(operands)
     buffers = _Buffers(logits.shape[1], logits.device)
+    upsample = plan.upsample
     for index, z in _chunks(logits) if upsample is None else _upsampled_chunks(logits, upsample):
-        d = _shifted_exp(z, temperature, buffers, with_argmax=False)
+        d = _shifted_exp(z, plan.temperature, buffers, with_argmax=False)
         d.div_(d.sum(dim=0)).sub_(centre[:, None])
         yield _indexed(index), d, torch.mm(A_times_minus_2, d, out=buffers.view(buffers.scratch, d.shape[1]))
 
 
-def _centred_distances(logits, prototypes, temperature, upsample):
+def _centred_distances(logits, operands, plan):
     """``(bias, pieces)``: ``pieces`` yields ``(select, d, distance)``, where ``bias + distance`` is
-    ``||p - P[k]||^2 - ||d||^2`` (see :func:`_distance_operands`), from the fused loops or chunks."""
-    A_times_minus_2, centre, bias = _distance_operands(prototypes)
+    ``||p - P[k]||^2 - ||d||^2`` (see :func:`_cpu_operands`), from the fused loops or chunks."""
     walk = _fused_distances if uses_fused_loops(logits) else _chunk_distances
-    return bias, walk(logits, A_times_minus_2, centre, temperature, upsample)
+    return _cpu_operands(operands)[2], walk(logits, operands, plan)
 
 
 def _fork_safe(function):
@@ -293,9 +320,7 @@ def _fork_safe(function):
     OpenMP threads. The caller's thread count is restored afterwards."""
     @functools.wraps(function)
     def wrapper(logits, *args, **kwargs):
-        from . import cpu_kernels
-
-        if logits.device.type != "cpu" or not cpu_kernels.forked_child():
+        if logits.device.type != "cpu" or not _process.forked_child():
             return function(logits, *args, **kwargs)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -313,13 +338,15 @@ def _upsampled_chunks(logits: torch.Tensor, upsample):
     rows (their own rows kept: the mapping along y is then the identity, along x the global one);
     along y, a blend of the two source rows of each output row."""
     N, C = logits.shape[:2]
-    (y0, y1, wy), _ = upsample.axes(tuple(logits.shape[2:]), logits.device)
+    (y0, y1, wy), _ = upsample.axes(tuple(logits.shape[2:]))  # from the shapes alone, on the host
+    first_rows, last_rows = y0.tolist(), y1.tolist()
+    y0, y1, wy = y0.to(logits.device), y1.to(logits.device), wy.to(logits.device)
     height, width = upsample.size
     rows = max(1, CHUNK_ELEMENTS // (C * width))
     for g in range(N):
         for r0 in range(0, height, rows):
             band = slice(r0, min(r0 + rows, height))
-            lo, hi = int(y0[band][0]), int(y1[band][-1]) + 1
+            lo, hi = first_rows[band.start], last_rows[band.stop - 1] + 1
             source = logits[g:g + 1, :, lo:hi].float()
             along_x = {"scale_factor": (1.0, upsample.scale_factor[1])} if upsample.scale_factor \
                 else {"size": (hi - lo, width)}
@@ -329,33 +356,31 @@ def _upsampled_chunks(logits: torch.Tensor, upsample):
 
 
 @_fork_safe
-def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
-                    deterministic: bool = True, upsample=None, confidence_power: float = 1.0):
+def stats_pass(logits: torch.Tensor, valid: torch.Tensor | None, plan):
     """``(S, W, N, nonfinite)``: the sums, the pixel count per argmax class (float64) and the
-    number of valid pixels with a non-finite logit."""
+    number of valid pixels with a non-finite logit (an int: counted on the host)."""
     if uses_fused_loops(logits):
-        return _fused_prototype_stats(logits, temperature, valid, upsample, confidence_power)
+        return _fused_prototype_stats(logits, valid, plan)
     C = logits.shape[1]
     S_t = torch.zeros(C, C, dtype=torch.float64, device=logits.device)  # S transposed: [j, k]
     W = torch.zeros(C, dtype=torch.float64, device=logits.device)
     N = torch.zeros(C, dtype=torch.float64, device=logits.device)
-    nonfinite = 0
+    nonfinite = torch.zeros((), dtype=torch.int64, device=logits.device)
     buffers = _Buffers(C, logits.device)
+    upsample = plan.upsample
     for index, z in _chunks(logits) if upsample is None else _upsampled_chunks(logits, upsample):
-        e, cls, use = _shifted_exp(z, temperature, buffers, with_argmax=True)
+        e, cls, use = _shifted_exp(z, plan.temperature, buffers, with_argmax=True)
         conf = e.sum(dim=0).reciprocal_()
         if valid is not None:
             in_mask = valid[index].reshape(-1)
-            nonfinite += int((in_mask & ~use).sum())
+            nonfinite += (in_mask & ~use).sum()
             use &= in_mask
         else:
-            nonfinite += int((~use).sum())
-        clean = bool(use.all())
-        weight = conf if confidence_power == 1.0 else conf.pow(confidence_power)
-        weight = weight if clean else torch.where(use, weight, torch.zeros((), device=conf.device))
+            nonfinite += (~use).sum()
+        weight = conf if plan.confidence_power == 1.0 else conf.pow(plan.confidence_power)
+        weight = torch.where(use, weight, torch.zeros((), device=conf.device))
         e.mul_(weight * conf)  # weight * p = weight * conf * e
-        if not clean:
-            e.masked_fill_(~use, 0.0)  # NaN or inf at masked pixels must not leak into the sums
+        e.masked_fill_(~use, 0.0)  # NaN or inf at masked pixels must not leak into the sums
         # float64 from the first add: a chunk holds up to a million pixels of one class, whose
         # float32 running sum would drift by ~1e-5
         S_t.index_add_(1, cls, e.double())
@@ -364,44 +389,73 @@ def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tenso
     return S_t.T.contiguous(), W, N, nonfinite
 
 
-def _distance_operands(prototypes: torch.Tensor):
-    """``(-2 A, c, bias)`` of :func:`fastcal._common.centred_prototypes`: a pixel's label is
-    ``argmin_k bias[k] + (-2 A (p - c))[k]`` (scaling by -2 is exact)."""
-    A, centre, bias = centred_prototypes(prototypes)
-    return A.mul_(-2.0), centre, bias
+def _cpu_operands(operands):
+    """``(-2 A, c, bias)`` of :func:`fastcal._common.centred_prototypes` as float32 CPU tensors, made
+    once per prepared prototypes (see :class:`fastcal._common.DistanceOperands`): a pixel's label
+    is ``argmin_k bias[k] + (-2 A (p - c))[k]`` (scaling by -2 is exact)."""
+    return operands.derived("cpu", lambda o: tuple(torch.from_numpy(a) for a in
+                                                   _centred_on_host(host_array(o.prototypes))))
 
 
-def _fused_predict(logits, prototypes, temperature, labels, upsample):
+def operands_pass(S: torch.Tensor, W: torch.Tensor, plan):
+    """The prototypes (as :func:`fastcal.reference.prototypes_from_stats`) and the loops' operands,
+    computed in NumPy where the sums are on the host: a few hundred values, for which NumPy costs
+    a fraction of PyTorch's per-operation overhead."""
+    from . import reference
+    from ._common import DistanceOperands
+
+    if S.device.type != "cpu":
+        return reference.operands_pass(S, W, plan)
+    S, W = host_array(S), host_array(W)
+    empty = (W == 0)[:, None]
+    fill = np.eye(W.shape[0]) if plan.empty == "onehot" else np.nan
+    P = np.where(empty, fill, S / np.where(empty, 1.0, W[:, None])).astype(np.float32)
+    return DistanceOperands(torch.from_numpy(P),
+                            derived={"cpu": tuple(torch.from_numpy(a) for a in _centred_on_host(P))})
+
+
+def _centred_on_host(P: np.ndarray):
+    """``(-2 A, c, bias)`` of :func:`fastcal._common.centred_prototypes` computed in NumPy, the same
+    float64 steps rounded to float32 in the same places: for the few hundred values of the
+    prototypes NumPy costs a fraction of PyTorch's per-operation overhead (tests check both agree)."""
+    P = P.astype(np.float64)
+    skipped = np.isnan(P).all(axis=1)
+    kept = np.where(skipped[:, None], 0.0, P)
+    centre = (kept.sum(axis=0) / max(int((~skipped).sum()), 1)).astype(np.float32)
+    A = np.where(skipped[:, None], 0.0, P - centre.astype(np.float64))
+    bias = np.where(skipped, np.inf, (A * A).sum(axis=1))
+    return (A.astype(np.float32) * np.float32(-2.0)), centre, bias.astype(np.float32)
+
+
+def _fused_predict(logits, operands, plan, labels):
     """The fused loops' predict pass: softmax, distances and argmin a block of pixels at a time
     (see :func:`fastcal.cpu_kernels.predict_chunk`), labels written straight into ``labels``."""
     from . import cpu_kernels
 
-    A_times_minus_2, centre, bias = (t.numpy() for t in _distance_operands(prototypes))
-    inv_temperature = np.float32(1.0 / temperature)
-    loop, pieces, tables = _fused_walk(logits, upsample, _Buffers(logits.shape[1], logits.device),
-                                       cpu_kernels.predict_chunk, cpu_kernels.upsampled_predict_chunk)
-    for select, z, g, start, n in pieces:
-        cpu_kernels.run(loop, z, g, start, n, inv_temperature, centre, A_times_minus_2, bias,
-                        select(labels).numpy(), *tables)
+    A_times_minus_2, centre, bias = (host_array(t) for t in _cpu_operands(operands))
+    inv_temperature = np.float32(1.0 / plan.temperature)
+    walk = _walk(plan, logits, "predict", cpu_kernels.predict_chunk, cpu_kernels.upsampled_predict_chunk)
+    for select, z, g, start, n in walk.pieces(logits):
+        cpu_kernels.run(walk.loop, z, g, start, n, inv_temperature, centre, A_times_minus_2, bias,
+                        host_array(select(labels)), *walk.tables)
     return labels
 
 
 @_fork_safe
-def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64,
-            upsample=None):
-    """The argmin of ``bias - 2 A (p - c)`` (see :func:`_distance_operands`): in the fused loops
+def predict_pass(logits: torch.Tensor, operands, plan):
+    """The argmin of ``bias - 2 A (p - c)`` (see :func:`_cpu_operands`): in the fused loops
     (up to ``cpu_kernels.NEAREST_MAX_CLASSES`` classes), else with one GEMM a chunk."""
     from . import cpu_kernels
 
-    labels = torch.empty(_upsample.output_shape(logits, upsample), dtype=label_dtype, device=logits.device)
+    labels = plan.output(logits.device)
     fused = uses_fused_loops(logits)
     if fused and logits.shape[1] <= cpu_kernels.NEAREST_MAX_CLASSES:
-        return _fused_predict(logits, prototypes, temperature, labels, upsample)
-    bias, pieces = _centred_distances(logits, prototypes, temperature, upsample)
+        return _fused_predict(logits, operands, plan, labels)
+    bias, pieces = _centred_distances(logits, operands, plan)
     if fused:
         for select, d, distance in pieces:
-            cpu_kernels.run(cpu_kernels.argmin_chunk, distance.numpy(), bias.numpy(), d.shape[1],
-                            select(labels).numpy())
+            cpu_kernels.run(cpu_kernels.argmin_chunk, host_array(distance), host_array(bias), d.shape[1],
+                            host_array(select(labels)))
         return labels
     buffers = _Buffers(logits.shape[1], logits.device)
     for select, d, distance in pieces:
@@ -413,12 +467,11 @@ def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, 
 
 
 @_fork_safe
-def scores(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, upsample=None):
+def scores_pass(logits: torch.Tensor, operands, plan):
     """``-(bias - 2 A d + ||d||^2) = -||p - P[k]||^2`` a chunk at a time, written into the float32
     [N, C, *spatial] output (``-inf`` for a skipped class)."""
-    shape = _upsample.output_shape(logits, upsample)
-    out = torch.empty((shape[0], logits.shape[1], *shape[1:]), dtype=torch.float32, device=logits.device)
-    bias, pieces = _centred_distances(logits, prototypes, temperature, upsample)
+    out = plan.output(logits.device)
+    bias, pieces = _centred_distances(logits, operands, plan)
     for select, d, distance in pieces:
         distance.add_(bias[:, None]).add_(torch.linalg.vector_norm(d, dim=0).square_()).neg_()
         view = select(out, classes=True)

@@ -118,8 +118,25 @@ class UpsampledLayout:
         return (self.offsets, self.weights, *self.size)
 
 
+LAYOUT_CACHE_SIZE = 64
+_layouts: dict = {}
+
+
 def launch_layout(logits: torch.Tensor, upsample=None):
-    """``pixel_layout(logits)``, or the ``UpsampledLayout`` of ``upsample`` (see ``fastcal._upsample``)."""
+    """``pixel_layout(logits)``, or the ``UpsampledLayout`` of ``upsample`` (see ``fastcal._upsample``).
+    Layouts depend on the shape, strides and device alone: each is built once (its upsampling
+    tables written to the device once) and kept, up to ``LAYOUT_CACHE_SIZE`` of them."""
+    key = (tuple(logits.shape), logits.stride(), logits.device, upsample)
+    layout = _layouts.get(key)
+    if layout is None:
+        layout = _build_layout(logits, upsample)
+        if len(_layouts) >= LAYOUT_CACHE_SIZE:
+            _layouts.pop(next(iter(_layouts)), None)
+        _layouts[key] = layout
+    return layout
+
+
+def _build_layout(logits: torch.Tensor, upsample):
     if upsample is None:
         return pixel_layout(logits)
     (y0, y1, wy), (x0, x1, wx) = upsample.source_offsets(tuple(logits.shape[2:]), tuple(logits.stride()[2:]),

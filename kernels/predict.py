@@ -29,10 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import centred_prototypes
+from .._common import DistanceOperands
 from .._upsample import output_shape
 from ._launch import Launch
-from ._layout import launch_layout, triton_cdiv
+from ._layout import launch_layout
 from ._tile import load_classes, online_softmax_update, pixel_position
 from .stats import CONSERVATIVE, FUSED_MAX_CLASSES, LOG2E, max_programs
 
@@ -126,19 +126,14 @@ def predict_config(num_classes: int, element_size: int = 4, aligned: bool = True
             "num_stages": stages, "maxnreg": 255, "programs_per_sm": 4}
 
 
-def padded_prototypes(prototypes: torch.Tensor, c_block: int):
+def padded_operands(prototypes, c_block: int, device: torch.device):
     """Centred prototypes ``A``, centre ``c`` and ``bias = ||A[k]||^2`` zero-padded to whole blocks
-    (``bias = +inf`` for padding and for skipped classes)."""
-    A, centre, bias = centred_prototypes(prototypes)
-    C = A.shape[0]
-    c_pad = triton_cdiv(C, c_block) * c_block
-    A_pad = torch.zeros(c_pad, c_pad, dtype=torch.float32, device=A.device)
-    A_pad[:C, :C] = A
-    centre_pad = torch.zeros(c_pad, dtype=torch.float32, device=A.device)
-    centre_pad[:C] = centre
-    bias_pad = torch.full((c_pad,), float("inf"), dtype=torch.float32, device=A.device)
-    bias_pad[:C] = bias
-    return A_pad, centre_pad, bias_pad
+    (``bias = +inf`` for padding and for skipped classes). ``prototypes``: a [C, C] tensor, or its
+    prepared operands (anything with ``padded(c_block)``, as ``fastcal._common.DistanceOperands``,
+    which builds them once per state of the prototypes)."""
+    if isinstance(prototypes, torch.Tensor):
+        prototypes = DistanceOperands(prototypes.to(device))
+    return prototypes.padded(c_block)
 
 
 def predict_launch(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64,
@@ -148,7 +143,7 @@ def predict_launch(logits: torch.Tensor, prototypes: torch.Tensor, temperature: 
     (``programs``, default 4 per SM), so the tile loads of the loop are pipelined."""
     layout = launch_layout(logits, upsample)
     config = predict_config(layout.num_classes, logits.element_size(), layout.aligned(logits))
-    A_pad, centre_pad, bias_pad = (t.to(logits.device) for t in padded_prototypes(prototypes, config["C_BLOCK"]))
+    A_pad, centre_pad, bias_pad = padded_operands(prototypes, config["C_BLOCK"], logits.device)
     shape = output_shape(logits, upsample)
     if scores:
         out = torch.empty((shape[0], layout.num_classes, *shape[1:]), dtype=torch.float32, device=logits.device)

@@ -33,6 +33,8 @@ caller can reject the batch without a second pass.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -208,10 +210,13 @@ def stats_config(num_classes: int, element_size: int = 4, aligned: bool = True) 
 
 def max_programs(device: torch.device, per_sm: int = 4) -> int:
     """Persistent programs: ``per_sm`` per SM on CUDA; a few in the interpreter, which runs programs
-    one after another."""
-    if device.type == "cuda":
-        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    one after another (and on meta tensors, where launches are only built)."""
+    return per_sm * _multiprocessors(device) if device.type == "cuda" else 4
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def stats_launches(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
@@ -272,11 +277,11 @@ def stats_launches(logits: torch.Tensor, temperature: float, valid: torch.Tensor
 def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
                     deterministic: bool = False, upsample=None, confidence_power: float = 1.0):
     """``(S float64 [C, C], W float64 [C], N float64 [C], number of valid pixels with a non-finite
-    logit)``; with ``upsample``, of the bilinear upsampling computed tile by tile (``_tile.load_classes``)."""
+    logit)``, the count a 0-dim int32 tensor on the device, not read back here; with ``upsample``, of the bilinear upsampling computed tile by tile (``_tile.load_classes``)."""
     launches, S, W, N, bad = stats_launches(logits, temperature, valid, deterministic, upsample,
                                             confidence_power=confidence_power)
     for launch in launches:
         launch()
     if deterministic:
         S, W, N = S.double().sum(dim=0), W.double().sum(dim=0), N.double().sum(dim=0)
-    return S, W, N, int(bad.item())
+    return S, W, N, bad[0]

@@ -94,11 +94,11 @@ def test_logits_that_carry_grad_are_fine(backend):
 
 
 def test_prototypes_are_built_once_per_state_of_the_sums(monkeypatch):
-    from fastcal import api
+    from fastcal import reference
 
     built = []
-    original = api.prototypes_from_stats
-    monkeypatch.setattr(api, "prototypes_from_stats", lambda *a, **k: built.append(1) or original(*a, **k))
+    original = reference.prototypes_from_stats
+    monkeypatch.setattr(reference, "prototypes_from_stats", lambda *a, **k: built.append(1) or original(*a, **k))
     z = torch.randn(2, 5, 8, 8) * 3
     cal = fastcal.LabelCalibrator(5).update(z)
     first = cal.predict(z)
@@ -107,7 +107,7 @@ def test_prototypes_are_built_once_per_state_of_the_sums(monkeypatch):
     P.fill_(0.0)  # a caller's copy: the calibrator's own stay as they were
     assert torch.equal(cal.predict(z), first) and len(built) == 1
     cal.update(z[:1] * 2)
-    fresh = original(cal.S, cal.W, empty="onehot")
+    fresh = original(cal.S, cal.W, "onehot")
     assert torch.equal(cal.prototypes, fresh) and len(built) == 2  # an update invalidates them
     cal.empty = "skip"
     cal.prototypes

@@ -1,0 +1,195 @@
+"""Plans: what a call will do, checked and resolved once from what its arguments look like.
+
+A public call hands its arguments to :func:`plan`, which checks them (types, shapes, dtypes,
+devices, option values: never a tensor's values) and resolves them into a :class:`Plan`: the
+backend, the output shape and pixel count, the upsampling, the options in the form the op bodies
+use. The op bodies trust the plan and check nothing again.
+
+A plan depends only on the key of the call (the op; the logits' shape, strides, dtype and device;
+those of ``valid`` and the prototypes; every option, with its type, so that ``True`` and ``1``
+differ as the checks tell them apart; whether deterministic algorithms are on), so plans are kept
+in a small cache (:data:`CACHE_SIZE` keys, least recently built dropped first), as Triton keeps
+its launchers: a steady inference loop finds its plan and does no resolution work. Since the
+checks depend on the key alone, a key found in the cache has passed them. A call whose options
+cannot be keyed (a tensor temperature) is planned afresh each time.
+
+The backends keep their own preparations (the CPU walk, launch layouts) in :attr:`Plan.walks`,
+built on first use, so they too are made once per key. Nothing here reads a tensor's values: a
+plan can be built for meta tensors (no CUDA needed), which is how ``benchmarks/overhead.py``
+measures the Triton path's host work on a CPU.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import torch
+
+from . import _checks, _upsample
+
+CACHE_SIZE = 64
+# "own-predict": a calibrator predicting with its own prototypes, which need no check
+OPS = ("stats", "predict", "own-predict", "calibrate", "calibrate-with-prototypes")
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    op: str
+    backend: ModuleType                 # fastcal.reference, fastcal.torch_backend or fastcal._triton
+    num_classes: int
+    upsample: _upsample.Upsample | None
+    shape: tuple                        # [N, *spatial] of the labels (and of ``valid``)
+    pixels: int                         # output pixels; 0: an empty batch, nothing to compute
+    temperature: float
+    deterministic: bool = False
+    confidence_power: float = 1.0
+    empty: str = "onehot"
+    label_dtype: torch.dtype = torch.int64
+    scores: bool = False
+    walks: dict = field(default_factory=dict)  # the backend's own preparations, by pass
+
+    @property
+    def resize(self) -> tuple:
+        """``(size, scale_factor, align_corners)`` as the ``torch.library`` ops take them."""
+        upsample = self.upsample
+        if upsample is None:
+            return None, None, False
+        if upsample.scale_factor is not None:
+            return None, list(upsample.scale_factor), upsample.align_corners
+        return list(upsample.size), None, upsample.align_corners
+
+    def output(self, device) -> torch.Tensor:
+        """An uninitialised output: labels [N, *spatial] of ``label_dtype``, or float32 scores
+        [N, C, *spatial]."""
+        if self.scores:
+            return torch.empty((self.shape[0], self.num_classes, *self.shape[1:]), dtype=torch.float32,
+                               device=device)
+        return torch.empty(self.shape, dtype=self.label_dtype, device=device)
+
+
+def resolve_backend(backend: str, device: torch.device) -> ModuleType:
+    """The module implementing the passes for ``backend`` on ``device``: ``"auto"`` is Triton for
+    CUDA tensors and the CPU fast path (:mod:`fastcal.torch_backend`) elsewhere."""
+    _checks.check_choice("backend", backend, _checks.BACKENDS)
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "reference":
+        from . import reference
+
+        return reference
+    if backend == "torch":
+        from . import torch_backend
+
+        return torch_backend
+    from . import _triton
+
+    _triton.require(device)
+    return _triton
+
+
+_cache: dict = {}
+_lock = threading.Lock()
+
+
+def plan(op: str, logits, *, valid=None, prototypes=None, temperature=1.0, backend="auto", deterministic=None,
+         confidence_power=1.0, empty="onehot", label_dtype=torch.int64, output="labels", size=None,
+         scale_factor=None, align_corners=False) -> Plan:
+    """The checked plan of one call of ``op`` (one of :data:`OPS`); raises the argument's error.
+
+    Logits on the meta device are refused by the public calls; :func:`meta_plan` plans for them."""
+    if deterministic is None and op not in ("predict", "own-predict"):
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    options = (temperature, backend, deterministic, confidence_power, empty, label_dtype, output, size,
+               scale_factor, align_corners)
+    if torch.compiler.is_compiling():  # traced once into the graph: nothing to keep, no lock to take
+        return _build(op, logits, valid, prototypes, *options)
+    key = _key(op, logits, valid, prototypes, options)
+    found = _cache.get(key) if key is not None else None
+    if found is not None:
+        return found
+    built = _build(op, logits, valid, prototypes, *options)
+    if key is not None:
+        with _lock:
+            if len(_cache) >= CACHE_SIZE:
+                _cache.pop(next(iter(_cache)))
+            _cache[key] = built
+    return built
+
+
+def meta_plan(op: str, logits: torch.Tensor, **options) -> Plan:
+    """The plan of ``op`` for meta-device logits, uncached: how ``benchmarks/overhead.py`` measures
+    the host work of the Triton path (plan, launch arguments) on a machine without CUDA. Checked
+    as :func:`plan` checks, except that the logits may hold no values."""
+    if logits.device.type != "meta":
+        raise ValueError(f"logits: expected a meta tensor, got one on {logits.device}")
+    with _checks.meta_logits_allowed():
+        return _build(op, logits, options.get("valid"), options.get("prototypes"),
+                      *(options.get(name, default) for name, default in _OPTION_DEFAULTS))
+
+
+_OPTION_DEFAULTS = (("temperature", 1.0), ("backend", "triton"), ("deterministic", False),
+                    ("confidence_power", 1.0), ("empty", "onehot"), ("label_dtype", torch.int64),
+                    ("output", "labels"), ("size", None), ("scale_factor", None), ("align_corners", False))
+
+
+def _frozen(value):
+    """A hashable image of an option that keeps what the checks look at (its type and value);
+    ``TypeError`` for what cannot be keyed."""
+    if isinstance(value, (list, tuple)):
+        return type(value), tuple(_frozen(v) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        if isinstance(value, float) and math.isnan(value):
+            raise TypeError("NaN is never equal to itself")
+        return type(value), value
+    raise TypeError(f"cannot key {type(value).__name__}")
+
+
+def _signature(tensor):
+    if tensor is None:
+        return None
+    if type(tensor) is not torch.Tensor:  # subclasses, or not a tensor: planned afresh, checked
+        raise TypeError
+    return tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device
+
+
+def _key(op, logits, valid, prototypes, options):
+    try:
+        return (op, _signature(logits), _signature(valid), _signature(prototypes), _frozen(options))
+    except TypeError:
+        return None
+
+
+def _build(op, logits, valid, prototypes, temperature, backend, deterministic, confidence_power, empty,
+           label_dtype, output, size, scale_factor, align_corners) -> Plan:
+    """Every check of ``op``'s arguments, in the order the errors have always been raised, then the
+    resolution."""
+    stats, predicts = op in ("stats", "calibrate", "calibrate-with-prototypes"), op != "stats"
+    if op.startswith("calibrate"):
+        _checks.check_choice("empty", empty, _checks.EMPTY_POLICIES)
+    _checks.check_logits(logits)
+    if stats:
+        confidence_power = _checks.check_confidence_power(confidence_power)
+    temperature = _checks.check_temperature(temperature)
+    upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
+    shape = _upsample.output_shape(logits, upsample)
+    C = logits.shape[1]
+    if stats:
+        _checks.check_valid(valid, logits, shape)
+        _checks.check_deterministic(deterministic)
+    if op == "calibrate-with-prototypes" and valid is not None:
+        raise ValueError("valid: masks pixels out of the statistics, and with prototypes given there are "
+                         "none to build (every pixel gets a label); drop valid or the prototypes")
+    if op in ("predict", "calibrate-with-prototypes"):
+        _checks.check_prototypes(prototypes, C, logits.device)
+    if predicts:
+        _checks.check_label_dtype(label_dtype, C)
+    _checks.check_choice("backend", backend, _checks.BACKENDS)
+    if predicts:
+        _checks.check_choice("output", output, _checks.OUTPUTS)
+    module = resolve_backend(backend, logits.device)
+    return Plan(op=op, backend=module, num_classes=C, upsample=upsample, shape=tuple(shape),
+                pixels=math.prod(shape), temperature=temperature, deterministic=bool(deterministic),
+                confidence_power=float(confidence_power), empty=empty, label_dtype=label_dtype,
+                scores=output == "scores")
