@@ -9,7 +9,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from fastcal.kernels import predict, stats
+from fastcal.kernels import predict, prototypes, stats
 
 from benchmarks import aot
 
@@ -74,23 +74,36 @@ def cases():
                 yield (f"predict-{tag}-{label}-up{int(upsample)}", "predict._predict_kernel", dtype, layout, cap,
                        {"out_ptr": out}, {**meta, "UPSAMPLE": upsample, "SCORES": label == "scores"},
                        launch_options(config, upsample))
+    # the operands between the passes of calibrate: one block of the fused predict pass, float64 sums
+    for cap, c_block, skip in itertools.product(CAPABILITIES, (16, 32, 64), (False, True)):
+        launch, *_ = prototypes.operands_launch(*_meta_sums(c_block), skip, c_block)
+        yield (f"operands-sm{cap}-C{c_block}-skip{int(skip)}", "prototypes._operands_kernel", "fp32", "none", cap,
+               {"S_ptr": "*fp64", "W_ptr": "*fp64", "P_ptr": "*fp32"}, dict(launch.constexprs), dict(launch.options))
+
+
+def _meta_sums(num_classes: int):
+    import torch
+
+    return (torch.empty(num_classes, num_classes, dtype=torch.float64, device="meta"),
+            torch.empty(num_classes, dtype=torch.float64, device="meta"))
 
 
 KERNELS = {"stats._stats_kernel": stats._stats_kernel, "stats._row_stats_kernel": stats._row_stats_kernel,
-           "predict._predict_kernel": predict._predict_kernel}
+           "predict._predict_kernel": predict._predict_kernel, "prototypes._operands_kernel": prototypes._operands_kernel}
 
 
 def compile_case(case):
     name, kernel_name, dtype, layout, cap, extra, meta, options = case
     kernel = KERNELS[kernel_name]
-    unit_stride = LAYOUTS[layout]
+    unit_stride = LAYOUTS.get(layout)  # "none": a kernel that walks no pixels
     types = {"z_ptr": LOGIT_TYPES[dtype], "valid_ptr": "*u8", "max_ptr": "*fp32", "conf_ptr": "*fp32",
              "cls_ptr": "*i32", "bad_ptr": "*i32", "A_ptr": "*fp32", "centre_ptr": "*fp32", "bias_ptr": "*fp32",
              "off_ptr": "*i64", "wgt_ptr": "*fp32",
              "scale": "fp32", "power": "fp32",
              **{s: "i32" for s in SCALARS}, **extra}
     sig = {arg: types[arg] for arg in kernel.arg_names if arg not in meta and arg != unit_stride}
-    compiled = aot.compile_kernel(kernel, sig, {unit_stride: 1, **meta}, cap, options)
+    constants = {unit_stride: 1, **meta} if unit_stride in kernel.arg_names else dict(meta)
+    compiled = aot.compile_kernel(kernel, sig, constants, cap, options)
     return name, aot.resource_usage(compiled)
 
 

@@ -1,0 +1,45 @@
+"""The operands kernel between the passes of calibrate (kernels/prototypes.py) against the reference
+prototypes and their centring (fastcal._common.centred_prototypes)."""
+import pytest
+import torch
+
+from fastcal import reference
+from fastcal._common import centred_prototypes
+from fastcal.kernels import prototypes
+from fastcal.kernels.predict import predict_config
+
+from cases import KERNEL_DEVICE, make_logits
+
+
+def sums_with_empty_classes(num_classes: int, empty: tuple):
+    """Sums of random logits (float64, as the stats pass leaves them), the classes ``empty`` emptied."""
+    import fastcal
+
+    S, W = fastcal.prototype_stats(make_logits((2, num_classes, 9, 11)), backend="reference")
+    S[list(empty)], W[list(empty)] = 0.0, 0.0
+    return S.to(KERNEL_DEVICE), W.to(KERNEL_DEVICE)
+
+
+@pytest.mark.parametrize("num_classes", [2, 5, 19, 33, 64])
+@pytest.mark.parametrize("empty", ["onehot", "skip"])
+def test_operands_match_the_reference(num_classes, empty):
+    S, W = sums_with_empty_classes(num_classes, (0, num_classes - 1) if num_classes > 2 else (1,))
+    c_block = predict_config(num_classes)["C_BLOCK"]
+    P, A, centre, bias = prototypes.operands(S, W, empty == "skip", c_block)
+    expected = reference.prototypes_from_stats(S, W, empty)
+    assert torch.equal(P.isnan(), expected.isnan())
+    assert torch.equal(P.nan_to_num(), expected.nan_to_num())  # the same float64 division, rounded once
+    A_ref, centre_ref, bias_ref = centred_prototypes(expected)
+    C = num_classes
+    # the mean's float64 sum may run in another order: at most an ulp of float32 apart
+    torch.testing.assert_close(centre[:C], centre_ref, rtol=2**-23, atol=2**-30)
+    torch.testing.assert_close(A[:C, :C], A_ref, rtol=2**-22, atol=2**-28)
+    torch.testing.assert_close(bias[:C], bias_ref, rtol=2**-21, atol=2**-40)
+    assert (A.shape, centre.shape, bias.shape) == ((c_block, c_block), (c_block,), (c_block,))
+    assert not A[C:].any() and not A[:, C:].any() and not centre[C:].any() and bool((bias[C:] == float("inf")).all())
+
+
+def test_no_class_left_with_skip_gives_no_nan_in_the_operands():
+    S, W = sums_with_empty_classes(4, (0, 1, 2, 3))
+    P, A, centre, bias = prototypes.operands(S, W, True, 16)
+    assert bool(P.isnan().all()) and not A.any() and not centre.any() and bool((bias == float("inf")).all())
