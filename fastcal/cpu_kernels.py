@@ -82,11 +82,11 @@ _LOOPS = {}  # name -> dispatcher of the parallel loops, for the compile notice
 _CACHED = {}  # name -> whether compiled loops are kept on disk
 
 
-def _parallel_loop(fn):
+def _parallel_loop(fn, parallel=True):
     """``njit(parallel=True)``, cached on disk where Numba finds a writable folder (beside the
     package, ``NUMBA_CACHE_DIR`` or the user's cache folder); without one (read-only containers)
     the loops compile once per process instead of failing."""
-    dispatcher = njit(parallel=True, fastmath=_FAST)(fn)
+    dispatcher = njit(parallel=parallel, fastmath=_FAST)(fn)
     try:
         dispatcher.enable_caching()
         _CACHED[fn.__name__] = True
@@ -631,3 +631,69 @@ def argmin_chunk(distance, bias, n, labels):
         for i in range(count):
             out[i] = label[i]
 
+
+
+# ----- between the passes: the prototypes and the loops' operands (a few hundred values) -------------
+def _serial_loop(fn):
+    """As :func:`_parallel_loop`, on the calling thread: for the C x C values of the prototypes,
+    where a thread pool has nothing to share out."""
+    return _parallel_loop(fn, parallel=False)
+
+
+@_serial_loop
+def prototypes_from_sums(S, W, skip, P):
+    """``P[k] = S[k] / W[k]`` rounded to float32 (as ``fastcal.reference.prototypes_from_stats``); an
+    empty class (``W[k] == 0``) gets ``e_k``, or NaN with ``skip``."""
+    C = W.shape[0]
+    for k in range(C):
+        for j in range(C):
+            if W[k] != 0.0:
+                P[k, j] = np.float32(S[k, j] / W[k])
+            elif skip:
+                P[k, j] = np.float32(np.nan)
+            else:
+                P[k, j] = np.float32(1.0 if j == k else 0.0)
+
+
+@_serial_loop
+def centred_operands(P, A_times_minus_2, centre, bias):
+    """``(-2 A, c, bias)`` of ``fastcal._common.centred_prototypes`` for float32 prototypes ``P``:
+    ``c`` the float64 mean of the rows that are not all NaN, rounded to float32, ``A[k] = P[k] - c``
+    and ``bias[k] = ||A[k]||^2`` in float64 (a row of NaN: ``A[k] = 0``, ``bias = +inf``)."""
+    C = P.shape[0]
+    kept = np.empty(C, np.bool_)
+    count = 0
+    for k in range(C):
+        all_nan = True
+        for j in range(C):
+            if not np.isnan(P[k, j]):
+                all_nan = False
+        kept[k] = not all_nan
+        count += 1 if kept[k] else 0
+    total = np.zeros(C)
+    for k in range(C):
+        if kept[k]:
+            for j in range(C):
+                total[j] += np.float64(P[k, j])
+    for j in range(C):
+        centre[j] = np.float32(total[j] / max(count, 1))
+    for k in range(C):
+        squares = 0.0
+        for j in range(C):
+            a = np.float64(P[k, j]) - np.float64(centre[j]) if kept[k] else 0.0
+            A_times_minus_2[k, j] = np.float32(a) * np.float32(-2.0)
+            squares += a * a
+        bias[k] = np.float32(squares) if kept[k] else np.float32(np.inf)
+
+
+@_serial_loop
+def sum_units(S_parts, W_parts, N_parts, S, W, N):
+    """The work units' float64 partial sums added in unit order (a fixed order: the sums do not
+    depend on the thread count)."""
+    S[:] = S_parts[0]
+    W[:] = W_parts[0]
+    N[:] = N_parts[0]
+    for u in range(1, S_parts.shape[0]):
+        S += S_parts[u]
+        W += W_parts[u]
+        N += N_parts[u]

@@ -14,11 +14,19 @@ Two implementations of the chunk math, chosen by :func:`uses_fused_loops`:
   loops of :mod:`fastcal.cpu_kernels` (one read of the logits per pass; sums in
   float32 over a block of 256 pixels, then in float64 per work unit, the units
   added in a fixed order). NCHW batches (float32, float16 or bfloat16) with
-  images of at least ``DIRECT_MIN_PIXELS`` pixels are read in place; any other
-  layout is copied a chunk at a time into a float32 ``[C, n]`` buffer first.
+  images of at least ``DIRECT_MIN_PIXELS`` pixels, or of at most
+  ``SMALL_BATCH_IMAGES`` images, are read in place; any other layout is copied a
+  chunk at a time into a float32 ``[C, n]`` buffer first. How a pass covers the
+  pixels (:class:`_Walk`) is planned once per plan (see :mod:`fastcal._plan`).
 - Everything else (more classes, or tensors on another device) runs PyTorch
   operations on each chunk (float32 softmax and distances); the products
   ``conf * p`` are added into float64 sums.
+
+Between the passes of ``calibrate`` the prototypes and the loops' operands come from two
+small serial loops (:func:`operands_pass`). The backend interface, shared with
+:mod:`fastcal.reference` and :mod:`fastcal._triton`: ``stats_pass(logits, valid, plan)``,
+``operands_pass(S, W, plan)``, ``predict_pass(logits, operands, plan)`` and
+``scores_pass(logits, operands, plan)``.
 """
 from __future__ import annotations
 
@@ -118,9 +126,18 @@ def uses_fused_loops(logits: torch.Tensor) -> bool:
     """Whether the chunk math runs the fused CPU loops: CPU tensors with at most
     ``cpu_kernels.MAX_CLASSES`` classes, in a process where they may run (see
     :func:`fastcal.cpu_kernels.available`)."""
+    if logits.device.type != "cpu":
+        return False
+    cpu_kernels = _cpu_kernels()
+    return logits.shape[1] <= cpu_kernels.MAX_CLASSES and cpu_kernels.available()
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_kernels():
+    """:mod:`fastcal.cpu_kernels`, imported on the first CPU call (it imports Numba)."""
     from . import cpu_kernels
 
-    return logits.device.type == "cpu" and logits.shape[1] <= cpu_kernels.MAX_CLASSES and cpu_kernels.available()
+    return cpu_kernels
 
 
 # how the fused loops read each dtype in place: float16 and bfloat16 as their bits
@@ -188,7 +205,8 @@ class _Walk:
                 yield select, z, g, start, n
             return
         if self.in_place:
-            z = host_array(logits.view(N, C, -1).view(_IN_PLACE[logits.dtype]))
+            view = logits.view(N, C, -1)
+            z = host_array(view if view.dtype == torch.float32 else view.view(_IN_PLACE[view.dtype]))
             for g, start, n, select in self.ranges:
                 yield select, z, g, start, n
             return
@@ -211,6 +229,11 @@ def _walk(plan, logits, name: str, plain_loop, upsampled_loop, **options) -> _Wa
 
 def _image_range(N: int, C: int, L: int, g: int, start: int, n: int):
     """The selector (see :class:`_Walk`) of pixels ``start .. start + n`` of image ``g``."""
+    if N == 1 and start == 0 and n == L:  # the whole tensor: a view, no indexing
+        def whole(t, classes=False):
+            return t.view(C, L) if classes else t.view(L)
+        return whole
+
     def select(t, classes=False):
         return t.view(N, C, L)[g, :, start:start + n] if classes else t.view(N, L)[g, start:start + n]
     return select
@@ -255,8 +278,7 @@ def _upsample_tables(logits: torch.Tensor, upsample):
 
 
 def _fused_prototype_stats(logits, valid, plan):
-    from . import cpu_kernels
-
+    cpu_kernels = _cpu_kernels()
     C = logits.shape[1]
     S_parts = np.zeros((cpu_kernels.UNITS, C, C))
     W_parts = np.zeros((cpu_kernels.UNITS, C))
@@ -273,14 +295,15 @@ def _fused_prototype_stats(logits, valid, plan):
         mask = all_valid if valid is None else host_array(select(valid))
         nonfinite += int(cpu_kernels.run(walk.loop, z, g, start, n, inv_temperature, power, mask, S_parts, W_parts,
                                          N_parts, *walk.tables))
-    return (torch.from_numpy(S_parts.sum(axis=0)), torch.from_numpy(W_parts.sum(axis=0)),
-            torch.from_numpy(N_parts.sum(axis=0)), nonfinite)
+    S, W, N = np.empty((C, C)), np.empty(C), np.empty(C)
+    cpu_kernels.sum_units(S_parts, W_parts, N_parts, S, W, N)
+    return torch.from_numpy(S), torch.from_numpy(W), torch.from_numpy(N), nonfinite
 
 
 def _fused_distances(logits, operands, plan):
     """Yield ``(select, d, distance)`` per piece (see :class:`_Walk`): ``d = p - c`` [C, n] from the
     fused loops and ``distance = -2 A d`` [C, n], in buffers the next piece reuses."""
-    from . import cpu_kernels
+    cpu_kernels = _cpu_kernels()
 
     C = logits.shape[1]
     A_times_minus_2, centre, _ = _cpu_operands(operands)
@@ -393,46 +416,44 @@ def _cpu_operands(operands):
     """``(-2 A, c, bias)`` of :func:`fastcal._common.centred_prototypes` as float32 CPU tensors, made
     once per prepared prototypes (see :class:`fastcal._common.DistanceOperands`): a pixel's label
     is ``argmin_k bias[k] + (-2 A (p - c))[k]`` (scaling by -2 is exact)."""
-    return operands.derived("cpu", lambda o: tuple(torch.from_numpy(a) for a in
-                                                   _centred_on_host(host_array(o.prototypes))))
+    return tuple(torch.from_numpy(a) for a in _host_operands(operands))
+
+
+def _host_operands(operands):
+    """:func:`_cpu_operands` as the NumPy arrays the loops take."""
+    return operands.derived("cpu", lambda o: _centred_on_host(host_array(o.prototypes)))
 
 
 def operands_pass(S: torch.Tensor, W: torch.Tensor, plan):
     """The prototypes (as :func:`fastcal.reference.prototypes_from_stats`) and the loops' operands,
-    computed in NumPy where the sums are on the host: a few hundred values, for which NumPy costs
-    a fraction of PyTorch's per-operation overhead."""
+    in two small serial loops where the sums are on the host (a few hundred values, for which
+    PyTorch's or NumPy's per-operation overhead would be most of the time)."""
     from . import reference
     from ._common import DistanceOperands
 
-    if S.device.type != "cpu":
+    if S.device.type != "cpu" or not uses_fused_loops(S[None]):
         return reference.operands_pass(S, W, plan)
-    S, W = host_array(S), host_array(W)
-    empty = (W == 0)[:, None]
-    fill = np.eye(W.shape[0]) if plan.empty == "onehot" else np.nan
-    P = np.where(empty, fill, S / np.where(empty, 1.0, W[:, None])).astype(np.float32)
-    return DistanceOperands(torch.from_numpy(P),
-                            derived={"cpu": tuple(torch.from_numpy(a) for a in _centred_on_host(P))})
+    C = W.shape[0]
+    P = np.empty((C, C), np.float32)
+    _cpu_kernels().prototypes_from_sums(host_array(S), host_array(W), plan.empty == "skip", P)
+    return DistanceOperands(torch.from_numpy(P), derived={"cpu": _centred_on_host(P)})
 
 
 def _centred_on_host(P: np.ndarray):
-    """``(-2 A, c, bias)`` of :func:`fastcal._common.centred_prototypes` computed in NumPy, the same
-    float64 steps rounded to float32 in the same places: for the few hundred values of the
-    prototypes NumPy costs a fraction of PyTorch's per-operation overhead (tests check both agree)."""
-    P = P.astype(np.float64)
-    skipped = np.isnan(P).all(axis=1)
-    kept = np.where(skipped[:, None], 0.0, P)
-    centre = (kept.sum(axis=0) / max(int((~skipped).sum()), 1)).astype(np.float32)
-    A = np.where(skipped[:, None], 0.0, P - centre.astype(np.float64))
-    bias = np.where(skipped, np.inf, (A * A).sum(axis=1))
-    return (A.astype(np.float32) * np.float32(-2.0)), centre, bias.astype(np.float32)
+    """``(-2 A, c, bias)`` of :func:`fastcal._common.centred_prototypes` for float32 prototypes on
+    the host (see :func:`fastcal.cpu_kernels.centred_operands`; the tests check both agree)."""
+    C = P.shape[0]
+    A_times_minus_2, centre, bias = np.empty((C, C), np.float32), np.empty(C, np.float32), np.empty(C, np.float32)
+    _cpu_kernels().centred_operands(np.ascontiguousarray(P, dtype=np.float32), A_times_minus_2, centre, bias)
+    return A_times_minus_2, centre, bias
 
 
 def _fused_predict(logits, operands, plan, labels):
     """The fused loops' predict pass: softmax, distances and argmin a block of pixels at a time
     (see :func:`fastcal.cpu_kernels.predict_chunk`), labels written straight into ``labels``."""
-    from . import cpu_kernels
+    cpu_kernels = _cpu_kernels()
 
-    A_times_minus_2, centre, bias = (host_array(t) for t in _cpu_operands(operands))
+    A_times_minus_2, centre, bias = _host_operands(operands)
     inv_temperature = np.float32(1.0 / plan.temperature)
     walk = _walk(plan, logits, "predict", cpu_kernels.predict_chunk, cpu_kernels.upsampled_predict_chunk)
     for select, z, g, start, n in walk.pieces(logits):
@@ -445,7 +466,7 @@ def _fused_predict(logits, operands, plan, labels):
 def predict_pass(logits: torch.Tensor, operands, plan):
     """The argmin of ``bias - 2 A (p - c)`` (see :func:`_cpu_operands`): in the fused loops
     (up to ``cpu_kernels.NEAREST_MAX_CLASSES`` classes), else with one GEMM a chunk."""
-    from . import cpu_kernels
+    cpu_kernels = _cpu_kernels()
 
     labels = plan.output(logits.device)
     fused = uses_fused_loops(logits)

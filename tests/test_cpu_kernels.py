@@ -237,3 +237,28 @@ def test_the_row_cache_keeps_the_last_output_rows_source_rows():
     y = blocks * cpu_kernels.BLOCK // width - 1
     held = rows_cached_after(logits.view(1, 3, -1).numpy(), blocks, width, rows, cols)
     assert sorted(held) == sorted({int(rows[0][y]), int(rows[1][y])})
+
+
+# ----- between the passes: prototypes and operands ---------------------------------------------
+@pytest.mark.parametrize("num_classes", [2, 19, 40, 150])
+@pytest.mark.parametrize("empty", ["onehot", "skip"])
+def test_prototypes_and_operands_match_the_reference(num_classes, empty):
+    """The serial loops that build the prototypes and the loops' operands on the host agree with
+    ``reference.prototypes_from_stats`` (exactly: the same float64 division, rounded once) and
+    ``_common.centred_prototypes`` (to an ulp: the mean's float64 sum may run in another order)."""
+    from fastcal import reference
+    from fastcal._common import centred_prototypes
+
+    z = torch.randn(2, num_classes, 7, 9) * 3
+    S, W = reference.prototype_stats(z, 1.0)[:2]
+    S[[0, -1]], W[[0, -1]] = 0.0, 0.0
+    P = np.empty((num_classes, num_classes), np.float32)
+    cpu_kernels.prototypes_from_sums(S.numpy(), W.numpy(), empty == "skip", P)
+    expected = reference.prototypes_from_stats(S, W, empty)
+    assert torch.equal(torch.from_numpy(P).nan_to_num(), expected.nan_to_num())
+    assert torch.equal(torch.from_numpy(P).isnan(), expected.isnan())
+    A_times_minus_2, centre, bias = torch_backend._centred_on_host(P)
+    A, c, b = centred_prototypes(expected)
+    torch.testing.assert_close(torch.from_numpy(centre), c, rtol=FLOAT32_ULP, atol=2**-30)
+    torch.testing.assert_close(torch.from_numpy(A_times_minus_2), -2 * A, rtol=2 * FLOAT32_ULP, atol=2**-28)
+    torch.testing.assert_close(torch.from_numpy(bias), b, rtol=4 * FLOAT32_ULP, atol=2**-40)
