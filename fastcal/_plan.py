@@ -134,16 +134,23 @@ _OPTION_DEFAULTS = (("temperature", 1.0), ("backend", "triton"), ("deterministic
                     ("output", "labels"), ("size", None), ("scale_factor", None), ("align_corners", False))
 
 
-def _frozen(value):
-    """A hashable image of an option that keeps what the checks look at (its type and value);
-    ``TypeError`` for what cannot be keyed."""
-    if isinstance(value, (list, tuple)):
-        return type(value), tuple(_frozen(v) for v in value)
-    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
-        if isinstance(value, float) and math.isnan(value):
-            raise TypeError("NaN is never equal to itself")
-        return type(value), value
-    raise TypeError(f"cannot key {type(value).__name__}")
+_KEYABLE = (type(None), bool, int, float, str, torch.dtype)
+
+
+def _frozen(options) -> tuple:
+    """A hashable image of the options that keeps what the checks look at (each value's type and
+    value, inside lists and tuples too); ``TypeError`` for what cannot be keyed (a tensor, NaN)."""
+    frozen = []
+    for value in options:
+        kind = type(value)
+        if kind is list or kind is tuple:
+            value = tuple((type(v), v) for v in value)
+            if any(k not in _KEYABLE or v != v for k, v in value):
+                raise TypeError("cannot key this sequence")
+        elif kind not in _KEYABLE or value != value:  # NaN is never equal to itself
+            raise TypeError(f"cannot key {kind.__name__}")
+        frozen.append((kind, value))
+    return tuple(frozen)
 
 
 def _signature(tensor):

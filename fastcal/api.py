@@ -62,9 +62,10 @@ def _traced(*tensors) -> bool:
     """Whether a tracer must see the op: while ``torch.compile`` traces, under a tracing dispatch mode
     (fake tensors, ``make_fx``, ``torch.export``, functionalization) or with tensor subclasses. Other
     dispatch modes (a profiler, a counter of read-backs) see the op's own operations instead."""
-    return (torch.compiler.is_compiling()
-            or any(torch._C._get_dispatch_mode(key) is not None for key in _TRACING_MODES)
-            or any(t is not None and type(t) is not torch.Tensor for t in tensors))
+    return (any(t is not None and type(t) is not torch.Tensor for t in tensors)
+            or torch.compiler.is_compiling()
+            or (torch._C._len_torch_dispatch_stack() > 0
+                and any(torch._C._get_dispatch_mode(key) is not None for key in _TRACING_MODES)))
 
 
 def _capturing(device: torch.device) -> bool:

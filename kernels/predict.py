@@ -23,7 +23,10 @@ into a contiguous [N, C, *spatial] tensor (the labels are then not written).
 """
 from __future__ import annotations
 
+import functools
 import math
+from types import MappingProxyType
+from typing import Mapping
 
 import torch
 import triton
@@ -111,7 +114,8 @@ def _predict_kernel(
             tl.store(out_ptr + o_pix, b_label.to(out_ptr.dtype.element_ty), mask=m_pix)
 
 
-def predict_config(num_classes: int, element_size: int = 4, aligned: bool = True) -> dict:
+@functools.lru_cache(maxsize=None)  # a pure function of its arguments, read on every launch
+def predict_config(num_classes: int, element_size: int = 4, aligned: bool = True) -> Mapping:
     """Block sizes and launch options (see ``stats.FUSED_STATS`` for how they were chosen): the
     stats pass's class blocks when they hold every class, smaller ones when the class axis is
     chunked; 4-warp persistent programs, 4 per SM, with pipelined tile loads when ``aligned``."""
@@ -122,8 +126,8 @@ def predict_config(num_classes: int, element_size: int = 4, aligned: bool = True
         tile_elements, stages = chosen["tile_elements"], chosen["num_stages"][4 if element_size >= 4 else 2]
     else:
         tile_elements, stages = CONSERVATIVE["tile_elements"], CONSERVATIVE["num_stages"]
-    return {"FUSED": fused, "C_BLOCK": c_block, "PIX_BLOCK": tile_elements // c_block, "num_warps": 4,
-            "num_stages": stages, "maxnreg": 255, "programs_per_sm": 4}
+    return MappingProxyType({"FUSED": fused, "C_BLOCK": c_block, "PIX_BLOCK": tile_elements // c_block,
+                             "num_warps": 4, "num_stages": stages, "maxnreg": 255, "programs_per_sm": 4})
 
 
 def padded_operands(prototypes, c_block: int, device: torch.device):

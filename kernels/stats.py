@@ -34,6 +34,8 @@ caller can reject the batch without a second pass.
 from __future__ import annotations
 
 import functools
+from types import MappingProxyType
+from typing import Mapping
 
 import torch
 import triton
@@ -189,7 +191,8 @@ def _stats_kernel(
         tl.atomic_add(bad_ptr, tl.sum(n_bad, 0))
 
 
-def stats_config(num_classes: int, element_size: int = 4, aligned: bool = True) -> dict:
+@functools.lru_cache(maxsize=None)  # a pure function of its arguments, read on every launch
+def stats_config(num_classes: int, element_size: int = 4, aligned: bool = True) -> Mapping:
     """Block sizes and launch options the launcher picks for ``num_classes`` logits of
     ``element_size`` bytes, pipelined for ``aligned`` NCHW launches (see ``FUSED_STATS``).
     maxnreg=255: left alone, ptxas caps some variants at 128 registers and spills."""
@@ -203,9 +206,10 @@ def stats_config(num_classes: int, element_size: int = 4, aligned: bool = True) 
         chosen, pix_block, stages = FUSED_STATS, FUSED_STATS["tile_elements"] // c_block, FUSED_STATS["num_stages"][size]
     else:
         chosen, pix_block, stages = CHUNKED_STATS, CHUNKED_STATS["pixels"], CHUNKED_STATS["num_stages"][size]
-    return {"FUSED": fused, "C_BLOCK": c_block, "PIX_BLOCK": pix_block, "num_warps": chosen["num_warps"],
-            "num_stages": stages, "maxnreg": 255, "programs_per_sm": chosen["programs_per_sm"],
-            "ROW_PIX_BLOCK": ROW_STATS["pixels"][size] if aligned else CONSERVATIVE["tile_elements"] // c_block}
+    return MappingProxyType({
+        "FUSED": fused, "C_BLOCK": c_block, "PIX_BLOCK": pix_block, "num_warps": chosen["num_warps"],
+        "num_stages": stages, "maxnreg": 255, "programs_per_sm": chosen["programs_per_sm"],
+        "ROW_PIX_BLOCK": ROW_STATS["pixels"][size] if aligned else CONSERVATIVE["tile_elements"] // c_block})
 
 
 def max_programs(device: torch.device, per_sm: int = 4) -> int:
