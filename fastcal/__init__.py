@@ -1,7 +1,8 @@
 """fastcal: label calibration for semantic segmentation under domain shift.
 
-Fused Triton kernels on CUDA, a chunked PyTorch path on CPU, and a plain
-reference implementation (:mod:`fastcal.reference`) they are all checked against.
+Fused Triton kernels on CUDA, fused CPU loops compiled by Numba for CPU tensors
+(:mod:`fastcal.torch_backend`), and a plain reference implementation
+(:mod:`fastcal.reference`) they are all checked against.
 """
 from . import _process  # noqa: F401  (first: the fork hook, before any op runs)
 from .api import calibrate, predict, prototype_stats, prototypes_from_stats

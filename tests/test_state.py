@@ -135,7 +135,7 @@ def test_online_mode_tracks_a_drifting_stream():
 
 
 # ----- online mode: edge cases --------------------------------------------------------------
-def test_empty_batches_change_nothing():
+def test_empty_batches_do_not_decay_an_online_calibrator():
     cal = fitted(momentum=0.5)
     S, W, updates = cal.S.clone(), cal.W.clone(), cal.num_updates
     cal.update(torch.randn(0, 5, 6, 6))
