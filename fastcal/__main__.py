@@ -13,7 +13,7 @@ def parser() -> argparse.ArgumentParser:
             ("demo", demo, "train a small model on synthetic source scenes, calibrate it on a shifted "
                            "target, score both (about a minute on 2 CPU cores)"),
             ("study", study, "the paper's open questions (confidence weighting, how many images, a "
-                             "drifting stream, failure modes) with plots (a few minutes on 2 CPU cores)")):
+                             "drifting stream, failure modes) with plots (about a minute on 2 CPU cores)")):
         sub = commands.add_parser(name, help=summary, description=summary)
         module.add_arguments(sub)
         sub.set_defaults(run=module.main)
