@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import timeit
 
 import torch
@@ -172,7 +171,9 @@ def main(argv=None) -> int:
     backends = {"torch (CPU loops)": ("torch", x), "reference": ("reference", x)}
     if torch.cuda.is_available():
         backends["triton (CUDA)"] = ("triton", x.cuda())
-    results = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+    from benchmarks.run import machine
+
+    results = {"machine": machine(),
                "number": args.number, "repeat": args.repeat, "calls": {}}
     for label, (backend, logits) in backends.items():
         baseline = lambda: torch.softmax(logits, 1).argmax(1)  # noqa: E731
