@@ -29,6 +29,10 @@ class _MetaAllowed(threading.local):
 _meta_allowed = _MetaAllowed()
 
 
+def meta_logits_are_allowed() -> bool:
+    return _meta_allowed.value
+
+
 @contextlib.contextmanager
 def meta_logits_allowed():
     """Accept meta logits in :func:`check_logits` (planning launches that will not run)."""

@@ -15,8 +15,8 @@ cannot be keyed (a tensor temperature) is planned afresh each time.
 
 The backends keep their own preparations (the CPU walk, launch layouts) in :attr:`Plan.walks`,
 built on first use, so they too are made once per key. Nothing here reads a tensor's values: a
-plan can be built for meta tensors (no CUDA needed), which is how ``benchmarks/overhead.py``
-measures the Triton path's host work on a CPU.
+plan can be built for meta tensors (:func:`meta_plan`), and with it the Triton launches, without
+CUDA.
 """
 from __future__ import annotations
 
@@ -103,7 +103,9 @@ def plan(op: str, logits, *, valid=None, prototypes=None, temperature=1.0, backe
         deterministic = torch.are_deterministic_algorithms_enabled()
     options = (temperature, backend, deterministic, confidence_power, empty, label_dtype, output, size,
                scale_factor, align_corners)
-    if torch.compiler.is_compiling():  # traced once into the graph: nothing to keep, no lock to take
+    # traced once into the graph: nothing to keep, no lock to take; a meta plan is never kept either,
+    # or a public call with meta logits would find it and pass the check that refuses them
+    if torch.compiler.is_compiling() or _checks.meta_logits_are_allowed():
         return _build(op, logits, valid, prototypes, *options)
     key = _key(op, logits, valid, prototypes, options)
     found = _cache.get(key) if key is not None else None
@@ -118,20 +120,14 @@ def plan(op: str, logits, *, valid=None, prototypes=None, temperature=1.0, backe
     return built
 
 
-def meta_plan(op: str, logits: torch.Tensor, **options) -> Plan:
-    """The plan of ``op`` for meta-device logits, uncached: how ``benchmarks/overhead.py`` measures
-    the host work of the Triton path (plan, launch arguments) on a machine without CUDA. Checked
-    as :func:`plan` checks, except that the logits may hold no values."""
+def meta_plan(op: str, logits: torch.Tensor, *, backend: str = "triton", **options) -> Plan:
+    """The plan of ``op`` for meta-device logits, never cached: the launches of the Triton passes
+    can then be built without CUDA (``tests/test_readback.py`` builds them). Checked as
+    :func:`plan` checks, except that the logits may hold no values."""
     if logits.device.type != "meta":
         raise ValueError(f"logits: expected a meta tensor, got one on {logits.device}")
     with _checks.meta_logits_allowed():
-        return _build(op, logits, options.get("valid"), options.get("prototypes"),
-                      *(options.get(name, default) for name, default in _OPTION_DEFAULTS))
-
-
-_OPTION_DEFAULTS = (("temperature", 1.0), ("backend", "triton"), ("deterministic", False),
-                    ("confidence_power", 1.0), ("empty", "onehot"), ("label_dtype", torch.int64),
-                    ("output", "labels"), ("size", None), ("scale_factor", None), ("align_corners", False))
+        return plan(op, logits, backend=backend, **options)
 
 
 _KEYABLE = (type(None), bool, int, float, str, torch.dtype)

@@ -9,7 +9,7 @@ import torch
 
 def require(device: torch.device) -> None:
     """Triton runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (for tests)."""
-    if device.type in ("cuda", "meta"):  # meta: launches built, not run (benchmarks/overhead.py)
+    if device.type in ("cuda", "meta"):  # meta: launches built, not run (fastcal._plan.meta_plan)
         return
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         return

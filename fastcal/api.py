@@ -124,7 +124,7 @@ def stats_and_counts(logits, *, temperature=1.0, valid=None, backend="auto", det
 
 def _run_stats(plan, logits, valid):
     S, W, N, bad = _stats(plan, logits, valid)
-    _raise_nonfinite(int(bad))  # the one read
+    _checked_read(bad)
     return S, W, N
 
 
@@ -203,7 +203,11 @@ def predict(logits, prototypes, *, temperature=1.0, backend="auto", label_dtype=
     plan = _plan.plan("predict", logits, prototypes=prototypes, temperature=temperature, backend=backend,
                       label_dtype=label_dtype, output=output, size=size, scale_factor=scale_factor,
                       align_corners=align_corners)
-    logits = logits.detach()
+    return _predict_with(plan, logits.detach(), prototypes, backend, label_dtype)
+
+
+def _predict_with(plan, logits, prototypes, backend, label_dtype):
+    """The predict pass with caller-given prototypes: through the op where a tracer must see it."""
     if _traced(logits, prototypes):
         return _predict_op(logits, prototypes.detach(), plan.temperature, backend, label_dtype, plan.scores,
                            *plan.resize)
@@ -263,10 +267,7 @@ def calibrate(logits, prototypes=None, *, temperature=1.0, valid=None, empty="on
                       align_corners=align_corners)
     logits = logits.detach()
     if prototypes is not None:
-        if _traced(logits, prototypes):
-            return _predict_op(logits, prototypes.detach(), plan.temperature, backend, label_dtype, plan.scores,
-                               *plan.resize)
-        return _labels(plan, logits, _checked_operands(prototypes))
+        return _predict_with(plan, logits, prototypes, backend, label_dtype)
     if _traced(logits, valid):
         return _calibrate_op(logits, valid, plan.temperature, empty, backend, label_dtype, plan.scores,
                              plan.deterministic, plan.confidence_power, *plan.resize)
@@ -277,28 +278,27 @@ def _run_calibrate(plan, logits, valid):
     if plan.pixels == 0:  # nothing to build prototypes from, nothing to label
         return plan.output(logits.device)
     S, W, _, bad = _stats(plan, logits, valid)
-    _raise_first_problem(bad, (W == 0).all() if plan.empty == "skip" else None)
+    if _checked_read(bad, (W == 0).all() if plan.empty == "skip" else None):
+        _raise_all_empty()
     return _labels(plan, logits, plan.backend.operands_pass(S, W, plan))
 
 
-def _raise_first_problem(bad, all_empty: Optional[torch.Tensor]) -> None:
-    """Raise for non-finite logits, else (with ``all_empty``, under ``empty="skip"``) for a batch with
-    no class to predict: one number read back for both. (Meta tensors, on which the host work of
-    a call is measured, hold no number to read.)"""
-    if isinstance(bad, torch.Tensor) and bad.is_meta:
-        return None
-    if all_empty is None:
-        return _raise_nonfinite(int(bad))
-    if not isinstance(bad, torch.Tensor):  # counted on the host: no read needed for it
-        _raise_nonfinite(bad)
-        if bool(all_empty):
-            _raise_all_empty()
-        return None
-    status = int(torch.where(bad > 0, bad, -all_empty.to(bad.dtype)))
-    _raise_nonfinite(status)
-    if status < 0:
-        _raise_all_empty()
-    return None
+def _checked_read(bad, value: Optional[torch.Tensor] = None):
+    """The stats pass's one read: raise ``ValueError`` when ``bad`` (the valid pixels with a
+    non-finite logit: an int counted on the host, or a 0-dim tensor) is positive, else return
+    ``value`` (a 0-dim tensor >= 0, what else the caller must know) as a float; a count on the
+    device and ``value`` are read back as one number. Meta tensors, on which launches are only
+    built (:func:`fastcal._plan.meta_plan`), hold no number: nothing is read."""
+    if isinstance(bad, torch.Tensor):
+        if bad.is_meta:
+            return None if value is None else 0.0
+        if value is None:
+            return _raise_nonfinite(int(bad))
+        status = float(torch.where(bad > 0, -bad.double(), value.double()))
+        _raise_nonfinite(int(-status) if status < 0 else 0)
+        return status
+    _raise_nonfinite(bad)
+    return None if value is None else float(value)
 
 
 def _calibrate_impl(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: float, empty: str,

@@ -52,7 +52,7 @@ class LabelCalibrator:
 
     def __init__(self, num_classes: int, *, temperature: float = 1.0, empty: str = "onehot",
                  backend: str = "auto", momentum: float | None = None, confidence_power: float = 1.0):
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        if not _is_int(num_classes):
             raise TypeError(f"num_classes: expected an int >= 2, got {type(num_classes).__name__}")
         if num_classes < 2:
             raise ValueError(f"num_classes: expected an int >= 2, got {num_classes!r}")
@@ -62,7 +62,7 @@ class LabelCalibrator:
         _checks.check_choice("empty", empty, _checks.EMPTY_POLICIES)
         _checks.check_choice("backend", backend, _checks.BACKENDS)
         if momentum is not None:
-            if isinstance(momentum, bool) or not isinstance(momentum, Real):
+            if not _is_number(momentum):
                 raise TypeError(f"momentum: expected None or a number in (0, 1], got {type(momentum).__name__}")
             if not (0 < momentum <= 1):
                 raise ValueError(f"momentum: expected None or a number in (0, 1], got {momentum!r}")
@@ -137,8 +137,11 @@ class LabelCalibrator:
         themselves were checked by the plan)."""
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"logits: expected C={self.num_classes} classes on dim 1, got {logits.shape[1]}")
-        if self._device_fixed and logits.device != self._S_shared.device:
-            raise ValueError(f"logits: on {logits.device}, but this calibrator's sums are on {self._S_shared.device}")
+        self._check_device(logits.device)
+
+    def _check_device(self, device) -> None:
+        if self._device_fixed and device != self._S_shared.device:
+            raise ValueError(f"logits: on {device}, but this calibrator's sums are on {self._S_shared.device}")
 
     def _decay_factors(self) -> torch.Tensor:
         """Per class, what one update multiplies its ``S`` row and ``W`` by: ``1 - m``, or more where
@@ -164,7 +167,7 @@ class LabelCalibrator:
             pixels = int(N.sum())
         else:
             S, W, N, bad = api._stats(plan, logits, valid)
-            pixels = _pixels_or_raise(bad, N)
+            pixels = int(api._checked_read(bad, N.sum()))
         if pixels == 0:
             return self
         with self._lock:
@@ -173,8 +176,7 @@ class LabelCalibrator:
 
     def _add(self, device, S, W, N, pixels) -> None:
         """One step of the stream (under the lock): decay, then add the batch's sums."""
-        if self._device_fixed and device != self._S_shared.device:  # another thread fixed it first
-            raise ValueError(f"logits: on {device}, but this calibrator's sums are on {self._S_shared.device}")
+        self._check_device(device)  # again: another thread may have fixed it since the batch was checked
         if not self._device_fixed:
             self._move_to(device)
             self._device_fixed = True
@@ -198,28 +200,27 @@ class LabelCalibrator:
     @property
     def prototypes(self) -> torch.Tensor:
         """[C, C] float32 prototypes from the sums so far (see :func:`fastcal.prototypes_from_stats`)."""
-        return self._current_prototypes()[0].clone()
+        return self._operands().prototypes.clone()
 
-    def _current_prototypes(self, device=None) -> tuple:
-        """``(prototypes, operands)`` on ``device`` (default: the sums'), built once per state of the
-        sums, empty policy and device, and trusted: the sums are this calibrator's own, checked
-        when they were loaded, so nothing is read back (empty classes are resolved on the device)."""
+    def _operands(self, device=None) -> DistanceOperands:
+        """The prototypes, prepared for the predict pass, on ``device`` (default: the sums'), built
+        once per state of the sums, empty policy and device, and trusted: the sums are this
+        calibrator's own, checked when they were loaded, so nothing is read back (empty classes
+        are resolved on the device)."""
         with self._lock:
-            device = self._S_shared.device if device is None else torch.device(device)
+            home = self._S_shared.device
+            device = home if device is None else torch.device(device)
             cached = self._cached_prototypes
             if cached is None or cached[0] != self.empty:
                 if self.empty == "skip" and not self._any_weight:
                     api._raise_all_empty()
                 cached = self._cached_prototypes = (self.empty, {})
-            if device not in cached[1]:
-                home = self._S_shared.device
-                if home not in cached[1]:
-                    P = reference.prototypes_from_stats(self.S, self.W, self.empty)
-                    cached[1][home] = (P, DistanceOperands(P))
-                if device != home:
-                    P = cached[1][home][0].to(device)
-                    cached[1][device] = (P, DistanceOperands(P))
-            return cached[1][device]
+            by_device = cached[1]
+            if home not in by_device:
+                by_device[home] = DistanceOperands(reference.prototypes_from_stats(self.S, self.W, self.empty))
+            if device not in by_device:
+                by_device[device] = DistanceOperands(by_device[home].prototypes.to(device))
+            return by_device[device]
 
     def diagnostics(self, class_names=None, *, min_pixels: float = 1000, min_distance: float = 0.2):
         """Per class: pixels, weight, the prototype's own probability, its nearest other prototype,
@@ -244,11 +245,11 @@ class LabelCalibrator:
                           backend=self.backend, label_dtype=label_dtype, output=output, size=size,
                           scale_factor=scale_factor, align_corners=align_corners)
         self._check_batch(logits)
-        prototypes, operands = self._current_prototypes(logits.device)
+        operands = self._operands(logits.device)
         logits = logits.detach()
         if api._traced(logits):
-            return api._predict_op(logits, prototypes, plan.temperature, self.backend, label_dtype, plan.scores,
-                                   *plan.resize)
+            return api._predict_op(logits, operands.prototypes, plan.temperature, self.backend, label_dtype,
+                                   plan.scores, *plan.resize)
         return api._labels(plan, logits, operands)
 
     # ----- distributed -----------------------------------------------------------------
@@ -401,16 +402,6 @@ class LabelCalibrator:
         power = "" if self.confidence_power == 1.0 else f"confidence_power={self.confidence_power}, "
         return (f"LabelCalibrator(num_classes={self.num_classes}, temperature={self.temperature}, "
                 f"empty={self.empty!r}, backend={self.backend!r}, {power}{mode}, updates={self.num_updates})")
-
-
-def _pixels_or_raise(bad, N: torch.Tensor) -> int:
-    """The batch's counted pixels, or ``ValueError`` for non-finite logits: one number read back."""
-    if not isinstance(bad, torch.Tensor):  # counted on the host
-        api._raise_nonfinite(bad)
-        return int(N.sum())
-    status = int(torch.where(bad > 0, -bad.double(), N.sum()))
-    api._raise_nonfinite(-status)
-    return status
 
 
 def _is_int(value) -> bool:

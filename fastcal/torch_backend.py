@@ -166,28 +166,24 @@ class _Walk:
     def __init__(self, logits, upsample, plain_loop, upsampled_loop, pixels=None, thread_runs=True):
         N, C = logits.shape[:2]
         self.upsampled = upsample is not None
+        contiguous = logits.dtype in _IN_PLACE and logits.is_contiguous()
+        self.buffer_pixels = 0
         if self.upsampled:
             from numba import get_num_threads
 
-            self.loop = upsampled_loop
+            self.loop, self.in_place = upsampled_loop, contiguous
             L = math.prod(upsample.size)
-            self.in_place = logits.dtype in _IN_PLACE and logits.is_contiguous()
-            pixels = pixels or L  # a whole image a call: each work unit interpolates a source row once
-            self.ranges = [(g, start, min(pixels, L - start), _image_range(N, C, L, g, start, min(pixels, L - start)))
-                           for g in range(N) for start in range(0, L, pixels)]
+            # a whole image a call by default: each work unit interpolates a source row once
+            self.ranges = _image_ranges(N, C, L, pixels or L)
             tables = _upsample_tables(logits, upsample)
             self.tables = (get_num_threads(), *tables) if thread_runs else tables
-            self.buffer_pixels = 0
             return
         self.loop, self.tables = plain_loop, ()
         L = math.prod(logits.shape[2:])
         pixels = max(1, CHUNK_ELEMENTS // C)
-        self.in_place = (logits.dtype in _IN_PLACE and logits.is_contiguous()
-                         and (L >= DIRECT_MIN_PIXELS or N <= SMALL_BATCH_IMAGES))
+        self.in_place = contiguous and (L >= DIRECT_MIN_PIXELS or N <= SMALL_BATCH_IMAGES)
         if self.in_place:
-            self.ranges = [(g, start, min(pixels, L - start), _image_range(N, C, L, g, start, min(pixels, L - start)))
-                           for g in range(N) for start in range(0, L, pixels)]
-            self.buffer_pixels = 0
+            self.ranges = _image_ranges(N, C, L, pixels)
         else:
             self.ranges = [(index, _indexed(index)) for index in _chunk_index((N, *logits.shape[2:]), pixels)]
             self.buffer_pixels = min(pixels, N * L)
@@ -196,16 +192,8 @@ class _Walk:
         """Yield ``(select, z, g, start, n)`` covering every pixel once: the loop reads pixels
         ``start .. start + n`` of image ``g`` of ``z``, a C-contiguous [G, C, L] array."""
         N, C = logits.shape[:2]
-        if self.upsampled:
-            H, W = logits.shape[2:]
-            source = logits if self.in_place else logits.float().contiguous()
-            view = source.view(N, C, H * W)
-            z = host_array(view.view(_IN_PLACE[view.dtype]) if view.dtype != torch.float32 else view)
-            for g, start, n, select in self.ranges:
-                yield select, z, g, start, n
-            return
-        if self.in_place:
-            view = logits.view(N, C, -1)
+        if self.upsampled or self.in_place:  # the logits themselves, or the small upsampling source
+            view = (logits if self.in_place else logits.float().contiguous()).view(N, C, -1)
             z = host_array(view if view.dtype == torch.float32 else view.view(_IN_PLACE[view.dtype]))
             for g, start, n, select in self.ranges:
                 yield select, z, g, start, n
@@ -225,6 +213,12 @@ def _walk(plan, logits, name: str, plain_loop, upsampled_loop, **options) -> _Wa
     if walk is None:
         walk = plan.walks[name] = _Walk(logits, plan.upsample, plain_loop, upsampled_loop, **options)
     return walk
+
+
+def _image_ranges(N: int, C: int, L: int, pixels: int) -> list:
+    """``(g, start, n, select)`` for every run of at most ``pixels`` pixels of each image."""
+    return [(g, start, min(pixels, L - start), _image_range(N, C, L, g, start, min(pixels, L - start)))
+            for g in range(N) for start in range(0, L, pixels)]
 
 
 def _image_range(N: int, C: int, L: int, g: int, start: int, n: int):
@@ -381,7 +375,8 @@ def _upsampled_chunks(logits: torch.Tensor, upsample):
 @_fork_safe
 def stats_pass(logits: torch.Tensor, valid: torch.Tensor | None, plan):
     """``(S, W, N, nonfinite)``: the sums, the pixel count per argmax class (float64) and the
-    number of valid pixels with a non-finite logit (an int: counted on the host)."""
+    number of valid pixels with a non-finite logit (an int counted on the host by the loops, a
+    0-dim tensor from the PyTorch operations)."""
     if uses_fused_loops(logits):
         return _fused_prototype_stats(logits, valid, plan)
     C = logits.shape[1]

@@ -131,3 +131,24 @@ def test_a_new_or_modified_prototypes_tensor_is_checked_again():
         Q[0, 0] = float("nan")
         with pytest.raises(ValueError, match="prototypes: entries must be finite"):
             fastcal.predict(z, Q)
+
+
+def test_triton_launches_are_built_on_meta_tensors_without_cuda(monkeypatch):
+    """A plan for meta logits (``_plan.meta_plan``) builds every launch of the Triton passes with no
+    CUDA and no values: the host work of a call, ending where a kernel would start."""
+    from fastcal import _plan, api
+    from fastcal._common import distance_operands
+    from fastcal.kernels import _launch
+
+    launched = []
+    monkeypatch.setattr(_launch.Launch, "__call__", lambda launch: launched.append(launch.kernel.__name__))
+    z = torch.empty(2, 19, 16, 24, device="meta")
+    calibrate_plan = _plan.meta_plan("calibrate", z, size=(32, 48))
+    labels = api._run_calibrate(calibrate_plan, z, None)
+    assert labels.is_meta and labels.shape == (2, 32, 48) and labels.dtype == torch.int64
+    assert launched == ["_stats_kernel", "_operands_kernel", "_predict_kernel"]
+    predict_plan = _plan.meta_plan("predict", z, prototypes=torch.empty(19, 19, device="meta"), output="scores")
+    scores = api._labels(predict_plan, z, distance_operands(torch.eye(19, device="meta")))
+    assert scores.is_meta and scores.shape == (2, 19, 16, 24)
+    with pytest.raises(ValueError, match="logits: on the meta device"):  # still refused by the public calls
+        fastcal.calibrate(z)
