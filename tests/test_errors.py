@@ -1,4 +1,4 @@
-"""Every bad input named in the contract (docs/design.md, README "The contract") raises a clear error and changes no state."""
+"""Every bad input named in the contract (docs/contract.md, docs/design.md) raises a clear error and changes no state."""
 import math
 
 import pytest
