@@ -4,21 +4,15 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-from numbers import Real
 
 import torch
 
 from . import _checks, _plan, api, reference
 from ._common import DistanceOperands
+from ._state import WEIGHT_FLOOR, Sums, is_int as _is_int, is_number as _is_number  # noqa: F401 (WEIGHT_FLOOR: public)
 
 STATE_FORMAT = "fastcal.LabelCalibrator"
 STATE_VERSION = 2  # 2: the confidence power and the pixel counts per class; version 1 still loads
-
-
-# In online mode a class's weight never decays below this (about 1e-271): a class missing from
-# the stream keeps its last prototype at a weight that no pixel (each weighs at least 1/C) notices,
-# instead of sinking through the denormals to 0, where it would count as empty.
-WEIGHT_FLOOR = 2.0**-900
 
 
 class LabelCalibrator:
@@ -83,54 +77,52 @@ class LabelCalibrator:
     def reset(self) -> None:
         """Forget every statistic; the next batch may come on any device."""
         with self._lock:
-            device = getattr(self, "_S_shared", torch.empty(0)).device
-            zeros = torch.zeros(self.num_classes, dtype=torch.float64, device=device)
-            self._set_shared(torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64, device=device),
-                             zeros, zeros.clone(), 0, 0, any_weight=False)
+            device = self._shared.device if hasattr(self, "_shared") else None
+            self._set_shared(Sums.zeros(self.num_classes, device), any_weight=False)
             self._device_fixed = False
 
-    def _set_shared(self, S, W, N, num_updates, num_pixels, any_weight: bool | None = None) -> None:
-        """Make ``S``, ``W``, ``N`` and the counters the state every rank shares (after a reduction, a
-        load or a reset), with nothing local on top."""
-        self._S_shared, self._W_shared, self._N_shared = S, W, N
-        self._S_local, self._W_local, self._N_local = torch.zeros_like(S), torch.zeros_like(W), torch.zeros_like(N)
-        self._shared_counts = (num_updates, num_pixels)
-        self._local_updates = self._local_pixels = 0
+    def _set_shared(self, sums: Sums, any_weight: bool | None = None) -> None:
+        """Make ``sums`` the state every rank shares (after a reduction, a load or a reset), with
+        nothing local on top."""
+        self._shared = sums
+        self._local = Sums.zeros(self.num_classes, sums.device)
         self._cached_prototypes = None
         # whether any class has weight, kept on the host so that predicting with empty="skip" need
         # not read W back to refuse a calibrator with nothing to predict
-        self._any_weight = bool((W > 0).any()) if any_weight is None else any_weight
+        self._any_weight = bool((sums.W > 0).any()) if any_weight is None else any_weight
+
+    @property
+    def _sums(self) -> Sums:
+        with self._lock:
+            return self._shared + self._local
 
     @property
     def S(self) -> torch.Tensor:
         """[C, C] float64 sums ``sum w * p`` per argmax class, ``w = conf ** confidence_power``."""
-        with self._lock:
-            return self._S_shared + self._S_local
+        return self._sums.S
 
     @property
     def W(self) -> torch.Tensor:
         """[C] float64 sums ``sum w`` per argmax class, ``w = conf ** confidence_power``."""
-        with self._lock:
-            return self._W_shared + self._W_local
+        return self._sums.W
 
     @property
     def counts(self) -> torch.Tensor:
         """[C] float64 pixels counted per argmax class (decayed like ``W`` in online mode; NaN when
         loaded from a version-1 state, which did not keep them)."""
-        with self._lock:
-            return self._N_shared + self._N_local
+        return self._sums.N
 
     @property
     def num_updates(self) -> int:
         """Batches added (summed over ranks by :meth:`all_reduce`); empty batches do not count."""
         with self._lock:
-            return self._shared_counts[0] + self._local_updates
+            return self._shared.updates + self._local.updates
 
     @property
     def num_pixels(self) -> int:
         """Valid pixels added (summed over ranks by :meth:`all_reduce`)."""
         with self._lock:
-            return self._shared_counts[1] + self._local_pixels
+            return self._shared.pixels + self._local.pixels
 
     def _check_batch(self, logits: torch.Tensor) -> None:
         """What the plan cannot know: this calibrator's class count and device (the logits
@@ -140,15 +132,8 @@ class LabelCalibrator:
         self._check_device(logits.device)
 
     def _check_device(self, device) -> None:
-        if self._device_fixed and device != self._S_shared.device:
-            raise ValueError(f"logits: on {device}, but this calibrator's sums are on {self._S_shared.device}")
-
-    def _decay_factors(self) -> torch.Tensor:
-        """Per class, what one update multiplies its ``S`` row and ``W`` by: ``1 - m``, or more where
-        that would take the weight below ``WEIGHT_FLOOR``."""
-        W = self.W
-        keep = torch.full_like(W, 1.0 - self.momentum)
-        return torch.where(W > 0, torch.maximum(keep, WEIGHT_FLOOR / W.clamp_min(WEIGHT_FLOOR)), keep)
+        if self._device_fixed and device != self._shared.device:
+            raise ValueError(f"logits: on {device}, but this calibrator's sums are on {self._shared.device}")
 
     def update(self, logits: torch.Tensor, valid: torch.Tensor | None = None, *, size=None, scale_factor=None,
                align_corners=False) -> "LabelCalibrator":
@@ -171,31 +156,21 @@ class LabelCalibrator:
         if pixels == 0:
             return self
         with self._lock:
-            self._add(logits.device, S, W, N, pixels)
+            self._add(Sums(S, W, N, 1, pixels))
         return self
 
-    def _add(self, device, S, W, N, pixels) -> None:
+    def _add(self, batch: Sums) -> None:
         """One step of the stream (under the lock): decay, then add the batch's sums."""
-        self._check_device(device)  # again: another thread may have fixed it since the batch was checked
+        self._check_device(batch.device)  # again: another thread may have fixed it since the batch was checked
         if not self._device_fixed:
-            self._move_to(device)
+            self._shared, self._local = self._shared.to(batch.device), self._local.to(batch.device)
             self._device_fixed = True
         if self.momentum is not None and self.num_updates:
-            factors = self._decay_factors()
-            self._S_shared, self._W_shared = self._S_shared * factors[:, None], self._W_shared * factors
-            self._S_local, self._W_local = self._S_local * factors[:, None], self._W_local * factors
-            self._N_shared, self._N_local = self._N_shared * factors, self._N_local * factors
-        self._S_local, self._W_local, self._N_local = self._S_local + S, self._W_local + W, self._N_local + N
-        self._local_updates += 1
-        self._local_pixels += pixels
+            factors = (self._shared + self._local).decay_factors(self.momentum)
+            self._shared, self._local = self._shared.scaled(factors), self._local.scaled(factors)
+        self._local = self._local + batch
         self._cached_prototypes = None
         self._any_weight = True
-
-    def _move_to(self, device) -> None:
-        self._S_shared, self._W_shared = self._S_shared.to(device), self._W_shared.to(device)
-        self._S_local, self._W_local = self._S_local.to(device), self._W_local.to(device)
-        self._N_shared, self._N_local = self._N_shared.to(device), self._N_local.to(device)
-        self._cached_prototypes = None
 
     @property
     def prototypes(self) -> torch.Tensor:
@@ -208,7 +183,7 @@ class LabelCalibrator:
         calibrator's own, checked when they were loaded, so nothing is read back (empty classes
         are resolved on the device)."""
         with self._lock:
-            home = self._S_shared.device
+            home = self._shared.device
             device = home if device is None else torch.device(device)
             cached = self._cached_prototypes
             if cached is None or cached[0] != self.empty:
@@ -274,30 +249,21 @@ class LabelCalibrator:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("all_reduce: torch.distributed is not initialized (call init_process_group first)")
         with self._lock:  # no update may land between the payload and the new shared state
-            device = self._S_shared.device
+            device = self._shared.device
             if dist.get_backend(group) != "nccl":
                 wire = torch.device("cpu")
             else:
                 wire = device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
-            steps = torch.tensor([self._local_updates], dtype=torch.int64, device=wire)
+            steps = torch.tensor([self._local.updates], dtype=torch.int64, device=wire)
             dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=group)
-            lag = int(steps.item()) - self._local_updates
+            lag = int(steps.item()) - self._local.updates
             catch_up = 1.0 if self.momentum is None else (1.0 - self.momentum) ** lag
-            C = self.num_classes
-            payload = torch.cat([
-                (self._S_local * catch_up).flatten(), self._W_local * catch_up, self._N_local * catch_up,
-                torch.tensor([self._local_updates, self._local_pixels], dtype=torch.float64, device=device),
-            ]).to(wire)
+            mine = self._local
             if dist.get_rank(group) == 0:  # the shared part enters the sum once, caught up with the longest rank
-                payload[: C * C] += (self._S_shared * catch_up).flatten().to(wire)
-                payload[C * C: C * C + C] += (self._W_shared * catch_up).to(wire)
-                payload[C * C + C: C * C + 2 * C] += (self._N_shared * catch_up).to(wire)
+                mine = mine + self._shared
+            payload = mine.scaled(catch_up).payload(wire)
             dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=group)
-            payload = payload.to(device)
-            updates, pixels = self._shared_counts
-            self._set_shared(payload[: C * C].view(C, C).clone(), payload[C * C: C * C + C].clone(),
-                             payload[C * C + C: C * C + 2 * C].clone(),
-                             updates + int(payload[-2].item()), pixels + int(payload[-1].item()))
+            self._set_shared(Sums.from_payload(payload.to(device), self.num_classes))
         return self
 
     # ----- saved state ------------------------------------------------------------------
@@ -315,11 +281,7 @@ class LabelCalibrator:
             "temperature": self.temperature,
             "momentum": self.momentum,
             "confidence_power": self.confidence_power,
-            "S": self.S.detach().cpu().clone(),
-            "W": self.W.detach().cpu().clone(),
-            "N": self.counts.detach().cpu().clone(),
-            "num_updates": self.num_updates,
-            "num_pixels": self.num_pixels,
+            **(self._shared + self._local).to_dict(),
         }
 
     def load_state_dict(self, state: dict) -> "LabelCalibrator":
@@ -348,22 +310,9 @@ class LabelCalibrator:
             if not (_is_number(value) or (name == "momentum" and value is None)) or value != getattr(self, name):
                 raise ValueError(f"state: statistics were {what} {name} {value!r}, "
                                  f"this calibrator uses {getattr(self, name)}")
-        S, W = state.get("S"), state.get("W")
-        # version 1 kept no pixel counts: unknown (NaN) from then on
-        N = state.get("N") if version >= 2 else torch.full((C,), float("nan"), dtype=torch.float64)
-        for name, tensor, shape in (("S", S, (C, C)), ("W", W, (C,))) + ((("N", N, (C,)),) if version >= 2 else ()):
-            _check_state_tensor(name, tensor, shape)
-        if ((W > 0) & (W < WEIGHT_FLOOR)).any():
-            raise ValueError(f"state['W']: a weight is 0 (an empty class) or at least {WEIGHT_FLOOR:.3g}, "
-                             "below that a prototype S[k] / W[k] overflows")
-        if not torch.isfinite(S / torch.where(W > 0, W, 1.0)[:, None]).all():
-            raise ValueError("state['S']: the prototypes S[k] / W[k] must be finite")
-        counts = [state.get("num_updates"), state.get("num_pixels")]
-        if not all(_is_int(c) and c >= 0 for c in counts):
-            raise ValueError("state: num_updates and num_pixels must be non-negative ints")
         with self._lock:
-            device = self._S_shared.device  # an unfixed calibrator still moves to the first batch's device
-            self._set_shared(S.to(device, copy=True), W.to(device, copy=True), N.to(device, copy=True), *counts)
+            # an unfixed calibrator still moves to the first batch's device
+            self._set_shared(Sums.from_dict(state, C, has_counts=version >= 2, device=self._shared.device))
         return self
 
     def save(self, path: str | os.PathLike) -> None:
@@ -402,27 +351,6 @@ class LabelCalibrator:
         power = "" if self.confidence_power == 1.0 else f"confidence_power={self.confidence_power}, "
         return (f"LabelCalibrator(num_classes={self.num_classes}, temperature={self.temperature}, "
                 f"empty={self.empty!r}, backend={self.backend!r}, {power}{mode}, updates={self.num_updates})")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)
-
-
-def _check_state_tensor(name: str, tensor, shape: tuple) -> None:
-    if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float64:
-        raise ValueError(f"state[{name!r}]: expected a float64 tensor")
-    if tuple(tensor.shape) != shape:
-        raise ValueError(f"state[{name!r}]: expected shape {shape}, got {tuple(tensor.shape)}")
-    if tensor.device.type == "meta":
-        raise ValueError(f"state[{name!r}]: on the meta device, which holds no values")
-    if tensor.requires_grad:
-        raise ValueError(f"state[{name!r}]: requires grad; the sums carry no gradient (pass it detached)")
-    if not torch.isfinite(tensor).all() or (tensor < 0).any():
-        raise ValueError(f"state[{name!r}]: sums must be finite and non-negative")
 
 
 def _umask_from_proc() -> int | None:

@@ -1,0 +1,117 @@
+"""The calibrator's state as one value: the sums a stream of batches adds up.
+
+``Sums`` holds, in float64, ``S`` [C, C] (``sum w * p`` per argmax class), ``W`` [C] (``sum w``),
+``N`` [C] (pixels per class) and two counters (batches and pixels added). It is immutable: every
+operation returns a new value, so a reader holding one never sees half an update, and
+``torch.inference_mode`` tensors never need an in-place change. ``LabelCalibrator`` is the policy
+on top (momentum, empty classes, devices, files, the lock).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from numbers import Real
+
+import torch
+
+# In online mode a class's weight never decays below this (about 1e-271): a class missing from
+# the stream keeps its last prototype at a weight that no pixel (each weighs at least 1/C) notices,
+# instead of sinking through the denormals to 0, where it would count as empty.
+WEIGHT_FLOOR = 2.0**-900
+
+
+@dataclass(frozen=True)
+class Sums:
+    S: torch.Tensor
+    W: torch.Tensor
+    N: torch.Tensor
+    updates: int = 0
+    pixels: int = 0
+
+    @classmethod
+    def zeros(cls, num_classes: int, device=None) -> "Sums":
+        vector = torch.zeros(num_classes, dtype=torch.float64, device=device)
+        return cls(torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device), vector, vector.clone())
+
+    @property
+    def device(self) -> torch.device:
+        return self.S.device
+
+    def __add__(self, other: "Sums") -> "Sums":
+        return Sums(self.S + other.S, self.W + other.W, self.N + other.N,
+                    self.updates + other.updates, self.pixels + other.pixels)
+
+    def scaled(self, factor) -> "Sums":
+        """The sums times ``factor`` (a number, or one per class: [C]); the counters unchanged."""
+        if isinstance(factor, torch.Tensor):
+            return Sums(self.S * factor[:, None], self.W * factor, self.N * factor, self.updates, self.pixels)
+        return Sums(self.S * factor, self.W * factor, self.N * factor, self.updates, self.pixels)
+
+    def to(self, device) -> "Sums":
+        return Sums(self.S.to(device), self.W.to(device), self.N.to(device), self.updates, self.pixels)
+
+    def decay_factors(self, momentum: float) -> torch.Tensor:
+        """Per class, what one online step multiplies its sums by: ``1 - momentum``, or more where
+        that would take the weight below ``WEIGHT_FLOOR``."""
+        keep = torch.full_like(self.W, 1.0 - momentum)
+        floor = WEIGHT_FLOOR / self.W.clamp_min(WEIGHT_FLOOR)
+        return torch.where(self.W > 0, torch.maximum(keep, floor), keep)
+
+    # ----- one reduction payload: [S (C*C), W (C), N (C), updates, pixels] -------------------
+    def payload(self, device=None) -> torch.Tensor:
+        counters = torch.tensor([self.updates, self.pixels], dtype=torch.float64, device=self.device)
+        return torch.cat([self.S.flatten(), self.W, self.N, counters]).to(device or self.device)
+
+    @classmethod
+    def from_payload(cls, payload: torch.Tensor, num_classes: int) -> "Sums":
+        C = num_classes
+        S, W, N, counters = payload.split([C * C, C, C, 2])
+        updates, pixels = counters.tolist()
+        return cls(S.reshape(C, C).clone(), W.clone(), N.clone(), int(updates), int(pixels))
+
+    # ----- the saved form --------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"S": self.S.detach().cpu().clone(), "W": self.W.detach().cpu().clone(),
+                "N": self.N.detach().cpu().clone(), "num_updates": self.updates, "num_pixels": self.pixels}
+
+    @classmethod
+    def from_dict(cls, state: dict, num_classes: int, *, has_counts: bool = True, device=None) -> "Sums":
+        """Check and copy the sums of a saved state onto ``device``: float64 tensors holding values
+        (not meta, not requiring grad) of the right shapes, finite and non-negative, weights that
+        are 0 (an empty class) or at least ``WEIGHT_FLOOR`` so every ``S[k] / W[k]`` is finite, and
+        non-negative int counters. Without ``has_counts`` (version 1 files) the pixel counts are
+        unknown: NaN."""
+        C = num_classes
+        S, W = state.get("S"), state.get("W")
+        N = state.get("N") if has_counts else torch.full((C,), float("nan"), dtype=torch.float64)
+        for name, tensor, shape in (("S", S, (C, C)), ("W", W, (C,))) + ((("N", N, (C,)),) if has_counts else ()):
+            _check_tensor(name, tensor, shape)
+        if ((W > 0) & (W < WEIGHT_FLOOR)).any():
+            raise ValueError(f"state['W']: a weight is 0 (an empty class) or at least {WEIGHT_FLOOR:.3g}, "
+                             "below that a prototype S[k] / W[k] overflows")
+        if not torch.isfinite(S / torch.where(W > 0, W, 1.0)[:, None]).all():
+            raise ValueError("state['S']: the prototypes S[k] / W[k] must be finite")
+        counters = [state.get("num_updates"), state.get("num_pixels")]
+        if not all(is_int(c) and c >= 0 for c in counters):
+            raise ValueError("state: num_updates and num_pixels must be non-negative ints")
+        return cls(S.to(device, copy=True), W.to(device, copy=True), N.to(device, copy=True), *counters)
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _check_tensor(name: str, tensor, shape: tuple) -> None:
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float64:
+        raise ValueError(f"state[{name!r}]: expected a float64 tensor")
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"state[{name!r}]: expected shape {shape}, got {tuple(tensor.shape)}")
+    if tensor.device.type == "meta":
+        raise ValueError(f"state[{name!r}]: on the meta device, which holds no values")
+    if tensor.requires_grad:
+        raise ValueError(f"state[{name!r}]: requires grad; the sums carry no gradient (pass it detached)")
+    if not torch.isfinite(tensor).all() or (tensor < 0).any():
+        raise ValueError(f"state[{name!r}]: sums must be finite and non-negative")
