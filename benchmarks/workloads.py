@@ -115,26 +115,12 @@ def pass_function(provider: str, pass_name: str, logits: torch.Tensor, prototype
             return _compiled_predict(logits, reference.prototypes_from_stats(S, W, "onehot"), 1.0)
 
         return {"stats": stats, "predict": predict, "calibrate": calibrate}[pass_name]
-    if provider == "torch-ops":  # the torch backend with PyTorch operations instead of the fused CPU loops
-        fused = pass_function("torch", pass_name, logits, prototypes, resize)
-        return lambda: _without_fused_loops(fused)
     backend = provider
     return {
         "stats": lambda: fastcal.prototype_stats(logits, backend=backend, **resize),
         "predict": lambda: fastcal.predict(logits, prototypes, backend=backend, **resize),
         "calibrate": lambda: fastcal.calibrate(logits, backend=backend, **resize),
     }[pass_name]
-
-
-def _without_fused_loops(fn):
-    from fastcal import cpu_kernels
-
-    limit = cpu_kernels.MAX_CLASSES
-    cpu_kernels.MAX_CLASSES = 0
-    try:
-        return fn()
-    finally:
-        cpu_kernels.MAX_CLASSES = limit
 
 
 def cases(device: str):

@@ -1,8 +1,9 @@
 """fastcal: label calibration for semantic segmentation under domain shift.
 
-Fused Triton kernels on CUDA, fused CPU loops compiled by Numba for CPU tensors
-(:mod:`fastcal.torch_backend`), and a plain reference implementation
-(:mod:`fastcal.reference`) they are all checked against.
+Fused Triton kernels on CUDA (:mod:`fastcal._triton`), fused CPU loops compiled by Numba for
+CPU tensors (:mod:`fastcal.numba_backend`, with PyTorch operations where they cannot go:
+:mod:`fastcal.torch_ops`), and a plain reference implementation (:mod:`fastcal.reference`)
+they are all checked against. :func:`fastcal._plan.resolve_backend` chooses among them.
 """
 from . import _process  # noqa: F401  (first: the fork hook, before any op runs)
 from .api import calibrate, predict, prototype_stats, prototypes_from_stats

@@ -1,10 +1,39 @@
 """Small helpers shared by the fast backends."""
 from __future__ import annotations
 
+import math
 import threading
 import weakref
+from typing import Iterator
 
 import torch
+
+CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 logits a chunk: per-op overhead vanishes, buffers stay small
+
+
+def chunk_index(shape: tuple[int, ...], budget: int) -> Iterator[tuple]:
+    """Index tuples over the pixel dims ``shape`` ([N, *spatial]), each covering at most
+    ``budget`` pixels (one row at least), in C order."""
+    if not shape:
+        yield ()
+        return
+    inner = math.prod(shape[1:])
+    if inner > budget and len(shape) > 1:
+        for i in range(shape[0]):
+            for rest in chunk_index(shape[1:], budget):
+                yield (i, *rest)
+        return
+    step = max(1, budget // max(inner, 1))
+    for start in range(0, shape[0], step):
+        yield (slice(start, min(start + step, shape[0])),)
+
+
+def indexed(index: tuple):
+    """The selector (``select(t)``: the [n] pixels of a C-contiguous
+    [N, *spatial] ``t``; ``select(t, classes=True)``: their [C, ...] view in [N, C, *spatial]) of the pixels ``index`` selects in [N, *spatial]."""
+    def select(t, classes=False):
+        return t.movedim(1, 0)[(slice(None), *index)] if classes else t[index].view(-1)
+    return select
 
 
 def centred_prototypes(prototypes: torch.Tensor):

@@ -27,7 +27,7 @@ from types import ModuleType
 
 import torch
 
-from . import _checks, _upsample
+from . import _checks, _process, _upsample
 
 CACHE_SIZE = 64
 # "own-predict": a calibrator predicting with its own prototypes, which need no check
@@ -37,7 +37,7 @@ OPS = ("stats", "predict", "own-predict", "calibrate", "calibrate-with-prototype
 @dataclass(frozen=True, eq=False)
 class Plan:
     op: str
-    backend: ModuleType                 # fastcal.reference, fastcal.torch_backend or fastcal._triton
+    backend: ModuleType                 # fastcal.reference, numba_backend, torch_ops or _triton
     num_classes: int
     upsample: _upsample.Upsample | None
     shape: tuple                        # [N, *spatial] of the labels (and of ``valid``)
@@ -69,28 +69,59 @@ class Plan:
         return torch.empty(self.shape, dtype=self.label_dtype, device=device)
 
 
-def resolve_backend(backend: str, device: torch.device) -> ModuleType:
-    """The module implementing the passes for ``backend`` on ``device``: ``"auto"`` is Triton for
-    CUDA tensors and the CPU fast path (:mod:`fastcal.torch_backend`) elsewhere."""
+def resolve_backend(backend: str, logits) -> ModuleType:
+    """The one dispatch point: the module implementing the passes for ``backend`` on ``logits``
+    (its device and class count).
+
+    - ``"triton"``: :mod:`fastcal._triton`, CUDA tensors (NVIDIA, or AMD through ROCm).
+    - ``"numba"``: :mod:`fastcal.numba_backend`, the fused CPU loops (CPU tensors, at most
+      ``cpu_kernels.MAX_CLASSES`` classes, not in a forked child).
+    - ``"torch-ops"``: :mod:`fastcal.torch_ops`, PyTorch operations a chunk at a time, any device.
+    - ``"torch"``: the CPU fast path, ``"numba"`` where it can run, else ``"torch-ops"``.
+    - ``"reference"``: :mod:`fastcal.reference`, the paper's math on the whole batch.
+    - ``"auto"``: ``"triton"`` for CUDA tensors, else ``"torch"``.
+    """
     _checks.check_choice("backend", backend, _checks.BACKENDS)
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
+        backend = "triton" if logits.device.type == "cuda" else "torch"
+    if backend in ("torch", "numba"):
+        from . import numba_backend
+
+        if numba_backend.can_run(logits):
+            return numba_backend
+        if backend == "numba":
+            raise ValueError(f"backend='numba': the fused CPU loops take CPU tensors of at most "
+                             f"{numba_backend._cpu_kernels().MAX_CLASSES} classes, outside a forked child; "
+                             f"got {logits.shape[1]} classes on {logits.device}"
+                             f"{' in a forked child' if _process.forked_child() else ''} (use 'torch' or 'auto')")
+        backend = "torch-ops"
+    if backend == "torch-ops":
+        from . import torch_ops
+
+        return torch_ops
     if backend == "reference":
         from . import reference
 
         return reference
-    if backend == "torch":
-        from . import torch_backend
-
-        return torch_backend
     from . import _triton
 
-    _triton.require(device)
+    _triton.require(logits.device)
     return _triton
 
 
 _cache: dict = {}
 _lock = threading.Lock()
+
+
+def _forget_in_child() -> None:
+    """A forked child plans afresh: its backends differ (no fused loops there) and the parent's
+    lock may have been held at the fork."""
+    global _lock
+    _cache.clear()
+    _lock = threading.Lock()
+
+
+_process.after_fork_in_child(_forget_in_child)
 
 
 def plan(op: str, logits, *, valid=None, prototypes=None, temperature=1.0, backend="auto", deterministic=None,
@@ -191,7 +222,7 @@ def _build(op, logits, valid, prototypes, temperature, backend, deterministic, c
     _checks.check_choice("backend", backend, _checks.BACKENDS)
     if predicts:
         _checks.check_choice("output", output, _checks.OUTPUTS)
-    module = resolve_backend(backend, logits.device)
+    module = resolve_backend(backend, logits)
     return Plan(op=op, backend=module, num_classes=C, upsample=upsample, shape=tuple(shape),
                 pixels=math.prod(shape), temperature=temperature, deterministic=bool(deterministic),
                 confidence_power=float(confidence_power), empty=empty, label_dtype=label_dtype,

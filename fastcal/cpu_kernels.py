@@ -1,4 +1,4 @@
-"""Fused CPU loops for the PyTorch backend, compiled by Numba.
+"""Fused CPU loops of the "numba" strategy (:mod:`fastcal.numba_backend`), compiled by Numba.
 
 Eager PyTorch spends a full pass over the logits on every step of the softmax
 (max, subtract, exp, sum), on the argmax and on the scatter-add of the sums.
@@ -61,7 +61,7 @@ BAND = 8  # source columns a tile of the interpolation along x reads
 BLOCK = 256  # pixels a block: [C, 256] float32 exp values, 19 KiB for C = 19, 256 KiB at most
 UNITS = 16  # work items a call: enough for the threads, and fixed, so sums do not depend on the thread count
 # Beyond this the float64 sums per work unit (UNITS * C^2 * 8 bytes, 8 MiB at 256) and the block
-# outgrow the caches; more classes run PyTorch operations a chunk at a time.
+# outgrow the caches; more classes run PyTorch operations a chunk at a time (:mod:`fastcal.torch_ops`).
 MAX_CLASSES = 256
 # Up to this many classes the predict pass sums the distances in the loops, a block at a time; beyond,
 # in a GEMM a chunk at a time (2 C^2 flops a pixel, where the GEMM's register tiling wins: measured
@@ -109,20 +109,6 @@ def _new_lock_in_child() -> None:
 
 
 _process.after_fork_in_child(_new_lock_in_child)
-
-
-def forked_child() -> bool:
-    """Whether this process was forked from one that had imported fastcal (see
-    :mod:`fastcal._process`): there GNU OpenMP's thread pools (the loops' and PyTorch's) are gone,
-    and a parallel region hangs or kills the child."""
-    return _process.forked_child()
-
-
-def available() -> bool:
-    """Whether the loops may run in this process: not in a forked child, where the parent's OpenMP
-    runtime may be in any state (PyTorch operations on one thread serve such a child, e.g. a
-    DataLoader worker)."""
-    return not _process.forked_child()
 
 
 class _CompileNotice(event.Listener):
@@ -408,7 +394,7 @@ def _block_upsample(z_image, start, count, width, rows, cols, out, rows_cache, c
     them: the work along x happens once per source row, the blend along y is contiguous.
     ``rows`` = (offset of source row y0, of y1, weight of y1) per output row, ``cols`` = (source
     width, x0 and weight of x1 per output column, then the bands of :func:`_source_row`), as
-    ``fastcal.torch_backend`` prepares them."""
+    ``fastcal.numba_backend`` prepares them."""
     row0, row1, row_weight = rows
     one = np.float32(1.0)
     i = 0

@@ -49,13 +49,8 @@ def _seed():
 
 
 @pytest.fixture(params=["reference", "torch", "torch-ops", "triton"])
-def backend(request, monkeypatch):
-    """Every backend, and the torch backend made to run PyTorch operations on every chunk instead of
-    its fused loops ("torch-ops": what it does for large C and for tensors on other devices). Use
-    ``cases.device_of(backend)`` for the device its tensors go on."""
-    if request.param == "torch-ops":
-        from fastcal import cpu_kernels
-
-        monkeypatch.setattr(cpu_kernels, "MAX_CLASSES", 0)
-        return "torch"
+def backend(request):
+    """Every backend: "torch" is the CPU fast path (the fused Numba loops up to 256 classes),
+    "torch-ops" the PyTorch operations it falls back to. Use ``cases.device_of(backend)`` for the
+    device its tensors go on."""
     return request.param

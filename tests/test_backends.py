@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastcal
-from fastcal import cpu_kernels, torch_backend
+from fastcal import _common, numba_backend, torch_ops
 
 import oracle
 from cases import DTYPES, LAYOUTS, SHAPES, exact_tie_prototypes, make_logits
@@ -12,12 +12,9 @@ from cases import DTYPES, LAYOUTS, SHAPES, exact_tie_prototypes, make_logits
 
 
 @pytest.fixture(params=["reference", "torch", "torch-ops"])
-def backend(request, monkeypatch):
-    """The CPU backends; "torch-ops" is the torch backend made to run PyTorch operations on every
-    chunk instead of the fused loops (what it does for large C and for tensors on other devices)."""
-    if request.param == "torch-ops":
-        monkeypatch.setattr(cpu_kernels, "MAX_CLASSES", 0)
-        return "torch"
+def backend(request):
+    """The CPU backends: "torch" (the fused loops up to 256 classes) and "torch-ops" (the PyTorch
+    operations it falls back to)."""
     return request.param
 
 
@@ -87,7 +84,7 @@ def test_distance_ties_take_the_lowest_class(backend, num_classes):
 
 
 def test_torch_path_chunks_cover_every_pixel(monkeypatch):
-    monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(_common, "CHUNK_ELEMENTS", 64)
     for shape, layout in [((3, 5, 7, 9), "contiguous"), ((2, 4, 3, 5, 6), "sliced"), ((50, 8), "contiguous")]:
         z = make_logits(shape, layout=layout)
         S, W = fastcal.prototype_stats(z, backend="torch")
@@ -114,10 +111,10 @@ def test_torch_path_matches_reference_labels_exactly_on_big_margins():
 @pytest.mark.parametrize("dtype, with_mask", [(torch.float32, False), (torch.float32, True),
                                               (torch.float16, True), (torch.bfloat16, False)])
 def test_fused_loops_read_nchw_in_place(monkeypatch, dtype, with_mask):
-    monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", 19 * 1000)  # several pieces an image
-    monkeypatch.setattr(torch_backend, "_chunks", None)  # the chunk copies must not be used
+    monkeypatch.setattr(_common, "CHUNK_ELEMENTS", 19 * 1000)  # several pieces an image
+    monkeypatch.setattr(torch_ops, "_chunks", None)  # the chunk copies must not be used
     z = make_logits((2, 19, 64, 80), dtype)
-    assert 64 * 80 >= torch_backend.DIRECT_MIN_PIXELS and torch_backend.uses_fused_loops(z)
+    assert 64 * 80 >= numba_backend.DIRECT_MIN_PIXELS and numba_backend.can_run(z)
     valid = torch.rand(2, 64, 80) > 0.2 if with_mask else None
     S, W = fastcal.prototype_stats(z, temperature=1.7, valid=valid, backend="torch")
     oracle.assert_stats_close(S, W, *oracle.stats(z, 1.7, valid))

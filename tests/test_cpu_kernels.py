@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastcal import _upsample, cpu_kernels, torch_backend
+from fastcal import _upsample, cpu_kernels, numba_backend
 
 import oracle
 
@@ -232,7 +232,7 @@ def test_the_row_cache_keeps_the_last_output_rows_source_rows():
     holds survives from block to block."""
     logits = torch.randn(1, 3, 8, 16)
     upsample = _upsample.resolve(logits, None, 4, False)
-    width, rows, cols = torch_backend._upsample_tables(logits, upsample)
+    width, rows, cols = numba_backend._upsample_tables(logits, upsample)
     blocks = 5  # 1280 pixels: output rows 0 .. 19 of 64 columns
     y = blocks * cpu_kernels.BLOCK // width - 1
     held = rows_cached_after(logits.view(1, 3, -1).numpy(), blocks, width, rows, cols)
@@ -257,7 +257,7 @@ def test_prototypes_and_operands_match_the_reference(num_classes, empty):
     expected = reference.prototypes_from_stats(S, W, empty)
     assert torch.equal(torch.from_numpy(P).nan_to_num(), expected.nan_to_num())
     assert torch.equal(torch.from_numpy(P).isnan(), expected.isnan())
-    A_times_minus_2, centre, bias = torch_backend._centred_on_host(P)
+    A_times_minus_2, centre, bias = numba_backend._centred_on_host(P)
     A, c, b = centred_prototypes(expected)
     torch.testing.assert_close(torch.from_numpy(centre), c, rtol=FLOAT32_ULP, atol=2**-30)
     torch.testing.assert_close(torch.from_numpy(A_times_minus_2), -2 * A, rtol=2 * FLOAT32_ULP, atol=2**-28)

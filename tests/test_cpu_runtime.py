@@ -13,7 +13,7 @@ import os, sys, threading
 import torch
 {setup}
 import fastcal
-from fastcal import torch_backend
+from fastcal import numba_backend
 sys.path.insert(0, {tests!r})
 import oracle
 torch.manual_seed(0)
@@ -67,7 +67,7 @@ def test_a_child_forked_after_the_loops_ran_still_calibrates():
         import faulthandler
         faulthandler.dump_traceback_later(120, exit=True)  # a hang fails the test instead of blocking it
         try:
-            assert not torch_backend.uses_fused_loops(z)  # the child takes the PyTorch operations
+            assert not numba_backend.can_run(z)  # the child takes the PyTorch operations
             S, W = fastcal.prototype_stats(z)
             labels = fastcal.predict(z, P)
             assert torch.get_num_threads() == threads  # the caller's setting is back
@@ -81,7 +81,7 @@ def test_a_child_forked_after_the_loops_ran_still_calibrates():
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status}"
     check()  # and the parent keeps its loops
-    assert torch_backend.uses_fused_loops(z)
+    assert numba_backend.can_run(z)
     """)
     assert_ok(result)
 

@@ -13,7 +13,6 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fastcal
-from fastcal import cpu_kernels
 
 import oracle
 from cases import DTYPES, KERNEL_DEVICE, make_logits
@@ -24,14 +23,6 @@ EXAMPLES = {"reference": 100, "torch": 150, "torch-ops": 100, "triton": 40}
 # HYPOTHESIS_PROFILE=explore (see conftest.py) draws fresh inputs with ten times the examples
 EXAMPLES_FACTOR = 10 if settings.default.derandomize is False else 1
 KINDS = ["randn", "all-equal", "integer-ties", "one-leads", "extreme"]
-
-
-def run_backend(backend, monkeypatch):
-    """The backend name for the API; "torch-ops" is the torch backend with the fused loops off."""
-    if backend == "torch-ops":
-        monkeypatch.setattr(cpu_kernels, "MAX_CLASSES", 0)
-        return "torch"
-    return backend
 
 
 @st.composite
@@ -84,8 +75,8 @@ def check_against_oracle(z, temperature, valid, backend, power=1.0):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_every_backend_matches_the_oracle(backend, monkeypatch):
-    api_backend = run_backend(backend, monkeypatch)
+def test_every_backend_matches_the_oracle(backend):
+    api_backend = backend
 
     @settings(max_examples=EXAMPLES[backend] * EXAMPLES_FACTOR, deadline=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -113,10 +104,10 @@ def resizes(draw):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_upsampling_on_the_fly_matches_the_oracle(backend, monkeypatch):
+def test_upsampling_on_the_fly_matches_the_oracle(backend):
     """Stats and labels with ``size=`` / ``scale_factor=`` are those of the oracle's interpolation,
     up to the float32 rounding of the interpolated logits."""
-    api_backend = run_backend(backend, monkeypatch)
+    api_backend = backend
 
     @settings(max_examples=EXAMPLES[backend] * EXAMPLES_FACTOR // 3, deadline=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -146,10 +137,10 @@ def test_upsampling_on_the_fly_matches_the_oracle(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_shifting_a_pixel_changes_nothing(backend, monkeypatch):
+def test_shifting_a_pixel_changes_nothing(backend):
     """Integer logits and integer shifts are exact in float32, so ``z - max z`` is the same bits:
     labels and statistics must be identical, whatever the shift."""
-    api_backend = run_backend(backend, monkeypatch)
+    api_backend = backend
     device = KERNEL_DEVICE if backend == "triton" else "cpu"
 
     @settings(max_examples=EXAMPLES[backend] * EXAMPLES_FACTOR // 3, deadline=None,
@@ -174,10 +165,10 @@ def test_shifting_a_pixel_changes_nothing(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_permuting_classes_permutes_labels(backend, monkeypatch):
+def test_permuting_classes_permutes_labels(backend):
     """With the classes of the logits and of the prototypes permuted alike, a pixel's label is the
     permuted label, wherever its nearest prototype wins by more than the tolerance."""
-    api_backend = run_backend(backend, monkeypatch)
+    api_backend = backend
     device = KERNEL_DEVICE if backend == "triton" else "cpu"
 
     @settings(max_examples=EXAMPLES[backend] * EXAMPLES_FACTOR // 3, deadline=None,
@@ -200,9 +191,9 @@ def test_permuting_classes_permutes_labels(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_logits_beyond_float32_are_rejected_before_any_state_changes(backend, monkeypatch):
+def test_logits_beyond_float32_are_rejected_before_any_state_changes(backend):
     """float64 logits are read as float32: a value beyond its range is non-finite, on every backend."""
-    api_backend = run_backend(backend, monkeypatch)
+    api_backend = backend
     device = KERNEL_DEVICE if backend == "triton" else "cpu"
     z = torch.randn(1, 4, 5, 5, dtype=torch.float64, device=device)
     z[0, 2, 1, 1] = 1e39

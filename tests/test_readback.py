@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastcal
-from fastcal import torch_backend
+from fastcal import numba_backend
 
 from cases import device_of, make_logits
 
@@ -57,8 +57,8 @@ class Reads(TorchDispatchMode):
 
 
 def host_only(conversions):
-    """Conversions outside the CPU loops' one route to host memory (torch_backend.host_array)."""
-    return [c for c in conversions if c[1] not in ("fastcal.torch_backend",)]
+    """Conversions outside the CPU loops' one route to host memory (numba_backend.host_array)."""
+    return [c for c in conversions if c[1] not in ("fastcal.numba_backend",)]
 
 
 CALLS = {
@@ -98,10 +98,10 @@ def test_reads_back_at_most_the_non_finite_check(backend, name):
 
 def test_the_cpu_loops_convert_cpu_tensors_only_through_host_array(monkeypatch):
     """The CPU loops read host memory by design; every conversion on their path goes through
-    ``torch_backend.host_array``, which a CUDA tensor would never reach (it takes the Triton path)."""
+    ``numba_backend.host_array``, which a CUDA tensor would never reach (it takes the Triton path)."""
     seen = []
-    original = torch_backend.host_array
-    monkeypatch.setattr(torch_backend, "host_array", lambda t: seen.append(t.device.type) or original(t))
+    original = numba_backend.host_array
+    monkeypatch.setattr(numba_backend, "host_array", lambda t: seen.append(t.device.type) or original(t))
     z = make_logits((2, 5, 6, 7))
     with Reads() as reads:
         fastcal.calibrate(z, backend="torch")
