@@ -1,11 +1,17 @@
-"""Ahead-of-time compilation of the kernels for NVIDIA GPUs, without a GPU.
+"""Ahead-of-time compilation of the kernels for NVIDIA and AMD GPUs, without a GPU.
 
-``compile_launch`` builds the cubin the JIT would build for a launch (``kernels._launch.Launch``):
+Targets are named as in ``kernels/configs.py`` (``"sm_90"``, ``"sm_80"``, ``"gfx942"``,
+``"gfx90a"``; an int capability ``c`` means ``"sm_c"``). ``compile_launch`` builds the cubin
+or hsaco the JIT would build for a launch (``kernels._launch.Launch``):
 the same specialisations (16-byte-aligned pointers and integers divisible by 16 marked
 ``tt.divisibility``, integers equal to 1 made constants) from the launch's own arguments, which
 may be ``meta`` tensors: no memory, no GPU. ``compile_kernel`` compiles a hand-written signature.
-``resource_usage`` reads registers and spills back with the ``cuobjdump`` inside the triton
-wheel; ``global_load_widths`` lists the bits of each global load in the PTX.
+``resource_usage`` reads registers and spills back: for NVIDIA with the ``cuobjdump`` inside the
+triton wheel, for AMD from the code object's metadata in the AMDGCN assembly (``.vgpr_count``,
+``.agpr_count``, ``.sgpr_count``, ``.vgpr_spill_count``, ``.sgpr_spill_count`` and
+``.private_segment_fixed_size``, the scratch memory a wavefront needs: VGPR spills land there;
+SGPR spills land in VGPR lanes).
+``global_load_widths`` lists the bits of each global load in the PTX.
 """
 from __future__ import annotations
 
@@ -21,10 +27,24 @@ from triton.compiler import ASTSource
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def compile_kernel(kernel, signature: dict, constexprs: dict, capability: int, options: dict):
+def gpu_target(target) -> GPUTarget:
+    """The ``GPUTarget`` of a target name of ``kernels/configs.py`` (or an NVIDIA capability)."""
+    from fastcal.kernels.configs import TARGETS
+
+    table = TARGETS[f"sm_{target}" if isinstance(target, int) else target]
+    return GPUTarget(table.backend, table.arch, table.warp_size)
+
+
+def _options(options: dict, target: GPUTarget) -> dict:
+    """The launch options as the target's backend takes them (AMD has no ``maxnreg``)."""
+    return dict(options) if target.backend == "cuda" else {k: v for k, v in options.items() if k != "maxnreg"}
+
+
+def compile_kernel(kernel, signature: dict, constexprs: dict, target, options: dict):
     signature = {**signature, **{name: "constexpr" for name in constexprs}}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+    gpu = gpu_target(target)
+    return triton.compile(source, target=gpu, options=_options(options, gpu))
 
 
 def specialisation(value) -> tuple[str, object]:
@@ -64,11 +84,12 @@ def jit_specialisation(kernel, launch_args: tuple, constexprs: dict):
     return signature, constants, attrs
 
 
-def compile_launch(launch, capability: int = 90):
-    """The cubin (``triton.compile`` result) the JIT would build for ``launch`` on sm_``capability``."""
+def compile_launch(launch, target=90):
+    """The cubin or hsaco (``triton.compile`` result) the JIT would build for ``launch`` on ``target``."""
     signature, constants, attrs = jit_specialisation(launch.kernel, launch.args, launch.constexprs)
     source = ASTSource(fn=launch.kernel, signature=signature, constexprs=constants, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(launch.options))
+    gpu = gpu_target(target)
+    return triton.compile(source, target=gpu, options=_options(launch.options, gpu))
 
 
 def global_load_widths(compiled) -> list[int]:
@@ -83,7 +104,11 @@ def global_load_widths(compiled) -> list[int]:
 
 
 def resource_usage(compiled) -> dict:
-    """``{"REG": int, "LOCAL": int, "STACK": int, "SHARED": int}`` of the compiled kernel."""
+    """``{"REG": int, "LOCAL": int, "STACK": int, "SHARED": int}`` of the compiled kernel (on AMD
+    ``REG`` counts VGPRs and AGPRs, ``LOCAL`` the scratch bytes, ``STACK`` the VGPRs spilled to
+    scratch; ``SGPR_SPILLS`` the scalar registers parked in VGPR lanes, which cost no memory)."""
+    if "amdgcn" in compiled.asm:
+        return _amd_resource_usage(compiled)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -95,3 +120,18 @@ def resource_usage(compiled) -> dict:
     result["SHARED"] += compiled.metadata.shared  # the dynamic shared memory the launch asks for
     result["ASYNC_COPIES"] = len(re.findall(r"cp\.async", compiled.asm["ptx"]))  # a pipelined loop
     return result
+
+
+def _amd_resource_usage(compiled) -> dict:
+    metadata = compiled.asm["amdgcn"]
+
+    def field(name: str) -> int:
+        found = re.findall(rf"\.{name}:\s+(\d+)", metadata)
+        assert found, f"no .{name} in the code object metadata"
+        return int(found[-1])
+
+    # SGPR spills go to lanes of a VGPR (v_writelane), not to memory: counted apart
+    return {"REG": field("vgpr_count") + field("agpr_count"), "SGPR": field("sgpr_count"),
+            "SGPR_SPILLS": field("sgpr_spill_count"), "STACK": field("vgpr_spill_count"),
+            "LOCAL": field("private_segment_fixed_size"),
+            "SHARED": max(field("group_segment_fixed_size"), compiled.metadata.shared), "ASYNC_COPIES": 0}

@@ -90,6 +90,7 @@ def goal_launches(dtype: torch.dtype, shape: tuple, device: Device = H200, *, ma
                   deterministic: bool = False, label_dtype: torch.dtype = torch.int64):
     """``{name: Launch}`` of the stats and predict passes on a ``meta`` tensor of ``shape``, as the
     launchers build them (``masked``: with a ``valid`` mask)."""
+    from fastcal._common import DistanceOperands
     from fastcal.kernels import predict, stats
 
     logits = torch.empty(shape, dtype=dtype, device="meta")
@@ -101,7 +102,8 @@ def goal_launches(dtype: torch.dtype, shape: tuple, device: Device = H200, *, ma
     names = ["row stats", "stats"] if len(launches) == 2 else ["stats"]
     result = dict(zip(names, launches))
     programs = predict.predict_config(C, size, aligned)["programs_per_sm"] * device.sms
-    result["predict"], _ = predict.predict_launch(logits, torch.eye(C), 1.0, label_dtype, programs=programs)
+    result["predict"], _ = predict.predict_launch(logits, DistanceOperands(torch.eye(C, device="meta")), 1.0, label_dtype,
+                                                  programs=programs)
     return result
 
 

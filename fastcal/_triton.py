@@ -54,7 +54,7 @@ def operands_pass(S, W, plan):
     from ._common import DistanceOperands
     from .kernels.predict import predict_config
     from .kernels.prototypes import operands
-    from .kernels.stats import FUSED_MAX_CLASSES
+    from .kernels.configs import FUSED_MAX_CLASSES
 
     C = W.shape[0]
     if C > FUSED_MAX_CLASSES:

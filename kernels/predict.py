@@ -9,7 +9,8 @@ Math (per pixel, ``scale = log2(e) / T``, ``c`` the mean prototype, ``A[k] = P[k
 which is ``argmin_k ||p - P[k]||^2`` (the two differ by ``||p - c||^2``, the same for
 every k); centring keeps every term within a few times the pixel's distances, so
 rounding stays relative to them (see ``fastcal._common.centred_prototypes``).
-``(p - c) . A^T`` is a ``tl.dot`` in 3xTF32 (about 2^-22 relative error). The
+``(p - c) . A^T`` is a ``tl.dot`` at the target's ``DOT_PRECISION`` (3xTF32 on NVIDIA, float32 on
+AMD: about 2^-22 relative error either way; see ``configs``). The
 centred prototypes are zero-padded to whole blocks with ``||A[k]||^2 = +inf`` for
 padding and for "skip" classes, so the distance loop needs no class mask.
 
@@ -32,16 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import DistanceOperands
-from .._upsample import output_shape
 from ._launch import Launch
 from ._layout import launch_layout
 from ._tile import load_classes, online_softmax_update, pixel_position
-from .stats import CONSERVATIVE, FUSED_MAX_CLASSES, LOG2E, max_programs
-
-PREDICT_CHUNK_CLASSES = 32  # p . P^T blocks in 3xTF32 need three operand copies: smaller blocks than stats
-PREDICT_FUSED = {"tile_elements": 4096, "num_stages": {4: 3, 2: 5}}
-PREDICT_CHUNKED = {"tile_elements": 2048, "num_stages": {4: 3, 2: 5}}
+from .configs import FUSED_MAX_CLASSES, LOG2E, PREDICT_CHUNK_CLASSES, TARGETS, max_programs, stages, target_of
 
 
 @triton.jit
@@ -49,7 +44,7 @@ def _predict_kernel(
     z_ptr, A_ptr, centre_ptr, bias_ptr, out_ptr,
     C, L, O1, O2, so0, so1, so2, s_l, s_c, scale, C_PAD, n_tiles, off_ptr, wgt_ptr, H_UP, W_UP, P_IMG,
     FUSED: tl.constexpr, UPSAMPLE: tl.constexpr, C_BLOCK: tl.constexpr, PIX_BLOCK: tl.constexpr,
-    SCORES: tl.constexpr,
+    SCORES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):  # persistent: the loop is pipelined
         o_z, o01, o10, o11, wy, wx, o_pix, m_pix = pixel_position(
@@ -63,7 +58,7 @@ def _predict_kernel(
             b_e = tl.exp2((b_z - tl.max(b_z, 0)[None, :]) * scale)
             b_d = b_e / tl.sum(b_e, 0)[None, :] - tl.load(centre_ptr + o_c)[:, None]
             b_A = tl.load(A_ptr + o_c[:, None] * C_PAD + o_c[None, :])
-            b_dist = tl.load(bias_ptr + o_c)[:, None] - 2.0 * tl.dot(b_A, b_d, input_precision="tf32x3")
+            b_dist = tl.load(bias_ptr + o_c)[:, None] - 2.0 * tl.dot(b_A, b_d, input_precision=DOT_PRECISION)
             if SCORES:
                 b_score = -(b_dist + tl.sum(b_d * b_d, 0)[None, :])
                 m_score = (o_c < C)[:, None] & m_pix[None, :]
@@ -97,7 +92,7 @@ def _predict_kernel(
                     b_p = tl.exp2((b_z - b_max[None, :]) * scale) * b_inv_sum[None, :]
                     b_p = tl.where((o_j < C)[:, None], b_p - tl.load(centre_ptr + o_j)[:, None], 0.0)
                     b_A = tl.load(A_ptr + (k0 + o_c)[:, None] * C_PAD + o_j[None, :])
-                    b_dot += tl.dot(b_A, b_p, input_precision="tf32x3")
+                    b_dot += tl.dot(b_A, b_p, input_precision=DOT_PRECISION)
                 b_d = tl.load(bias_ptr + k0 + o_c)[:, None] - 2.0 * b_dot
                 if SCORES:
                     o_k = k0 + o_c
@@ -115,40 +110,36 @@ def _predict_kernel(
 
 
 @functools.lru_cache(maxsize=None)  # a pure function of its arguments, read on every launch
-def predict_config(num_classes: int, element_size: int = 4, aligned: bool = True) -> Mapping:
-    """Block sizes and launch options (see ``stats.FUSED_STATS`` for how they were chosen): the
-    stats pass's class blocks when they hold every class, smaller ones when the class axis is
-    chunked; 4-warp persistent programs, 4 per SM, with pipelined tile loads when ``aligned``."""
+def predict_config(num_classes: int, element_size: int = 4, aligned: bool = True, target: str = "sm_90") -> Mapping:
+    """Block sizes and launch options on ``target`` (a name in ``configs.TARGETS``): the stats
+    pass's class blocks when they hold every class, smaller ones when the class axis is chunked;
+    persistent programs with pipelined tile loads when ``aligned``."""
+    table = TARGETS[target]
     fused = num_classes <= FUSED_MAX_CLASSES
     c_block = max(16, triton.next_power_of_2(num_classes)) if fused else PREDICT_CHUNK_CLASSES
-    if aligned:
-        chosen = PREDICT_FUSED if fused else PREDICT_CHUNKED
-        tile_elements, stages = chosen["tile_elements"], chosen["num_stages"][4 if element_size >= 4 else 2]
-    else:
-        tile_elements, stages = CONSERVATIVE["tile_elements"], CONSERVATIVE["num_stages"]
-    return MappingProxyType({"FUSED": fused, "C_BLOCK": c_block, "PIX_BLOCK": tile_elements // c_block,
-                             "num_warps": 4, "num_stages": stages, "maxnreg": 255, "programs_per_sm": 4})
+    chosen = table.conservative if not aligned else table.predict_fused if fused else table.predict_chunked
+    return MappingProxyType({"FUSED": fused, "C_BLOCK": c_block, "PIX_BLOCK": chosen["tile_elements"] // c_block,
+                             "DOT_PRECISION": table.distance_precision, "num_warps": chosen["num_warps"],
+                             "num_stages": stages(chosen, element_size), "maxnreg": 255,
+                             "programs_per_sm": chosen["programs_per_sm"]})
 
 
-def padded_operands(prototypes, c_block: int, device: torch.device):
-    """Centred prototypes ``A``, centre ``c`` and ``bias = ||A[k]||^2`` zero-padded to whole blocks
-    (``bias = +inf`` for padding and for skipped classes). ``prototypes``: a [C, C] tensor, or its
-    prepared operands (anything with ``padded(c_block)``, as ``fastcal._common.DistanceOperands``,
-    which builds them once per state of the prototypes)."""
-    if isinstance(prototypes, torch.Tensor):
-        prototypes = DistanceOperands(prototypes.to(device))
-    return prototypes.padded(c_block)
-
-
-def predict_launch(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64,
-                   upsample=None, programs: int | None = None, scores: bool = False):
+def predict_launch(logits: torch.Tensor, operands, temperature: float, label_dtype=torch.int64,
+                   upsample=None, programs: int | None = None, scores: bool = False, target: str | None = None):
     """The launch of the predict pass and the labels it fills: ``(launch, labels)``, or with
     ``scores`` the float32 [N, C, *spatial] scores instead of the labels. Programs are persistent
-    (``programs``, default 4 per SM), so the tile loads of the loop are pipelined."""
+    (``programs``, default: the configuration's per SM), so the tile loads of the loop are pipelined.
+
+    ``operands``: the prepared prototypes, anything whose ``padded(c_block)`` gives the centred
+    prototypes ``A``, centre ``c`` and ``bias = ||A[k]||^2`` zero-padded to whole blocks of
+    ``c_block`` classes on the logits' device, ``bias = +inf`` for padding and skipped classes
+    (``fastcal._common.DistanceOperands`` builds them once per state of the prototypes).
+    ``target``: the configuration table (default: the device's, ``configs.target_of``)."""
     layout = launch_layout(logits, upsample)
-    config = predict_config(layout.num_classes, logits.element_size(), layout.aligned(logits))
-    A_pad, centre_pad, bias_pad = padded_operands(prototypes, config["C_BLOCK"], logits.device)
-    shape = output_shape(logits, upsample)
+    target = target or target_of(logits.device).name
+    config = predict_config(layout.num_classes, logits.element_size(), layout.aligned(logits), target)
+    A_pad, centre_pad, bias_pad = operands.padded(config["C_BLOCK"])
+    shape = (logits.shape[0], *(upsample.size if upsample is not None else logits.shape[2:]))
     if scores:
         out = torch.empty((shape[0], layout.num_classes, *shape[1:]), dtype=torch.float32, device=logits.device)
     else:
@@ -159,20 +150,20 @@ def predict_launch(logits: torch.Tensor, prototypes: torch.Tensor, temperature: 
         (logits, A_pad, centre_pad, bias_pad, out, *layout.kernel_args(), LOG2E / temperature, A_pad.shape[0],
          n_tiles, *layout.upsample_args(logits.device), math.prod(shape[1:])),
         {"FUSED": config["FUSED"], "UPSAMPLE": layout.upsample, "C_BLOCK": config["C_BLOCK"],
-         "PIX_BLOCK": config["PIX_BLOCK"], "SCORES": scores},
+         "PIX_BLOCK": config["PIX_BLOCK"], "SCORES": scores, "DOT_PRECISION": config["DOT_PRECISION"]},
         {key: config[key] for key in ("num_warps", "maxnreg")} | {"num_stages": 1 if layout.upsample else config["num_stages"]})
     return launch, out
 
 
-def predict(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, label_dtype=torch.int64,
-            upsample=None):
-    launch, labels = predict_launch(logits, prototypes, temperature, label_dtype, upsample)
+def predict(logits: torch.Tensor, operands, temperature: float, label_dtype=torch.int64, upsample=None):
+    """Labels [N, *spatial] (see :func:`predict_launch` for ``operands``)."""
+    launch, labels = predict_launch(logits, operands, temperature, label_dtype, upsample)
     launch()
     return labels
 
 
-def scores(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, upsample=None):
+def scores(logits: torch.Tensor, operands, temperature: float, upsample=None):
     """Float32 scores ``-||p - P[k]||^2`` [N, C, *spatial] (``-inf`` for a skipped class)."""
-    launch, out = predict_launch(logits, prototypes, temperature, upsample=upsample, scores=True)
+    launch, out = predict_launch(logits, operands, temperature, upsample=upsample, scores=True)
     launch()
     return out

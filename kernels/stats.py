@@ -41,39 +41,30 @@ import torch
 import triton
 import triton.language as tl
 
+from .configs import CHUNK_CLASSES, FUSED_MAX_CLASSES, LOG2E, TARGETS, max_programs, stages, target_of
 from ._launch import Launch
 from ._layout import launch_layout, triton_cdiv
 from ._tile import is_finite, load_classes, online_softmax_update, pixel_position
 
-LOG2E = 1.4426950408889634
-FUSED_MAX_CLASSES = 64
-CHUNK_CLASSES = 64
-# Launch configurations, by bytes per logit (4: float32, 2: float16 / bfloat16). Each keeps enough
-# bytes of logits requested per SM to cover DRAM latency on an H100/H200 (resident programs x tiles
-# in flight x tile bytes; benchmarks/bandwidth_model.py) with no register spills: persistent
-# programs prefetch num_stages - 1 tiles into shared memory (cp.async), and the fused stats kernel
-# runs small 2-warp programs, 8 per SM, because its one-hot reduction needs many registers.
-# These pipelined configurations are for the JIT's aligned NCHW specialisation (16-byte-aligned
-# logits, contiguous pixels, sizes divisible by 16: tests/test_bandwidth_model.py compiles them);
-# any other launch gets the conservative one, which compiles without spills in every variant.
-FUSED_STATS = {"tile_elements": 1024, "num_warps": 2, "num_stages": {4: 4, 2: 7}, "programs_per_sm": 8}
-CHUNKED_STATS = {"pixels": 32, "num_warps": 4, "num_stages": {4: 3, 2: 5}, "programs_per_sm": 4}
-ROW_STATS = {"pixels": {4: 32, 2: 64}, "num_warps": 4, "num_stages": 1}
-CONSERVATIVE = {"tile_elements": 1024, "num_warps": 4, "num_stages": 1, "programs_per_sm": 4}
 PARTIALS_BUDGET = 1 << 28     # bytes of per-program partials in deterministic mode
 
 
 @triton.jit
-def onehot_dot(b_onehot, b_x):
-    """``b_onehot @ b_x`` to about 2^-22 relative error with two TF32 products.
+def onehot_dot(b_onehot, b_x, PRECISION: tl.constexpr):
+    """``b_onehot @ b_x`` to about 2^-22 relative error.
 
-    A one-hot matrix is exact in TF32, so splitting only ``b_x`` into a TF32 head
-    and its float32 remainder recovers what 3xTF32 would, with one product less.
+    ``PRECISION="tf32"``: two TF32 products. A one-hot matrix is exact in TF32, so splitting
+    only ``b_x`` into a TF32 head and its float32 remainder recovers what 3xTF32 would, with one
+    product less. ``"ieee"``: one float32 product (AMD's matrix cores run it natively).
     """
-    b_hi = (b_x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-    b_lo = b_x - b_hi
-    b_out = tl.dot(b_onehot, b_hi, input_precision="tf32")
-    return tl.dot(b_onehot, b_lo, b_out, input_precision="tf32")
+    if PRECISION == "tf32":
+        b_hi = (b_x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        b_lo = b_x - b_hi
+        b_out = tl.dot(b_onehot, b_hi, input_precision="tf32")
+        b_out = tl.dot(b_onehot, b_lo, b_out, input_precision="tf32")
+    else:
+        b_out = tl.dot(b_onehot, b_x, input_precision="ieee")
+    return b_out
 
 
 @triton.jit
@@ -121,7 +112,7 @@ def _stats_kernel(
     z_ptr, valid_ptr, max_ptr, conf_ptr, cls_ptr, S_ptr, W_ptr, N_ptr, bad_ptr,
     C, L, O1, O2, so0, so1, so2, s_l, s_c, scale, power, n_tiles, off_ptr, wgt_ptr, H_UP, W_UP,
     HAS_VALID: tl.constexpr, FUSED: tl.constexpr, PARTIALS: tl.constexpr, UPSAMPLE: tl.constexpr,
-    POWERED: tl.constexpr, C_BLOCK: tl.constexpr, PIX_BLOCK: tl.constexpr,
+    POWERED: tl.constexpr, C_BLOCK: tl.constexpr, PIX_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Block ``S[k-block, j-block]`` (and ``W``, ``N`` of the k-block) over this program's pixel tiles.
 
@@ -171,7 +162,7 @@ def _stats_kernel(
         # same product sums W and N, with no reduction of their own
         b_cp = tl.where((o_j == C)[:, None], b_weight[None, :], b_cp)
         b_cp = tl.where((o_j == C + 1)[:, None], (b_w > 0).to(tl.float32)[None, :], b_cp)
-        b_S += onehot_dot(b_onehot.to(tl.float32), tl.trans(b_cp))
+        b_S += onehot_dot(b_onehot.to(tl.float32), tl.trans(b_cp), DOT_PRECISION)
     b_W = tl.sum(tl.where((o_j == C)[None, :], b_S, 0.0), 1)
     b_N = tl.sum(tl.where((o_j == C + 1)[None, :], b_S, 0.0), 1)  # exact to 2^24 pixels of a class
     m_k = o_k < C
@@ -192,45 +183,44 @@ def _stats_kernel(
 
 
 @functools.lru_cache(maxsize=None)  # a pure function of its arguments, read on every launch
-def stats_config(num_classes: int, element_size: int = 4, aligned: bool = True) -> Mapping:
+def stats_config(num_classes: int, element_size: int = 4, aligned: bool = True, target: str = "sm_90") -> Mapping:
     """Block sizes and launch options the launcher picks for ``num_classes`` logits of
-    ``element_size`` bytes, pipelined for ``aligned`` NCHW launches (see ``FUSED_STATS``).
-    maxnreg=255: left alone, ptxas caps some variants at 128 registers and spills."""
-    size = 4 if element_size >= 4 else 2
+    ``element_size`` bytes on ``target`` (a name in ``configs.TARGETS``), pipelined for ``aligned``
+    NCHW launches. maxnreg=255: left alone, ptxas caps some variants at 128 registers and spills
+    (the AMD backend ignores it)."""
+    table = TARGETS[target]
     fused = num_classes + 2 <= FUSED_MAX_CLASSES
     # fused: two spare rows after the classes, where the kernel sums W and N with S
     c_block = max(16, triton.next_power_of_2(num_classes + 2)) if fused else CHUNK_CLASSES
     if not aligned:
-        chosen, pix_block, stages = CONSERVATIVE, CONSERVATIVE["tile_elements"] // c_block, CONSERVATIVE["num_stages"]
+        chosen = table.conservative
+        pix_block = chosen["tile_elements"] // c_block
     elif fused:
-        chosen, pix_block, stages = FUSED_STATS, FUSED_STATS["tile_elements"] // c_block, FUSED_STATS["num_stages"][size]
+        chosen = table.fused_stats
+        pix_block = chosen["tile_elements"] // c_block
     else:
-        chosen, pix_block, stages = CHUNKED_STATS, CHUNKED_STATS["pixels"], CHUNKED_STATS["num_stages"][size]
+        chosen = table.chunked_stats
+        pix_block = chosen["pixels"]
+    row = table.row_stats
     return MappingProxyType({
-        "FUSED": fused, "C_BLOCK": c_block, "PIX_BLOCK": pix_block, "num_warps": chosen["num_warps"],
-        "num_stages": stages, "maxnreg": 255, "programs_per_sm": chosen["programs_per_sm"],
-        "ROW_PIX_BLOCK": ROW_STATS["pixels"][size] if aligned else CONSERVATIVE["tile_elements"] // c_block})
-
-
-def max_programs(device: torch.device, per_sm: int = 4) -> int:
-    """Persistent programs: ``per_sm`` per SM on CUDA; a few in the interpreter, which runs programs
-    one after another (and on meta tensors, where launches are only built)."""
-    return per_sm * _multiprocessors(device) if device.type == "cuda" else 4
-
-
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+        "FUSED": fused, "C_BLOCK": c_block, "PIX_BLOCK": pix_block, "DOT_PRECISION": table.onehot_precision,
+        "num_warps": chosen["num_warps"], "num_stages": stages(chosen, element_size), "maxnreg": 255,
+        "programs_per_sm": chosen["programs_per_sm"],
+        "ROW_PIX_BLOCK": row["pixels"]["4" if element_size >= 4 else "2"] if aligned
+        else table.conservative["tile_elements"] // c_block,
+        "row_num_warps": row["num_warps"], "row_num_stages": row["num_stages"]})
 
 
 def stats_launches(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
                    deterministic: bool = False, upsample=None, programs: int | None = None,
-                   confidence_power: float = 1.0):
+                   confidence_power: float = 1.0, target: str | None = None):
     """The launches of the stats pass, and the tensors they fill: ``(launches, S, W, N, bad)``.
-    ``programs``: the persistent grid (default: the configuration's programs per SM)."""
+    ``programs``: the persistent grid (default: the configuration's programs per SM). ``target``:
+    the configuration table (default: the device's, ``configs.target_of``)."""
     layout = launch_layout(logits, upsample)
     C, device = layout.num_classes, logits.device
-    config = stats_config(C, logits.element_size(), layout.aligned(logits))
+    target = target or target_of(device).name
+    config = stats_config(C, logits.element_size(), layout.aligned(logits), target)
     c_block, pix_block, fused = config["C_BLOCK"], config["PIX_BLOCK"], config["FUSED"]
     scale = LOG2E / temperature
     n_tiles = layout.num_tiles(pix_block)
@@ -267,13 +257,14 @@ def stats_launches(logits: torch.Tensor, temperature: float, valid: torch.Tensor
             _row_stats_kernel, (row_tiles,),
             (logits, valid_arg, row_max, row_conf, row_cls, bad, *layout.kernel_args(), scale, row_tiles, *tables),
             {"HAS_VALID": has_valid, "UPSAMPLE": layout.upsample, "C_BLOCK": c_block, "PIX_BLOCK": row_pix_block},
-            {**options, "num_warps": ROW_STATS["num_warps"], "num_stages": ROW_STATS["num_stages"]}))
+            {**options, "num_warps": config["row_num_warps"], "num_stages": config["row_num_stages"]}))
     launches.append(Launch(
         _stats_kernel, (n_programs, n_blocks, n_column_blocks),
         (logits, valid_arg, row_max, row_conf, row_cls, S, W, N, bad, *layout.kernel_args(), scale,
          float(confidence_power), n_tiles, *tables),
         {"HAS_VALID": has_valid, "FUSED": fused, "PARTIALS": deterministic, "UPSAMPLE": layout.upsample,
-         "POWERED": confidence_power != 1.0, "C_BLOCK": c_block, "PIX_BLOCK": pix_block},
+         "POWERED": confidence_power != 1.0, "C_BLOCK": c_block, "PIX_BLOCK": pix_block,
+         "DOT_PRECISION": config["DOT_PRECISION"]},
         options))
     return launches, S, W, N, bad
 

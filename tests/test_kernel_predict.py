@@ -2,6 +2,9 @@
 import pytest
 import torch
 
+from fastcal._common import DistanceOperands
+from fastcal.kernels.configs import TARGETS
+
 import fastcal
 
 import oracle
@@ -98,6 +101,21 @@ def test_launch_reads_no_value_back(num_classes, scores):
 
     z = torch.empty(2, num_classes, 64, 64, device="meta")
     P = torch.empty(num_classes, num_classes, device="meta")
-    launch, out = predict.predict_launch(z, P, 1.0, programs=8, scores=scores)
+    launch, out = predict.predict_launch(z, DistanceOperands(P), 1.0, programs=8, scores=scores)
     assert out.device.type == "meta"
     assert out.shape == ((2, num_classes, 64, 64) if scores else (2, 64, 64))
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("num_classes", [19, 150])
+def test_every_targets_configuration_matches_oracle(target, num_classes):
+    """Each target's table (its blocks, warps and dot precision: 3xTF32 on NVIDIA, float32 on AMD)
+    gives the oracle's labels, near-ties within the contract's bound."""
+    from fastcal.kernels import predict
+
+    z = make_logits((2, num_classes, 9, 16), device=KERNEL_DEVICE)
+    P = fitted_prototypes(z)
+    launch, labels = predict.predict_launch(z, DistanceOperands(P), 1.0, target=target)
+    assert launch.constexprs["DOT_PRECISION"] == TARGETS[target].distance_precision
+    launch()
+    oracle.assert_labels_match(labels, z, P)

@@ -11,6 +11,7 @@ import fastcal
 from fastcal.kernels import stats
 from fastcal.kernels._layout import pixel_layout
 from fastcal.kernels._tile import tile_position
+from fastcal.kernels.configs import TARGETS
 
 import oracle
 from cases import DTYPES, KERNEL_DEVICE, LAYOUTS, make_logits
@@ -114,3 +115,17 @@ def test_offsets_beyond_int32_are_int64():
     out = out.cpu()
     assert torch.equal(out[:64], last_pixel)
     assert torch.equal(out[64:], N * H * W - 64 + torch.arange(64))
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("num_classes", [19, 150])
+def test_every_targets_configuration_matches_oracle(target, num_classes):
+    """Each target's table (its blocks, warps and dot precision: split TF32 on NVIDIA, float32 on
+    AMD) gives the oracle's sums; 9 x 16 images take the aligned, pipelined configuration."""
+    z = make_logits((2, num_classes, 9, 16), device=KERNEL_DEVICE)
+    launches, S, W, N, bad = stats.stats_launches(z, 1.0, None, target=target)
+    assert launches[-1].constexprs["DOT_PRECISION"] == TARGETS[target].onehot_precision
+    for launch in launches:
+        launch()
+    oracle.assert_stats_close(S, W, *oracle.stats(z))
+    assert int(bad) == 0
