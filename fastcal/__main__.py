@@ -4,7 +4,7 @@ import sys
 
 
 def parser() -> argparse.ArgumentParser:
-    from . import demo, study
+    from .apps import demo, study
 
     top = argparse.ArgumentParser(prog="fastcal", description="Label calibration for semantic segmentation "
                                                                "under domain shift.")
@@ -22,7 +22,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from .demo.report import FiguresUnavailable
+    from .apps.demo.report import FiguresUnavailable
 
     try:
         return args.run(args)

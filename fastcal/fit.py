@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 from . import _upsample
 from .calibrator import LabelCalibrator
-from .nn import batch_images, model_logits, output_size
+from .adapters import batch_images, model_logits, output_size
 
 
 def fit_calibrator(model: Callable, loader: Iterable, num_classes: int, *, device=None,

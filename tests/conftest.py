@@ -1,6 +1,4 @@
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch  # importing torch does not import triton
@@ -38,10 +36,6 @@ def _check_interpreter_numpy() -> None:
 
 
 _check_interpreter_numpy()
-
-# tests/test_benchmarks.py imports the benchmark package that sits beside tests/
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 
 @pytest.fixture(autouse=True)
 def _seed():

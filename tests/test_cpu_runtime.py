@@ -14,8 +14,7 @@ import torch
 {setup}
 import fastcal
 from fastcal import numba_backend
-sys.path.insert(0, {tests!r})
-import oracle
+import oracle  # tests/ is on the child's PYTHONPATH
 torch.manual_seed(0)
 z = torch.randn(2, 19, 64, 64) * 3
 P = fastcal.prototypes_from_stats(*fastcal.prototype_stats(z, backend="reference"))
@@ -28,8 +27,10 @@ def check():
 
 def run_python(body: str, env: dict | None = None, setup: str = "", timeout=300):
     """Run ``body`` after the prologue (``setup`` runs before fastcal is imported)."""
-    code = PROLOGUE.format(setup=textwrap.dedent(setup), tests=os.path.dirname(__file__)) + textwrap.dedent(body)
-    environment = {**os.environ, **(env or {})}
+    code = PROLOGUE.format(setup=textwrap.dedent(setup)) + textwrap.dedent(body)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
+    environment = {**os.environ, "PYTHONPATH": path, **(env or {})}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
                           env={key: value for key, value in environment.items() if value is not None})
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import fastcal
-from fastcal import demo
+from fastcal.apps import demo
 from fastcal.__main__ import main as cli
-from fastcal.demo import report
+from fastcal.apps.demo import report
 from fastcal.fit import fit_calibrator
 
 TINY = demo.DemoConfig(height=24, width=40, train_images=8, calib_images=6, test_images=4, steps=3, batch=4,
@@ -111,7 +111,7 @@ def read_only_folder(tmp_path):
 def test_bad_options_fail_at_once_with_one_line(command, tmp_path, capsys, monkeypatch):
     """Each bad option ends the command while its line is parsed (exit 2, argparse's one-line error,
     no traceback), before any scene is rendered or model trained."""
-    module = demo if command == "demo" else __import__("fastcal.study", fromlist=["run"])
+    module = demo if command == "demo" else __import__("fastcal.apps.study", fromlist=["run"])
     monkeypatch.setattr(module, "run", lambda *args, **kwargs: pytest.fail("the work started"))
     existing_file = tmp_path / "results.txt"
     existing_file.write_text("not a folder")

@@ -43,7 +43,7 @@ def batches(count=4, size=(12, 14)):
 def logits_of(model, images):
     model.eval()
     with torch.no_grad():
-        return fastcal.nn.model_logits(model(images))
+        return fastcal.adapters.model_logits(model(images))
 
 
 @pytest.mark.parametrize("output", ["tensor", "dict", "object"])

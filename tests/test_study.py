@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from fastcal import study
-from fastcal.demo import DemoConfig
+from fastcal.apps import study
+from fastcal.apps.demo import DemoConfig
 
 TINY = study.StudyConfig(demo=DemoConfig(height=24, width=40, train_images=16, steps=20, batch=4, channels=8),
                          pool_images=8, test_images=6, image_counts=(1, 2, 8), subset_seeds=3, drift_steps=3,
@@ -54,7 +54,7 @@ def test_findings_are_computed_from_the_results(results):
 
 
 def test_the_drift_runs_from_source_to_severe():
-    from fastcal.demo.scenes import SEVERE, SOURCE, TARGET
+    from fastcal.apps.demo.scenes import SEVERE, SOURCE, TARGET
 
     assert study.drifting_domain(0.0).colors == SOURCE.colors
     np.testing.assert_allclose(study.drifting_domain(0.5).colors, TARGET.colors)

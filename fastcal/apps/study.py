@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import _cli, api
-from .calibrator import LabelCalibrator
+from .. import _cli, api
+from ..calibrator import LabelCalibrator
 from .demo import DemoConfig, report, trained_model
 from .demo.network import logits_of
 from .demo.scenes import CAR, CLASSES, SEVERE, SOURCE, TARGET, blend, make_split

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .. import _cli
-from ..fit import fit_calibrator
+from ... import _cli
+from ...fit import fit_calibrator
 from . import report
 from .network import SegmentationNet, logits_of, train
 from .scenes import CLASSES, SEVERE, SOURCE, TARGET, Domain, blend, make_split

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import torch
 
-from .. import metrics
+from ... import metrics
 from .scenes import CLASSES, PALETTE
 
 INSTALL_HINT = "the figures need matplotlib: pip install 'fastcal[plots]' (or run with --no-figures)"
