@@ -11,8 +11,15 @@ loop is pipelined), and only the programs resident on an SM at once count:
     in flight = resident * tiles in flight * useful bytes of a tile (the classes that exist)
     predicted = min(1, in flight / (bandwidth per SM * latency))
 
+On AMD Instinct GPUs (CDNA2 gfx90a, CDNA3 gfx942) the same law holds per compute unit (CU):
+a CU has 4 SIMDs, each holding at most 8 wavefronts of 64 lanes, with 512 vector registers
+(VGPRs and AGPRs together) per lane allocated in granules of 8; a program of ``num_warps``
+wavefronts is resident when all of them fit. Triton's AMD pipeliner streams the next tile
+through registers (no asynchronous copies to count), so a program has one tile in flight.
+
 ``python -m benchmarks.bandwidth_model`` compiles the launches that matter as the JIT would
-(``benchmarks/aot.py``, no GPU needed) and prints the table; the tests assert it.
+(``benchmarks/aot.py``, no GPU needed), for each device of ``DEVICES`` on its own target, and
+prints the tables; the tests assert them.
 """
 from __future__ import annotations
 
@@ -32,6 +39,8 @@ class Device:
     max_threads: int = 2048   # per SM
     max_programs: int = 32    # resident thread blocks per SM
     shared: int = 228 * 1024  # bytes per SM
+    target: str = "sm_90"     # the kernels' configuration table and compile target (kernels/configs.py)
+    vendor: str = "nvidia"
 
     @property
     def bytes_needed_per_sm(self) -> float:
@@ -39,15 +48,35 @@ class Device:
 
 
 H200 = Device("H200", bandwidth=4.8e12, sms=132, latency=1e-6)
+# AMD's published figures: MI300X (CDNA3, gfx942) 5.3 TB/s HBM3 over 304 CUs; MI250X (CDNA2, gfx90a)
+# 3.2 TB/s over two dies of 110 CUs each, which ROCm shows as two devices: one die is modelled,
+# 1.6 TB/s over 110 CUs. Both: 64 KiB of LDS per CU, 4 SIMDs of up to 8 wavefronts (AMD CDNA3 ISA
+# and "AMD Instinct MI300X / MI200 series" data sheets and CDNA white papers). The loaded
+# latency is taken as the H200's, 1 us.
+MI300X = Device("MI300X", bandwidth=5.3e12, sms=304, latency=1e-6, registers=4 * 512, max_threads=2048,
+                max_programs=32, shared=64 * 1024, target="gfx942", vendor="amd")
+MI250X = Device("MI250X (one die)", bandwidth=1.6384e12, sms=110, latency=1e-6, registers=4 * 512,
+                max_threads=2048, max_programs=32, shared=64 * 1024, target="gfx90a", vendor="amd")
+DEVICES = {"H200": H200, "MI300X": MI300X, "MI250X": MI250X}
+
+AMD_WAVES_PER_SIMD = 8
+AMD_SIMDS = 4
+AMD_VGPR_GRANULE = 8
 
 
 def resident_programs(device: Device, registers: int, num_warps: int, shared: int, grid_programs: int) -> int:
-    """Programs one SM holds at once. Registers are allocated per warp in units of 256."""
+    """Programs one SM (CU) holds at once. NVIDIA: registers are allocated per warp in units of
+    256. AMD: each wavefront takes its VGPRs (granules of 8) from its SIMD's 512 per lane, at most
+    8 wavefronts a SIMD; a program's wavefronts spread over the 4 SIMDs."""
+    by_grid = math.ceil(grid_programs / device.sms)
+    by_shared = device.shared // shared if shared else device.max_programs
+    if device.vendor == "amd":
+        granted = math.ceil(max(registers, 1) / AMD_VGPR_GRANULE) * AMD_VGPR_GRANULE
+        waves = AMD_SIMDS * min(AMD_WAVES_PER_SIMD, (device.registers // AMD_SIMDS) // granted)
+        return max(0, min(waves // num_warps, by_shared, device.max_programs, by_grid))
     per_warp = math.ceil(registers * 32 / 256) * 256
     by_registers = (device.registers // per_warp) // num_warps
     by_threads = device.max_threads // (32 * num_warps)
-    by_shared = device.shared // shared if shared else device.max_programs
-    by_grid = math.ceil(grid_programs / device.sms)
     return max(0, min(by_registers, by_threads, by_shared, device.max_programs, by_grid))
 
 
@@ -97,17 +126,18 @@ def goal_launches(dtype: torch.dtype, shape: tuple, device: Device = H200, *, ma
     valid = torch.empty((shape[0], *shape[2:]), dtype=torch.bool, device="meta") if masked else None
     C, size = shape[1], logits.element_size()
     aligned = shape[-1] % 16 == 0
-    programs = stats.stats_config(C, size, aligned)["programs_per_sm"] * device.sms
-    launches, *_ = stats.stats_launches(logits, 1.0, valid, deterministic, None, programs=programs)
+    programs = stats.stats_config(C, size, aligned, device.target)["programs_per_sm"] * device.sms
+    launches, *_ = stats.stats_launches(logits, 1.0, valid, deterministic, None, programs=programs,
+                                        target=device.target)
     names = ["row stats", "stats"] if len(launches) == 2 else ["stats"]
     result = dict(zip(names, launches))
-    programs = predict.predict_config(C, size, aligned)["programs_per_sm"] * device.sms
+    programs = predict.predict_config(C, size, aligned, device.target)["programs_per_sm"] * device.sms
     result["predict"], _ = predict.predict_launch(logits, DistanceOperands(torch.eye(C, device="meta")), 1.0, label_dtype,
-                                                  programs=programs)
+                                                  programs=programs, target=device.target)
     return result
 
 
-def table(capability: int = 90, device: Device = H200) -> list[dict]:
+def table(target: str | None = None, device: Device = H200) -> list[dict]:
     """One row per (workload, dtype, kernel): registers, spills, residency, bytes in flight, fraction."""
     from benchmarks import aot
 
@@ -115,7 +145,7 @@ def table(capability: int = 90, device: Device = H200) -> list[dict]:
     for workload, shape in GOAL_WORKLOADS.items():
         for dtype in (torch.float32, torch.float16):
             for kernel, launch in goal_launches(dtype, shape, device).items():
-                compiled = aot.compile_launch(launch, capability)
+                compiled = aot.compile_launch(launch, target or device.target)
                 usage = aot.resource_usage(compiled)
                 model = predict_launch(launch, usage, device)
                 rows.append({"workload": workload, "dtype": str(dtype).replace("torch.", ""), "kernel": kernel,
@@ -123,7 +153,7 @@ def table(capability: int = 90, device: Device = H200) -> list[dict]:
                              "shared": usage["SHARED"], "warps": launch.options["num_warps"],
                              "resident": model.resident, "tile_bytes": model.tile_bytes,
                              "in_flight": model.bytes_in_flight, "fraction": model.fraction(device),
-                             "load_bits": max(aot.global_load_widths(compiled), default=0)})
+                             "load_bits": max(aot.global_load_widths(compiled), default=0) if "ptx" in compiled.asm else "-"})
     return rows
 
 
@@ -141,4 +171,5 @@ def markdown(rows: list[dict], device: Device = H200) -> str:
 
 
 if __name__ == "__main__":
-    print(markdown(table()))
+    for device in DEVICES.values():
+        print(markdown(table(device=device), device))

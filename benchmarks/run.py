@@ -1,9 +1,11 @@
-"""One command for the whole benchmark suite: ``python -m benchmarks.run [--out DIR]``.
+"""One command for the whole benchmark suite: ``python -m benchmarks.run [--out DIR] [--doc FILE]``.
 
 Runs the pytest-benchmark rows of ``benchmarks/test_bench.py`` (GPU rows too when CUDA
 is present), measures peak memory, and writes ``DIR/results.json`` (every figure) and
-``DIR/results.md`` (the table the README shows, and the bandwidth model's predictions for the
-Triton kernels, ``benchmarks/bandwidth_model.py``).
+``DIR/results.md`` (the tables, and the bandwidth model's predictions for the Triton kernels
+on each GPU it models, ``benchmarks/bandwidth_model.py``). ``--doc docs/benchmarks.md`` writes
+the same tables into the project's benchmark page, under its fixed introduction: a rerun edits
+no prose by hand.
 """
 from __future__ import annotations
 
@@ -116,9 +118,40 @@ def markdown(rows: list[dict], left_out: list, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+DOC_INTRO = """# Benchmarks
+
+This page is written by `python -m benchmarks.run --doc docs/benchmarks.md`; rerun it to refresh
+every table below (about 5 minutes on a 2-core CPU machine).
+
+One pytest-benchmark row per (workload, dtype, pass, provider): the stats pass, the predict pass
+and `calibrate`; providers are the eager `reference`, the default CPU path (`torch`: the fused
+Numba loops), PyTorch operations a chunk at a time (`torch-ops`), `torch.compile` of the
+reference (`compile`), on CUDA the Triton kernels (`triton`), `interpolate+...` for
+`F.interpolate` then the same pass where the logits come at the model's resolution, and `onnx`
+for the exported calibration head in ONNX Runtime (CPU execution provider; `fastcal.export`).
+GB/s follow the bytes model of `docs/design.md` (stats reads the logits once, predict reads them
+and writes int64 labels, calibrate both); "% of copy" compares with a copy of the same logits
+measured in the same run; "x exp" with one elementwise `torch.exp` over the same logits into a
+preallocated tensor. Peak memory above the input is the resident-set high-water mark of a fresh
+process per provider (CPU) or the allocator's peak (CUDA). On CPU the slow providers run on the
+Cityscapes N=1 image only; the list under the table says what was left out.
+
+The bandwidth-model tables predict, for each GPU modelled, the share of copy bandwidth the
+Triton kernels reach, from their compiled registers and tiles (see `docs/backends.md`); they are
+predictions, compiled ahead of time without a GPU.
+
+"""
+
+
+def write_doc(path: str, table: str) -> None:
+    with open(path, "w") as f:
+        f.write(DOC_INTRO + "Output of `python -m benchmarks.run`:\n\n" + table)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench-out", help="folder for results.json and results.md")
+    parser.add_argument("--doc", help="also write the tables into this page (docs/benchmarks.md)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
@@ -132,9 +165,12 @@ def main(argv=None) -> int:
     table = markdown(rows, left_out, elapsed)
     from benchmarks import bandwidth_model  # the GPU kernels' predicted bandwidth, compiled ahead of time
 
-    table += "\n" + bandwidth_model.markdown(bandwidth_model.table())
+    for device in bandwidth_model.DEVICES.values():
+        table += "\n" + bandwidth_model.markdown(bandwidth_model.table(device=device), device)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table)
+    if args.doc:
+        write_doc(args.doc, table)
     print(table)
     return 0
 

@@ -6,8 +6,8 @@ Each table keeps enough bytes of logits requested per SM / CU to cover DRAM late
 programs x tiles in flight x tile bytes; ``benchmarks/bandwidth_model.py`` checks it per device)
 with no register spills: persistent programs prefetch ``num_stages - 1`` tiles (``cp.async`` on
 NVIDIA, register double-buffering on AMD), and the fused stats kernel runs small programs, many per
-SM, because its one-hot reduction needs many registers. ``num_stages`` is keyed by bytes per logit
-(4: float32, 2: float16 / bfloat16). The pipelined entries are for the JIT's aligned NCHW
+SM, because its one-hot reduction needs many registers. Any entry may be keyed by bytes per logit
+("4": float32, "2": float16 / bfloat16; see ``entry``). The pipelined entries are for the JIT's aligned NCHW
 specialisation (16-byte-aligned logits, contiguous pixels, sizes divisible by 16); any other launch
 gets ``conservative``, which compiles without spills in every variant.
 
@@ -67,17 +67,20 @@ _NVIDIA = dict(
     conservative=_frozen(tile_elements=1024, num_warps=4, num_stages=1, programs_per_sm=4),
     onehot_precision="tf32", distance_precision="tf32x3",
 )
-# AMD CDNA: 64-wide wavefronts (a 4-warp program is 256 lanes), 512 VGPRs per SIMD lane group and
-# 64 KiB of LDS per CU; Triton's AMD pipeliner streams at most two stages through registers, so
-# more programs per CU stand in for deeper prefetch (benchmarks/bandwidth_model.py).
+# AMD CDNA: 64-wide wavefronts (a 4-warp program is 256 lanes), 512 VGPRs per SIMD lane and 64 KiB
+# of LDS per CU. Residency is bounded by VGPRs and LDS, not by prefetch depth: the fused passes run
+# unpipelined (num_stages=1: no LDS staging, fewer registers, more programs resident) and half
+# precision takes tiles twice as long, so every goal launch keeps >= 85% of the bytes in flight that
+# the HBM needs (benchmarks/bandwidth_model.py; tests/test_bandwidth_model.py asserts it).
 _AMD = dict(
     backend="hip", warp_size=64,
-    fused_stats=_frozen(tile_elements=1024, num_warps=2, num_stages=_frozen(**{"4": 2, "2": 2}), programs_per_sm=8),
-    chunked_stats=_frozen(pixels=32, num_warps=4, num_stages=_frozen(**{"4": 2, "2": 2}), programs_per_sm=4),
-    row_stats=_frozen(pixels=_frozen(**{"4": 64, "2": 64}), num_warps=4, num_stages=1),
-    predict_fused=_frozen(tile_elements=4096, num_warps=4, num_stages=_frozen(**{"4": 2, "2": 2}), programs_per_sm=4),
-    predict_chunked=_frozen(tile_elements=2048, num_warps=4, num_stages=_frozen(**{"4": 2, "2": 2}),
-                            programs_per_sm=4),
+    # half-precision tiles twice as long: the same bytes in flight from the registers a CU has
+    fused_stats=_frozen(tile_elements=_frozen(**{"4": 1024, "2": 2048}), num_warps=2, num_stages=1, programs_per_sm=8),
+    chunked_stats=_frozen(pixels=32, num_warps=4, num_stages=2, programs_per_sm=4),
+    row_stats=_frozen(pixels=64, num_warps=4, num_stages=1),
+    predict_fused=_frozen(tile_elements=4096, num_warps=4, num_stages=1, programs_per_sm=4),
+    predict_chunked=_frozen(tile_elements=2048, num_warps=_frozen(**{"4": 4, "2": 2}), num_stages=2,
+                            programs_per_sm=_frozen(**{"4": 4, "2": 8})),
     conservative=_frozen(tile_elements=1024, num_warps=4, num_stages=1, programs_per_sm=4),
     onehot_precision="ieee", distance_precision="ieee",
 )
@@ -111,10 +114,14 @@ def _cuda_target_name(index) -> str:
     return "sm_90" if properties.major >= 9 else "sm_80"
 
 
-def stages(table: Mapping, element_size: int) -> int:
-    """``num_stages`` of ``table`` for logits of ``element_size`` bytes."""
-    value = table["num_stages"]
+def entry(table: Mapping, key: str, element_size: int) -> int:
+    """``table[key]`` for logits of ``element_size`` bytes: a number, or one per size ("4", "2")."""
+    value = table[key]
     return value if isinstance(value, int) else value["4" if element_size >= 4 else "2"]
+
+
+def stages(table: Mapping, element_size: int) -> int:
+    return entry(table, "num_stages", element_size)
 
 
 def max_programs(device, per_sm: int = 4) -> int:

@@ -36,7 +36,7 @@ import triton.language as tl
 from ._launch import Launch
 from ._layout import launch_layout
 from ._tile import load_classes, online_softmax_update, pixel_position
-from .configs import FUSED_MAX_CLASSES, LOG2E, PREDICT_CHUNK_CLASSES, TARGETS, max_programs, stages, target_of
+from .configs import FUSED_MAX_CLASSES, LOG2E, PREDICT_CHUNK_CLASSES, TARGETS, max_programs, entry, target_of
 
 
 @triton.jit
@@ -118,10 +118,11 @@ def predict_config(num_classes: int, element_size: int = 4, aligned: bool = True
     fused = num_classes <= FUSED_MAX_CLASSES
     c_block = max(16, triton.next_power_of_2(num_classes)) if fused else PREDICT_CHUNK_CLASSES
     chosen = table.conservative if not aligned else table.predict_fused if fused else table.predict_chunked
-    return MappingProxyType({"FUSED": fused, "C_BLOCK": c_block, "PIX_BLOCK": chosen["tile_elements"] // c_block,
-                             "DOT_PRECISION": table.distance_precision, "num_warps": chosen["num_warps"],
-                             "num_stages": stages(chosen, element_size), "maxnreg": 255,
-                             "programs_per_sm": chosen["programs_per_sm"]})
+    return MappingProxyType({
+        "FUSED": fused, "C_BLOCK": c_block, "PIX_BLOCK": entry(chosen, "tile_elements", element_size) // c_block,
+        "DOT_PRECISION": table.distance_precision, "num_warps": entry(chosen, "num_warps", element_size),
+        "num_stages": entry(chosen, "num_stages", element_size), "maxnreg": 255,
+        "programs_per_sm": entry(chosen, "programs_per_sm", element_size)})
 
 
 def predict_launch(logits: torch.Tensor, operands, temperature: float, label_dtype=torch.int64,

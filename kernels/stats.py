@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import CHUNK_CLASSES, FUSED_MAX_CLASSES, LOG2E, TARGETS, max_programs, stages, target_of
+from .configs import CHUNK_CLASSES, FUSED_MAX_CLASSES, LOG2E, TARGETS, max_programs, entry, target_of
 from ._launch import Launch
 from ._layout import launch_layout, triton_cdiv
 from ._tile import is_finite, load_classes, online_softmax_update, pixel_position
@@ -192,23 +192,22 @@ def stats_config(num_classes: int, element_size: int = 4, aligned: bool = True, 
     fused = num_classes + 2 <= FUSED_MAX_CLASSES
     # fused: two spare rows after the classes, where the kernel sums W and N with S
     c_block = max(16, triton.next_power_of_2(num_classes + 2)) if fused else CHUNK_CLASSES
-    if not aligned:
-        chosen = table.conservative
-        pix_block = chosen["tile_elements"] // c_block
-    elif fused:
-        chosen = table.fused_stats
-        pix_block = chosen["tile_elements"] // c_block
-    else:
-        chosen = table.chunked_stats
-        pix_block = chosen["pixels"]
-    row = table.row_stats
+    chosen = table.conservative if not aligned else table.fused_stats if fused else table.chunked_stats
+    pix_block = entry(chosen, "pixels", element_size) if "pixels" in chosen \
+        else entry(chosen, "tile_elements", element_size) // c_block
+    row = table.row_stats if aligned else _conservative_row(table.conservative, c_block)
     return MappingProxyType({
         "FUSED": fused, "C_BLOCK": c_block, "PIX_BLOCK": pix_block, "DOT_PRECISION": table.onehot_precision,
-        "num_warps": chosen["num_warps"], "num_stages": stages(chosen, element_size), "maxnreg": 255,
-        "programs_per_sm": chosen["programs_per_sm"],
-        "ROW_PIX_BLOCK": row["pixels"]["4" if element_size >= 4 else "2"] if aligned
-        else table.conservative["tile_elements"] // c_block,
-        "row_num_warps": row["num_warps"], "row_num_stages": row["num_stages"]})
+        "num_warps": entry(chosen, "num_warps", element_size), "num_stages": entry(chosen, "num_stages", element_size),
+        "maxnreg": 255, "programs_per_sm": entry(chosen, "programs_per_sm", element_size),
+        "ROW_PIX_BLOCK": entry(row, "pixels", element_size),
+        "row_num_warps": entry(table.row_stats, "num_warps", element_size),
+        "row_num_stages": entry(table.row_stats, "num_stages", element_size)})
+
+
+def _conservative_row(conservative: Mapping, c_block: int) -> Mapping:
+    """The row pass of a launch that is not aligned NCHW: the conservative tile."""
+    return {"pixels": conservative["tile_elements"] // c_block}
 
 
 def stats_launches(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,

@@ -134,3 +134,45 @@ def test_model_predicts_85_percent_of_bandwidth(compiled, workload, dtype):
     for name, (_, _, prediction) in compiled.items():
         if name.startswith(f"{workload} {dtype} "):
             assert prediction.fraction() >= 0.85, f"{name}: {prediction}"
+
+
+def _compile_for(item):
+    """One goal launch built with ``device``'s table and compiled for its target (spawned process)."""
+    device_name, workload, dtype, kernel = item
+    device = model.DEVICES[device_name]
+    launch = model.goal_launches(getattr(torch, dtype), model.GOAL_WORKLOADS[workload], device)[kernel]
+    usage = aot.resource_usage(aot.compile_launch(launch, device.target))
+    return item, usage, model.predict_launch(launch, usage, device)
+
+
+AMD_GOALS = [(device, workload, dtype, kernel) for device in ("MI300X", "MI250X")
+             for workload, kernels in KERNELS.items() for dtype in ("float32", "float16") for kernel in kernels]
+
+
+@pytest.fixture(scope="module")
+def compiled_amd(monkeypatch_module):
+    monkeypatch_module.delenv("TRITON_INTERPRET", raising=False)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1, mp_context=context) as pool:
+        return {item: (usage, prediction) for item, usage, prediction in pool.map(_compile_for, AMD_GOALS)}
+
+
+def test_amd_residency_arithmetic():
+    mi300x = model.MI300X
+    assert 16 * 1024 < mi300x.bytes_needed_per_sm < 18 * 1024  # 5.3 TB/s / 304 CUs x 1 us
+    # 128 VGPRs: 4 wavefronts a SIMD, 16 a CU: eight 2-wavefront programs; 129 rounds up to 136: 3 a SIMD
+    assert model.resident_programs(mi300x, 128, 2, 0, 10**6) == 8
+    assert model.resident_programs(mi300x, 129, 4, 0, 10**6) == 3
+    assert model.resident_programs(mi300x, 32, 4, 0, 10**6) == 8              # at most 8 wavefronts a SIMD
+    assert model.resident_programs(mi300x, 32, 4, 40 * 1024, 10**6) == 1      # 64 KiB of LDS a CU
+
+
+@pytest.mark.parametrize("device", ["MI300X", "MI250X"])
+def test_amd_goal_launches_spill_nothing_and_reach_85_percent(compiled_amd, device):
+    """The Cityscapes and ADE20K passes, float32 and float16, compiled for gfx942 / gfx90a with
+    their own tables: no VGPR spilled, no scratch, and at least 85% of copy bandwidth predicted."""
+    for (name, workload, dtype, kernel), (usage, prediction) in compiled_amd.items():
+        if name == device:
+            what = f"{device} {workload} {dtype} {kernel}"
+            assert usage["STACK"] == 0 and usage["LOCAL"] == 0, f"{what} spills: {usage}"
+            assert prediction.fraction(model.DEVICES[device]) >= 0.85, f"{what}: {prediction}"

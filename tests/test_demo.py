@@ -9,7 +9,7 @@ import torch
 
 import fastcal
 from fastcal.apps import demo
-from fastcal.__main__ import main as cli
+from fastcal.__main__ import main as cli, parser
 from fastcal.apps.demo import report
 from fastcal.fit import fit_calibrator
 
@@ -72,15 +72,19 @@ def test_fit_calibrator_accepts_tuples_dicts_and_model_dicts():
 
 def test_fit_calibrator_shows_a_progress_bar(capsys):
     fit_calibrator(torch.nn.Conv2d(3, 4, 1), [torch.randn(1, 3, 4, 4)] * 3, 4, progress=True)
-    assert "calibrating" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "calibrating" in err and "3/3" in err  # every batch counted, to the end
+    fit_calibrator(torch.nn.Conv2d(3, 4, 1), [torch.randn(1, 3, 4, 4)] * 3, 4, progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_command_line_help(capsys):
     with pytest.raises(SystemExit) as exit_code:
         cli(["--help"])
     assert exit_code.value.code == 0
-    out = capsys.readouterr().out
-    assert "demo" in out and "study" in out
+    assert capsys.readouterr().out.startswith("usage: fastcal ")
+    commands = next(a for a in parser()._actions if a.dest == "command")
+    assert set(commands.choices) == {"demo", "study", "export"}
     with pytest.raises(SystemExit) as exit_code:
         cli(["train"])
     assert exit_code.value.code == 2

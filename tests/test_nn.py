@@ -175,8 +175,11 @@ def test_bad_arguments_and_outputs():
 def test_fit_shows_progress(capsys):
     wrapper = LabelCalibration(small_model(), C, mode="offline")
     wrapper.fit(batches(2), progress=True)
-    assert "calibrating" in capsys.readouterr().err  # fit_calibrator's bar
+    err = capsys.readouterr().err
+    assert "calibrating" in err and "2/2" in err  # fit_calibrator's bar, run to the last batch
     assert wrapper.calibrator.num_updates == 2
+    wrapper.fit(batches(2), progress=False)
+    assert capsys.readouterr().err == ""  # quiet when asked
 
 
 def test_arguments_are_checked_when_the_wrapper_is_built():
