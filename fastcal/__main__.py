@@ -1,9 +1,11 @@
-"""The ``fastcal`` command (also ``python -m fastcal``): ``fastcal demo``, ``fastcal study``."""
+"""The ``fastcal`` command (also ``python -m fastcal``): ``fastcal demo``, ``fastcal study``,
+``fastcal export``."""
 import argparse
 import sys
 
 
 def parser() -> argparse.ArgumentParser:
+    from . import export
     from .apps import demo, study
 
     top = argparse.ArgumentParser(prog="fastcal", description="Label calibration for semantic segmentation "
@@ -13,7 +15,9 @@ def parser() -> argparse.ArgumentParser:
             ("demo", demo, "train a small model on synthetic source scenes, calibrate it on a shifted "
                            "target, score both (about a minute on 2 CPU cores)"),
             ("study", study, "the paper's open questions (confidence weighting, how many images, a "
-                             "drifting stream, failure modes) with plots (about a minute on 2 CPU cores)")):
+                             "drifting stream, failure modes) with plots (about a minute on 2 CPU cores)"),
+            ("export", export, "a saved calibrator as an ONNX head (softmax, 1x1 convolution, argmax) to "
+                               "append to a deployed model's graph")):
         sub = commands.add_parser(name, help=summary, description=summary)
         module.add_arguments(sub)
         sub.set_defaults(run=module.main)

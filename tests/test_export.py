@@ -1,0 +1,230 @@
+"""fastcal.export: the calibration head in PyTorch, ONNX Runtime and torch.export, against the
+calibrator and the float64 oracle; a real HuggingFace SegFormer exported with its calibration;
+``fastcal export``."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import fastcal
+from fastcal.__main__ import main as cli
+from fastcal.export import calibrated_model, calibration_head, dynamic_shapes, export_onnx
+from fastcal.fit import fit_calibrator
+from fastcal.nn import LabelCalibration
+
+import oracle
+
+ort = pytest.importorskip("onnxruntime")  # the test extra installs it: a skip here is a broken install
+
+
+def fitted(C, empty="onehot", seed=0):
+    torch.manual_seed(seed)
+    z = torch.randn(2, C, 12, 17) * 3
+    if empty == "skip":
+        z[:, C - 1] -= 100.0  # a class no pixel is assigned to
+    return fastcal.LabelCalibrator(C, empty=empty, temperature=1.3).update(z)
+
+
+def run_onnx(path, x: torch.Tensor) -> torch.Tensor:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
+def assert_agree(labels, expected, logits, cal, resize):
+    """Equal to the calibrator's labels wherever the nearest prototype is a clear winner, and within
+    the float32 bound of the oracle's nearest everywhere (genuine near-ties may go either way)."""
+    z = logits.double()
+    reference = oracle.interpolate(z, **resize) if resize else z
+    P = cal.prototypes
+    oracle.assert_labels_match(labels, reference, P, cal.temperature, logit_error=1e-6 if resize else 0.0)
+    clear = oracle.clear_winners(reference, P, cal.temperature)
+    got, want = labels.reshape(-1).numpy(), expected.reshape(-1).numpy()
+    assert np.array_equal(got[clear], want[clear])
+    assert clear.mean() > 0.9
+
+
+RESIZES = [{}, {"size": (29, 37)}, {"size": (29, 37), "align_corners": True}, {"scale_factor": 2.5}]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("resize", RESIZES, ids=str)
+@pytest.mark.parametrize("C,empty", [(2, "onehot"), (19, "skip"), (150, "onehot")])
+def test_head_labels_are_the_calibrators(C, empty, resize, dtype):
+    cal = fitted(C, empty)
+    z = (torch.randn(2, C, 11, 13) * 3).to(dtype)
+    head = calibration_head(cal, **resize)
+    labels = head(z)
+    assert labels.dtype == torch.int64
+    assert_agree(labels, cal.predict(z, **resize), z.float(), cal, resize)
+    if empty == "skip":
+        assert not (labels == C - 1).any()
+
+
+@pytest.mark.parametrize("resize", RESIZES[:2], ids=str)
+def test_head_scores_are_the_calibrators(resize):
+    cal = fitted(19, "skip")
+    z = torch.randn(2, 19, 11, 13) * 3
+    scores = calibration_head(cal, output="scores", **resize)(z)
+    expected = cal.predict(z, output="scores", **resize)
+    assert scores.dtype == torch.float32 and scores.shape == expected.shape
+    assert torch.equal(torch.isinf(scores), torch.isinf(expected))  # the skipped class: -inf
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(scores[finite], expected[finite], rtol=0, atol=1e-5)
+
+
+def test_the_head_keeps_a_copy_of_the_prototypes():
+    cal = fitted(5)
+    z = torch.randn(1, 5, 8, 8) * 3
+    head = calibration_head(cal, output="scores")
+    before = head(z)
+    cal.update(torch.randn(3, 5, 8, 8) * 5)
+    assert torch.equal(head(z), before)
+
+
+def test_bad_arguments_are_refused():
+    cal = fitted(5)
+    with pytest.raises(ValueError, match="output"):
+        calibration_head(cal, output="probabilities")
+    with pytest.raises(TypeError, match="calibrator"):
+        calibration_head(torch.eye(5))
+    with pytest.raises(ValueError):
+        calibration_head(cal, size=(0, 4))
+    with pytest.raises(ValueError, match="empty"):  # nothing to predict under "skip", as predict says
+        calibration_head(fastcal.LabelCalibrator(5, empty="skip"))
+
+
+# ----- ONNX Runtime and torch.export --------------------------------------------------------------
+ONNX_CASES = [  # (C, empty, resize, dtype): each exported once, run at other shapes
+    (2, "onehot", {}, torch.float32),
+    (19, "skip", {"size": (29, 37)}, torch.float32),
+    (19, "onehot", {"size": (29, 37), "align_corners": True}, torch.float16),
+    (150, "onehot", {"scale_factor": 2.5}, torch.float32),
+]
+
+
+@pytest.mark.parametrize("C,empty,resize,dtype", ONNX_CASES, ids=str)
+def test_onnx_runtime_labels_are_the_calibrators(tmp_path, C, empty, resize, dtype):
+    cal = fitted(C, empty)
+    path = tmp_path / "head.onnx"
+    export_onnx(calibration_head(cal, **resize), (torch.randn(2, C, 8, 9) * 3).to(dtype), path)
+    import onnx
+
+    graph = onnx.load(str(path))
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert {"Softmax", "Conv", "ArgMax"} <= {node.op_type for node in graph.graph.node}
+    for shape in [(2, C, 11, 13), (1, C, 20, 7)]:  # dynamic batch, height and width
+        z = (torch.randn(shape) * 3).to(dtype)
+        assert_agree(run_onnx(path, z), cal.predict(z, **resize), z.float(), cal, resize)
+
+
+def test_onnx_runtime_scores(tmp_path):
+    cal = fitted(19, "skip")
+    export_onnx(calibration_head(cal, output="scores"), torch.randn(2, 19, 8, 8), tmp_path / "scores.onnx")
+    z = torch.randn(2, 19, 10, 12) * 3
+    scores, expected = run_onnx(tmp_path / "scores.onnx", z), cal.predict(z, output="scores")
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isinf(scores), ~finite)
+    torch.testing.assert_close(scores[finite], expected[finite], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("resize", [{}, {"size": (29, 37)}, {"scale_factor": 2.5, "align_corners": True}], ids=str)
+def test_torch_export_with_dynamic_batch_height_and_width(resize):
+    cal = fitted(19)
+    head = calibration_head(cal, **resize)
+    program = torch.export.export(head, (torch.randn(2, 19, 8, 9),), dynamic_shapes=dynamic_shapes(head))
+    for shape in [(2, 19, 11, 13), (3, 19, 6, 20)]:
+        z = torch.randn(shape) * 3
+        assert torch.equal(program.module()(z), head(z))
+        assert_agree(program.module()(z), cal.predict(z, **resize), z, cal, resize)
+
+
+# ----- a model and its calibration as one graph ---------------------------------------------------
+class Backbone(torch.nn.Module):
+    """A small convolutional segmenter with logits at 1/4 of the input, returned as {"out": ...}."""
+
+    def __init__(self, C=6):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(8, C, 3, stride=2, padding=1))
+
+    def forward(self, x):
+        return {"out": self.body(x) * 4}
+
+
+def test_calibrated_model_exports_model_and_calibration_as_one_graph(tmp_path):
+    torch.manual_seed(0)
+    model = Backbone().eval()
+    images = [torch.randn(2, 3, 32, 40) for _ in range(3)]
+    cal = fit_calibrator(model, images, 6, size="input", progress=False)
+    combined = calibrated_model(model, cal, size="input")
+    export_onnx(combined, images[0], tmp_path / "model.onnx")
+    x = torch.randn(2, 3, 36, 44)
+    with torch.no_grad():
+        logits = model(x)["out"]
+    expected = cal.predict(logits, size=(36, 44))
+    assert_agree(run_onnx(tmp_path / "model.onnx", x), expected, logits, cal, {"size": (36, 44)})
+    program = torch.export.export(combined, (images[0],), dynamic_shapes=dynamic_shapes(combined))
+    assert torch.equal(program.module()(x), combined(x))
+
+
+def test_a_huggingface_segformer_with_its_calibration_in_onnx_runtime(tmp_path):
+    """A real transformers SegformerForSemanticSegmentation (random weights from a small config, no
+    download; logits at 1/4 of the input) through fit_calibrator, the wrapper and calibrated_model,
+    exported to ONNX and run in ONNX Runtime."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.SegformerConfig(num_labels=7, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
+                                          num_attention_heads=[1, 1, 2, 2], decoder_hidden_size=16)
+    model = transformers.SegformerForSemanticSegmentation(config).eval()
+    with torch.no_grad():  # logits of a trained model's spread, not a random head's near-zero ones
+        model.decode_head.classifier.weight.mul_(200.0)
+    loader = [{"pixel_values": torch.randn(2, 3, 64, 64)} for _ in range(2)]
+    cal = fit_calibrator(model, loader, 7, size="input", progress=False)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        logits = model(x).logits
+    assert logits.shape == (2, 7, 16, 24)
+    expected = cal.predict(logits, size=(64, 96))
+    wrapper = LabelCalibration(model, 7, mode="offline", size="input")
+    wrapper.fit(loader, progress=False)
+    assert torch.equal(wrapper.calibrator.S, cal.S)
+    with torch.no_grad():
+        assert torch.equal(wrapper(x), expected)
+    combined = calibrated_model(model, cal, size=(64, 96))
+    export_onnx(combined, x, tmp_path / "segformer.onnx")
+    assert_agree(run_onnx(tmp_path / "segformer.onnx", x), expected, logits, cal, {"size": (64, 96)})
+
+
+# ----- the command -----------------------------------------------------------------------------
+def test_export_command_writes_a_head_onnx_runtime_runs(tmp_path, capsys):
+    cal = fitted(19, "skip")
+    cal.save(tmp_path / "state.pt")
+    out = tmp_path / "head.onnx"
+    assert cli(["export", str(tmp_path / "state.pt"), "--out", str(out), "--size", "29", "37",
+                "--empty", "skip"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    z = torch.randn(2, 19, 11, 13) * 3
+    assert_agree(run_onnx(out, z), cal.predict(z, size=(29, 37)), z, cal, {"size": (29, 37)})
+
+
+def test_export_command_refuses_missing_and_invalid_state_files(tmp_path, capsys):
+    assert cli(["export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "h.onnx")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "torn.pt").write_bytes(b"not a torch file")
+    assert cli(["export", str(tmp_path / "torn.pt"), "--out", str(tmp_path / "h.onnx")]) == 2
+    assert "not a readable fastcal state file" in capsys.readouterr().err
+    torch.save({"format": "something else", "num_classes": 3}, tmp_path / "foreign.pt")
+    assert cli(["export", str(tmp_path / "foreign.pt"), "--out", str(tmp_path / "h.onnx")]) == 2
+    assert not (tmp_path / "h.onnx").exists()
+    with pytest.raises(SystemExit) as error:
+        cli(["export", str(tmp_path / "torn.pt"), "--out", str(tmp_path / "no-such-folder" / "h.onnx")])
+    assert error.value.code == 2
+
+
+def test_import_fastcal_imports_no_export_dependency():
+    code = ("import sys, fastcal; bad = [m for m in ('onnx', 'onnxruntime', 'onnxscript', 'transformers') "
+            "if m in sys.modules]; assert not bad, bad")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
