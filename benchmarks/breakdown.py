@@ -36,16 +36,17 @@ def steps(logits: torch.Tensor) -> dict:
         S = np.zeros((cpu_kernels.UNITS, C, C))
         W, N = np.zeros((cpu_kernels.UNITS, C)), np.zeros((cpu_kernels.UNITS, C))
         for start, m in pieces:
-            cpu_kernels.stats_chunk(z, 0, start, m, np.float32(1), np.float32(1), no_mask, S, W, N)
+            cpu_kernels.stats_chunk(z, 0, start, m, np.float32(1), np.float32(1), no_mask, S, W, N, 0, None, None)
 
     def softmax_loops():
         for start, m in pieces:
-            cpu_kernels.centred_softmax_chunk(z, 0, start, m, np.float32(1), centre, d[:C * m].reshape(C, m))
+            cpu_kernels.centred_softmax_chunk(z, 0, start, m, np.float32(1), centre, d[:C * m].reshape(C, m),
+                                              cpu_kernels.UNITS, 0, None, None)
 
     def predict_loops():
         for start, m in pieces:
             cpu_kernels.predict_chunk(z, 0, start, m, np.float32(1), centre, A_times_minus_2, bias,
-                                      labels[start:start + m])
+                                      labels[start:start + m], cpu_kernels.UNITS, 0, None, None)
 
     return {
         "exp (one pass, the floor)": lambda: torch.exp(logits, out=out),

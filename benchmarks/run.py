@@ -104,7 +104,7 @@ def markdown(rows: list[dict], left_out: list, seconds: float) -> str:
              "| x exp | x interpolate-then | peak above input (MiB) |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     order = {"copy": 0, "exp": 1, "triton": 2, "interpolate+triton": 3, "torch": 4, "interpolate+torch": 5,
-             "torch-ops": 6, "interpolate+torch-ops": 7, "compile": 8, "reference": 9}
+             "torch-ops": 6, "interpolate+torch-ops": 7, "compile": 8, "onnx": 9, "reference": 10}
     passes = {"copy": 0, "exp": 0, "stats": 1, "predict": 2, "calibrate": 3}
     for r in sorted(rows, key=lambda r: (r["workload"], r["dtype"], passes[r["pass_name"]], order[r["provider"]])):
         lines.append(

@@ -98,6 +98,8 @@ def pass_function(provider: str, pass_name: str, logits: torch.Tensor, prototype
         source = F.interpolate(logits, mode="bilinear", **resize) if resize else logits
         out = torch.empty_like(source)
         return lambda: torch.exp(source, out=out)
+    if provider == "onnx":
+        return _onnx_predict(logits, prototypes, resize)
     if provider in MATERIALISED:
         backend = MATERIALISED[provider]
 
@@ -152,6 +154,8 @@ def cases(device: str):
         rows += [(w, d, p, s) for p in ("torch", "interpolate+torch") for s in PASSES]
         if d == "float32":
             rows += [(w, d, p, "calibrate") for p in ("torch-ops", "interpolate+torch-ops", "reference")]
+            if w == "segformer-up4":
+                rows += [(w, d, "onnx", "predict")]
         else:
             left_out.append((f"{w} {d} torch-ops, reference", "float32 shows them; the CPU suite stays short"))
     for w, d in _product(plain, ("float32", "float16")):
@@ -161,11 +165,31 @@ def cases(device: str):
             rows += [(w, d, "reference", s) for s in PASSES]
             if d == "float32":
                 rows += [(w, d, p, s) for p in ("torch-ops", "compile") for s in PASSES]
+                rows += [(w, d, "onnx", "predict")]
             else:
                 left_out.append((f"{w} {d} compile", "one compiled graph (float32) keeps the CPU suite short"))
         else:
             left_out.append((f"{w} {d} reference, compile", "too slow for the 5-minute CPU suite"))
     return rows, left_out
+
+
+def _onnx_predict(logits: torch.Tensor, prototypes: torch.Tensor, resize: dict):
+    """The exported calibration head (``fastcal.export``) in ONNX Runtime's CPU execution provider,
+    on the same logits and prototypes: what a deployment runs instead of ``fastcal.predict``."""
+    import os
+    import tempfile
+
+    import onnxruntime
+
+    from fastcal.export import CalibrationHead, export_onnx
+
+    head = CalibrationHead(prototypes, 1.0, **resize)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "head.onnx")
+        export_onnx(head, torch.zeros(2, logits.shape[1], 16, 16, dtype=logits.dtype), path)
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: logits.numpy()}
+    return lambda: session.run(None, feed)[0]
 
 
 def _product(*iterables):

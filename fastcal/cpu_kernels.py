@@ -32,8 +32,8 @@ caches. That is ``2C^2`` flops a pixel; from ``NEAREST_MAX_CLASSES`` classes on,
 register tiling does them faster, and the pass is ``centred_softmax_chunk`` into a
 chunk buffer, one ``torch.mm`` and ``argmin_chunk``.
 
-The ``upsampled_*`` loops read the logits at the model's resolution and interpolate
-each block bilinearly where it is used (see ``_block_upsample``).
+With an ``upsample`` argument the same loops read the logits at the model's resolution and
+interpolate each block bilinearly where it is used (see ``_read_block`` and ``_block_upsample``).
 
 Memory traffic per pixel: ``stats_chunk`` reads ``C`` logits (``4C`` bytes in float32,
 ``2C`` in half precision; and one mask byte); ``predict_chunk`` reads the same and writes
@@ -52,7 +52,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import event
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from . import _process
 
@@ -414,38 +414,51 @@ def _block_upsample(z_image, start, count, width, rows, cols, out, rows_cache, c
         i += segment
 
 
+# ----- one skeleton for both readers ---------------------------------------------------------------
+# Every loop below walks the blocks of a call the same way, in ``units`` contiguous runs of blocks
+# (one per prange iteration), and reads each block through ``_read_block``: the logits themselves
+# (``rows`` and ``cols`` None) or the block's bilinear interpolation (``width`` output columns,
+# ``rows`` and ``cols`` the tables of ``_block_upsample``).
+# The choice is made while Numba types the call (an overload on the argument's type), so each
+# reader compiles into its own machine code, with nothing to decide per block.
+def _reader_scratch(C, cols):
+    """Per work unit: nothing for the plain reader, the interpolation buffers for the upsampling one."""
+
+
+@overload(_reader_scratch, inline="always")
+def _reader_scratch_typed(C, cols):
+    if isinstance(cols, types.NoneType):
+        return lambda C, cols: None
+    return lambda C, cols: _upsample_scratch(C, cols)
+
+
+def _read_block(z_image, start, count, width, rows, cols, scratch):
+    """``(source, first)``: the block's ``count`` pixels are ``source[:, first:first + count]``."""
+
+
+@overload(_read_block, inline="always")
+def _read_block_typed(z_image, start, count, width, rows, cols, scratch):
+    if isinstance(rows, types.NoneType):
+        return lambda z_image, start, count, width, rows, cols, scratch: (z_image, start)
+
+    def interpolated(z_image, start, count, width, rows, cols, scratch):
+        block, rows_cache, cached, padded = scratch
+        _block_upsample(z_image, start, count, width, rows, cols, block, rows_cache, cached, padded)
+        return block, 0
+    return interpolated
+
+
 @_parallel_loop
-def stats_chunk(z, g, start, n, inv_temperature, power, valid, S_parts, W_parts, N_parts):
+def stats_chunk(z, g, start, n, inv_temperature, power, valid, S_parts, W_parts, N_parts, width, rows, cols):
     """Add ``S[cls] += w * p``, ``W[cls] += w`` (``w = conf ** power``) and ``N[cls] += 1`` over pixels
-    ``start .. start + n`` of image ``g`` into ``S_parts[u]`` [C, C], ``W_parts[u]`` and ``N_parts[u]``
-    [C] (float64, one slot per work unit ``u``).
+    ``start .. start + n`` of image ``g`` (of its bilinear upsampling with ``rows`` and ``cols``: ``z``
+    [G, C, H*W] at the input resolution, ``width`` output columns; None and None: no upsampling) into
+    ``S_parts[u]`` [C, C], ``W_parts[u]`` and ``N_parts[u]`` [C] (float64, one slot per work unit
+    ``u``: ``UNITS`` of them whatever the thread count, so the sums do not depend on it).
 
     ``valid``: uint8 [n], or empty for all pixels valid. Returns how many valid pixels have a NaN or
     infinite logit; those add nothing to the sums.
     """
-    z_image = z[g]
-    blocks = (n + BLOCK - 1) // BLOCK
-    nonfinite_parts = np.zeros(UNITS, np.int64)
-    masked = valid.shape[0] > 0
-    for u in prange(UNITS):
-        _prefer_512_bit_vectors()
-        scratch = _stats_scratch(z.shape[1])
-        bad = 0
-        for b in range(u * blocks // UNITS, (u + 1) * blocks // UNITS):
-            offset = b * BLOCK
-            count = min(BLOCK, n - offset)
-            bad += _stats_block(z_image, start + offset, count, inv_temperature, power, valid, offset, masked,
-                                scratch, S_parts[u], W_parts[u], N_parts[u])
-        nonfinite_parts[u] = bad
-    return nonfinite_parts.sum()
-
-
-@_parallel_loop
-def upsampled_stats_chunk(z, g, start, n, inv_temperature, power, valid, S_parts, W_parts, N_parts, width, rows,
-                          cols):
-    """:func:`stats_chunk` over output pixels ``start .. start + n`` of the bilinear upsampling of
-    image ``g`` (``z`` [G, C, H*W] at the input resolution, ``width`` output columns): each block's
-    logits are interpolated into a [C, BLOCK] buffer and never written anywhere else."""
     z_image = z[g]
     C = z.shape[1]
     blocks = (n + BLOCK - 1) // BLOCK
@@ -454,48 +467,37 @@ def upsampled_stats_chunk(z, g, start, n, inv_temperature, power, valid, S_parts
     for u in prange(UNITS):
         _prefer_512_bit_vectors()
         scratch = _stats_scratch(C)
-        block, rows_cache, cached, padded = _upsample_scratch(C, cols)
+        reader = _reader_scratch(C, cols)
         bad = 0
         for b in range(u * blocks // UNITS, (u + 1) * blocks // UNITS):
             offset = b * BLOCK
             count = min(BLOCK, n - offset)
-            _block_upsample(z_image, start + offset, count, width, rows, cols, block, rows_cache, cached, padded)
-            bad += _stats_block(block, 0, count, inv_temperature, power, valid, offset, masked, scratch,
+            source, first = _read_block(z_image, start + offset, count, width, rows, cols, reader)
+            bad += _stats_block(source, first, count, inv_temperature, power, valid, offset, masked, scratch,
                                 S_parts[u], W_parts[u], N_parts[u])
         nonfinite_parts[u] = bad
     return nonfinite_parts.sum()
 
 
 @_parallel_loop
-def centred_softmax_chunk(z, g, start, n, inv_temperature, centre, d):
-    """``d[k, i] = p_k - centre[k]`` into ``d`` [C, n], ``p = softmax(z[g, :, start + i] / T)``.
+def centred_softmax_chunk(z, g, start, n, inv_temperature, centre, d, units, width, rows, cols):
+    """``d[k, i] = p_k - centre[k]`` into ``d`` [C, n], ``p = softmax(z[g, :, start + i] / T)`` (of the
+    bilinear upsampling with ``rows`` and ``cols``, see :func:`stats_chunk`), in ``units`` contiguous runs of
+    blocks (one a thread: with upsampling, the more blocks a run has, the more share their source rows).
 
     The predict pass multiplies ``d`` by the centred prototypes (see
     ``fastcal._common.centred_prototypes``): centring keeps the distances' float32 precision."""
-    z_image = z[g]
-    blocks = (n + BLOCK - 1) // BLOCK
-    for b in prange(blocks):
-        _prefer_512_bit_vectors()
-        offset = b * BLOCK
-        _centred_block(z_image, start + offset, min(BLOCK, n - offset), inv_temperature, centre, d, offset)
-
-
-@_parallel_loop
-def upsampled_centred_softmax_chunk(z, g, start, n, inv_temperature, centre, d, units, width, rows, cols):
-    """:func:`centred_softmax_chunk` of the bilinear upsampling (see :func:`upsampled_stats_chunk`);
-    ``units`` contiguous runs of blocks (one a thread: the more blocks a run has, the more of them
-    share their source rows)."""
     z_image = z[g]
     C = z.shape[1]
     blocks = (n + BLOCK - 1) // BLOCK
     for u in prange(units):
         _prefer_512_bit_vectors()
-        block, rows_cache, cached, padded = _upsample_scratch(C, cols)
+        reader = _reader_scratch(C, cols)
         for b in range(u * blocks // units, (u + 1) * blocks // units):
             offset = b * BLOCK
             count = min(BLOCK, n - offset)
-            _block_upsample(z_image, start + offset, count, width, rows, cols, block, rows_cache, cached, padded)
-            _centred_block(block, 0, count, inv_temperature, centre, d, offset)
+            source, first = _read_block(z_image, start + offset, count, width, rows, cols, reader)
+            _centred_block(source, first, count, inv_temperature, centre, d, offset)
 
 
 @njit(inline="always", fastmath=_FAST)
@@ -554,40 +556,26 @@ def _nearest_scratch(C):
 
 
 @_parallel_loop
-def predict_chunk(z, g, start, n, inv_temperature, centre, A, bias, labels):
+def predict_chunk(z, g, start, n, inv_temperature, centre, A, bias, labels, units, width, rows, cols):
     """``labels[i] = argmin_k bias[k] + (A (p - centre))[k]`` for pixels ``start .. start + n`` of image
-    ``g``, ``p = softmax(z[g, :, start + i] / T)``: with ``A = -2 (P - c)``, ``bias[k] = ||P[k] - c||^2``
-    and ``centre = c`` (see ``fastcal._common.centred_prototypes``), the nearest prototype.
+    ``g`` (of its bilinear upsampling with ``rows`` and ``cols``, see :func:`stats_chunk`),
+    ``p = softmax(z[g, :, start + i] / T)``: with ``A = -2 (P - c)``, ``bias[k] = ||P[k] - c||^2`` and
+    ``centre = c`` (see ``fastcal._common.centred_prototypes``), the nearest prototype. ``units``
+    contiguous runs of blocks, as in :func:`centred_softmax_chunk`.
 
     Every step of a block stays in the caches: softmax, distances, argmin; one label written."""
-    z_image = z[g]
-    blocks = (n + BLOCK - 1) // BLOCK
-    for u in prange(UNITS):
-        _prefer_512_bit_vectors()
-        d, scratch = _nearest_scratch(z.shape[1])
-        for b in range(u * blocks // UNITS, (u + 1) * blocks // UNITS):
-            offset = b * BLOCK
-            count = min(BLOCK, n - offset)
-            _centred_block(z_image, start + offset, count, inv_temperature, centre, d, 0)
-            _block_nearest(d, count, A, bias, scratch, labels, offset)
-
-
-@_parallel_loop
-def upsampled_predict_chunk(z, g, start, n, inv_temperature, centre, A, bias, labels, units, width, rows, cols):
-    """:func:`predict_chunk` over output pixels ``start .. start + n`` of the bilinear upsampling of
-    image ``g`` (see :func:`upsampled_stats_chunk`), in ``units`` contiguous runs of blocks."""
     z_image = z[g]
     C = z.shape[1]
     blocks = (n + BLOCK - 1) // BLOCK
     for u in prange(units):
         _prefer_512_bit_vectors()
         d, scratch = _nearest_scratch(C)
-        block, rows_cache, cached, padded = _upsample_scratch(C, cols)
+        reader = _reader_scratch(C, cols)
         for b in range(u * blocks // units, (u + 1) * blocks // units):
             offset = b * BLOCK
             count = min(BLOCK, n - offset)
-            _block_upsample(z_image, start + offset, count, width, rows, cols, block, rows_cache, cached, padded)
-            _centred_block(block, 0, count, inv_temperature, centre, d, 0)
+            source, first = _read_block(z_image, start + offset, count, width, rows, cols, reader)
+            _centred_block(source, first, count, inv_temperature, centre, d, 0)
             _block_nearest(d, count, A, bias, scratch, labels, offset)
 
 

@@ -68,25 +68,28 @@ class _Walk:
     ``[C, n]`` buffer. ``ranges``: per call of a loop, ``(g, start, n, select)`` (in place) or
     ``(index, select)`` (copied chunks), ``select(t)`` viewing the same pixels in a C-contiguous
     [N, *spatial] tensor ``t`` (``select(t, classes=True)``: their [C, ...] view in
-    [N, C, *spatial]). ``tables``: the loop's trailing arguments (the upsampling tables, after
-    the thread count when the loop splits each call into one run of blocks a thread)."""
+    [N, C, *spatial]). ``tables``: the loop's trailing arguments: how many runs of blocks a call
+    makes (absent for the stats loop, which always makes ``cpu_kernels.UNITS``; one a thread with
+    upsampling), then ``width, rows, cols``: the upsampling tables, or ``0, None, None``, which
+    choose the loop's reader."""
 
-    def __init__(self, logits, upsample, plain_loop, upsampled_loop, pixels=None, thread_runs=True):
+    def __init__(self, logits, upsample, pixels=None, thread_runs=True):
         N, C = logits.shape[:2]
         self.upsampled = upsample is not None
         contiguous = logits.dtype in _IN_PLACE and logits.is_contiguous()
         self.buffer_pixels = 0
+        units = _cpu_kernels().UNITS
         if self.upsampled:
             from numba import get_num_threads
 
-            self.loop, self.in_place = upsampled_loop, contiguous
+            self.in_place = contiguous
             L = math.prod(upsample.size)
             # a whole image a call by default: each work unit interpolates a source row once
             self.ranges = _image_ranges(N, C, L, pixels or L)
             tables = _upsample_tables(logits, upsample)
-            self.tables = (get_num_threads(), *tables) if thread_runs else tables
+            self.tables = ((get_num_threads(),) if thread_runs else ()) + tables
             return
-        self.loop, self.tables = plain_loop, ()
+        self.tables = ((units,) if thread_runs else ()) + (0, None, None)
         L = math.prod(logits.shape[2:])
         pixels = max(1, _common.CHUNK_ELEMENTS // C)
         self.in_place = contiguous and (L >= DIRECT_MIN_PIXELS or N <= SMALL_BATCH_IMAGES)
@@ -115,11 +118,11 @@ class _Walk:
             yield select, host_array(z.view(1, C, n)), 0, 0, n
 
 
-def _walk(plan, logits, name: str, plain_loop, upsampled_loop, **options) -> _Walk:
+def _walk(plan, logits, name: str, **options) -> _Walk:
     """The plan's walk for pass ``name``, planned on first use."""
     walk = plan.walks.get(name)
     if walk is None:
-        walk = plan.walks[name] = _Walk(logits, plan.upsample, plain_loop, upsampled_loop, **options)
+        walk = plan.walks[name] = _Walk(logits, plan.upsample, **options)
     return walk
 
 
@@ -185,12 +188,11 @@ def stats_pass(logits: torch.Tensor, valid: torch.Tensor | None, plan):
     if valid is not None:
         valid = valid.contiguous().view(torch.uint8)
     # the stats loops' fixed work units keep the sums independent of the thread count
-    walk = _walk(plan, logits, "stats", cpu_kernels.stats_chunk, cpu_kernels.upsampled_stats_chunk,
-                 thread_runs=False)
+    walk = _walk(plan, logits, "stats", thread_runs=False)
     inv_temperature, power = np.float32(1.0 / plan.temperature), np.float32(plan.confidence_power)
     for select, z, g, start, n in walk.pieces(logits):
         mask = all_valid if valid is None else host_array(select(valid))
-        nonfinite += int(cpu_kernels.run(walk.loop, z, g, start, n, inv_temperature, power, mask, S_parts, W_parts,
+        nonfinite += int(cpu_kernels.run(cpu_kernels.stats_chunk, z, g, start, n, inv_temperature, power, mask, S_parts, W_parts,
                                          N_parts, *walk.tables))
     S, W, N = np.empty((C, C)), np.empty(C), np.empty(C)
     cpu_kernels.sum_units(S_parts, W_parts, N_parts, S, W, N)
@@ -206,13 +208,13 @@ def _fused_distances(logits, operands, plan):
     A_times_minus_2, centre, _ = _cpu_operands(operands)
     inv_temperature = np.float32(1.0 / plan.temperature)
     # chunk-sized calls: d and the distances fill the chunk buffers
-    walk = _walk(plan, logits, "distances", cpu_kernels.centred_softmax_chunk,
-                 cpu_kernels.upsampled_centred_softmax_chunk, pixels=_common.CHUNK_ELEMENTS // C)
+    walk = _walk(plan, logits, "distances", pixels=_common.CHUNK_ELEMENTS // C)
     size = C * min(_common.CHUNK_ELEMENTS // C, plan.pixels)
     d_buffer, distance_buffer = torch.empty(size), torch.empty(size)
     for select, z, g, start, n in walk.pieces(logits):
         d = d_buffer[: C * n].view(C, n)
-        cpu_kernels.run(walk.loop, z, g, start, n, inv_temperature, host_array(centre), host_array(d), *walk.tables)
+        cpu_kernels.run(cpu_kernels.centred_softmax_chunk, z, g, start, n, inv_temperature, host_array(centre),
+                        host_array(d), *walk.tables)
         yield select, d, torch.mm(A_times_minus_2, d, out=distance_buffer[: C * n].view(C, n))
 
 
@@ -249,9 +251,9 @@ def _fused_predict(logits, operands, plan, labels):
 
     A_times_minus_2, centre, bias = _host_operands(operands)
     inv_temperature = np.float32(1.0 / plan.temperature)
-    walk = _walk(plan, logits, "predict", cpu_kernels.predict_chunk, cpu_kernels.upsampled_predict_chunk)
+    walk = _walk(plan, logits, "predict")
     for select, z, g, start, n in walk.pieces(logits):
-        cpu_kernels.run(walk.loop, z, g, start, n, inv_temperature, centre, A_times_minus_2, bias,
+        cpu_kernels.run(cpu_kernels.predict_chunk, z, g, start, n, inv_temperature, centre, A_times_minus_2, bias,
                         host_array(select(labels)), *walk.tables)
     return labels
 

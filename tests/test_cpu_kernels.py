@@ -22,7 +22,7 @@ def run_stats(z, g, start, n, temperature=1.0, valid=None, power=1.0, counts=Fal
     N_parts = np.zeros((cpu_kernels.UNITS, C))
     mask = np.empty(0, np.uint8) if valid is None else valid.astype(np.uint8)
     bad = cpu_kernels.stats_chunk(z, g, start, n, np.float32(1 / temperature), np.float32(power), mask, S_parts,
-                                  W_parts, N_parts)
+                                  W_parts, N_parts, 0, None, None)
     if counts:
         return S_parts.sum(0), W_parts.sum(0), N_parts.sum(0), int(bad)
     return S_parts.sum(0), W_parts.sum(0), int(bad)
@@ -57,7 +57,8 @@ def test_exp_below_the_floor_is_negligible():
 
 def centred_softmax(z, g, start, n, temperature, centre):
     d = np.empty((z.shape[1], n), np.float32)
-    cpu_kernels.centred_softmax_chunk(z, g, start, n, np.float32(1 / temperature), centre, d)
+    cpu_kernels.centred_softmax_chunk(z, g, start, n, np.float32(1 / temperature), centre, d, cpu_kernels.UNITS,
+                                      0, None, None)
     return d
 
 
@@ -194,7 +195,8 @@ def test_predict_chunk_matches_oracle(temperature):
     A = (-2 * (P - centre)).float().numpy()
     bias = ((P - centre) ** 2).sum(dim=1).float().numpy()
     labels = np.full(5000 - 300, 99, np.int64)
-    cpu_kernels.predict_chunk(z, 1, 300, 4700, np.float32(1 / temperature), centre.float().numpy(), A, bias, labels)
+    cpu_kernels.predict_chunk(z, 1, 300, 4700, np.float32(1 / temperature), centre.float().numpy(), A, bias, labels,
+                              cpu_kernels.UNITS, 0, None, None)
     oracle.assert_labels_match(torch.from_numpy(labels)[None], as_logits(z, 1, 300, 4700), P, temperature)
 
 
