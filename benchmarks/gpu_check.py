@@ -1,14 +1,17 @@
 """The prepared device check: ``python -m benchmarks.gpu_check OUTDIR`` (or ``bash benchmarks/gpu_check.sh OUTDIR``).
 
-On a CUDA machine with no network, in one call and within 8 minutes on an H200:
+On a CUDA machine (NVIDIA, or AMD through a ROCm build of PyTorch) with no network, in one call and
+within 8 minutes on an H200:
 
 1. the kernel tests on CUDA tensors (labels equal to the oracle's, deterministic mode bit-stable);
 2. the benchmark suite on CUDA (``benchmarks/run.py``): copy bandwidth, and the stats, predict and
    calibrate passes of the Triton kernels, the eager reference and ``torch.compile`` of the
    reference, on Cityscapes N=1 and N=4, ADE20K and the upsampling workloads, fp32 and fp16;
 3. ``ncu --clock-control none`` on the stats and predict kernels when ncu works: achieved DRAM
-   throughput, registers, occupancy;
-4. the bandwidth model's predictions for the same kernels, to set beside what was measured.
+   throughput, registers, occupancy; on ROCm, ``rocprofv3 --kernel-trace --stats`` when present:
+   each kernel's calls and durations;
+4. the bandwidth model's predictions for the same kernels on the device modelled for this GPU's
+   target (H200, MI300X, MI250X), to set beside what was measured.
 
 Everything goes under OUTDIR; the summary table is printed last. The exit status is 1 when a
 check fails (a test, a step that crashed or ran out of time), with the reason; performance goals
@@ -109,6 +112,27 @@ def ncu_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_rocprof_stats(text: str) -> list[dict]:
+    """Rows of rocprofv3's kernel statistics CSV (``Name``, ``Calls``, ``AverageNs``, ...)."""
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def rocprof_table(rows: list[dict]) -> str:
+    lines = ["| kernel | calls | average (us) |", "|---|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.get('Name', '')[:40]} | {r.get('Calls', '')} | {float(r.get('AverageNs', 'nan')) / 1e3:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def modelled_device(torch):
+    """The bandwidth model's device for this GPU's configuration table (the H200 by default)."""
+    from benchmarks import bandwidth_model
+    from fastcal.kernels import configs
+
+    target = configs.target_of(torch.device("cuda")).name
+    return next((d for d in bandwidth_model.DEVICES.values() if d.target == target), bandwidth_model.H200)
+
+
 def ncu_target() -> None:
     """What ncu profiles: one stats and one predict launch on a Cityscapes-like float32 image."""
     import torch
@@ -140,8 +164,9 @@ def main(argv=None) -> int:
         print("gpu_check: FAILED: no CUDA device is visible (torch.cuda.is_available() is False)", file=sys.stderr)
         return 1
     python = sys.executable
+    runtime = f"ROCm {torch.version.hip}" if getattr(torch.version, "hip", None) else f"CUDA {torch.version.cuda}"
     environment = (f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
-                   f"triton {__import__('triton').__version__}; CUDA {torch.version.cuda}")
+                   f"triton {__import__('triton').__version__}; {runtime}")
     with open(os.path.join(args.out_dir, "environment.txt"), "w") as f:
         f.write(environment + "\n")
     steps = []
@@ -153,21 +178,35 @@ def main(argv=None) -> int:
     bench_dir = os.path.join(args.out_dir, "bench")
     steps.append(run_step("benchmarks", [python, "-m", "benchmarks.run", "--out", bench_dir], args.out_dir,
                           deadline - time.perf_counter() - 60))
-    ncu = shutil.which("ncu")
+    ncu, rocprof = shutil.which("ncu"), shutil.which("rocprofv3")
     ncu_text = ""
-    if ncu and deadline - time.perf_counter() > 30:
+    if rocprof and not ncu and deadline - time.perf_counter() > 30:
+        trace_dir = os.path.join(args.out_dir, "rocprof")
+        command = [rocprof, "--kernel-trace", "--stats", "-d", trace_dir, "-o", "run", "--",
+                   python, "-m", "benchmarks.gpu_check", "--ncu-target"]
+        step = run_step("rocprofv3", command, args.out_dir, deadline - time.perf_counter() - 20)
+        found = [os.path.join(root, name) for root, _, names in os.walk(trace_dir) for name in names
+                 if name.endswith("kernel_stats.csv")]
+        if step.ok and found:
+            rows = [r for r in parse_rocprof_stats(open(found[0]).read())
+                    if "_stats_kernel" in r.get("Name", "") or "_predict_kernel" in r.get("Name", "")]
+            ncu_text = rocprof_table(rows)
+        steps.append(Step("rocprofv3", True, step.detail + ("" if step.ok else " (rocprofv3 did not work here: "
+                                                                               "not a failure)")))
+    elif ncu and deadline - time.perf_counter() > 30:
         command = [ncu, "--clock-control", "none", "--csv", "-k", "regex:_stats_kernel|_predict_kernel",
                    "--metrics", ",".join(NCU_METRICS), python, "-m", "benchmarks.gpu_check", "--ncu-target"]
         step = run_step("ncu", command, args.out_dir, deadline - time.perf_counter() - 20)
         ncu_text = ncu_table(parse_ncu_csv(open(os.path.join(args.out_dir, "ncu.log")).read())) if step.ok else ""
         steps.append(Step("ncu", True, step.detail + ("" if step.ok else " (ncu did not work here: not a failure)")))
     else:
-        steps.append(Step("ncu", True, "not run (ncu not found or no time left)"))
+        steps.append(Step("profiler", True, "not run (neither ncu nor rocprofv3 found, or no time left)"))
 
     from benchmarks import bandwidth_model
 
     try:
-        model_text = bandwidth_model.markdown(bandwidth_model.table())
+        device = modelled_device(torch)
+        model_text = bandwidth_model.markdown(bandwidth_model.table(device=device), device)
     except Exception as error:  # the model is a prediction: its failure is reported, not fatal
         model_text = f"(the bandwidth model could not be computed here: {error!r})\n"
     results_path = os.path.join(bench_dir, "results.json")
@@ -179,7 +218,7 @@ def main(argv=None) -> int:
     report += [f"- {s.name}: {'ok' if s.ok else 'FAILED'}: {s.detail}" for s in steps]
     report += ["", "## Bandwidth model (predictions)\n", model_text]
     if ncu_text:
-        report += ["## ncu\n", ncu_text]
+        report += ["## ncu\n" if ncu else "## rocprofv3\n", ncu_text]
     report += ["## Summary (Triton passes)\n", table or "(no benchmark results)\n"]
     text = "\n".join(report)
     with open(os.path.join(args.out_dir, "report.md"), "w") as f:

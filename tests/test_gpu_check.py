@@ -48,3 +48,26 @@ def test_ncu_csv_parsing():
     assert rows[0]["Kernel Name"] == "_stats_kernel" and rows[0]["Metric Value"] == "87.5"
     assert "| _stats_kernel | dram__throughput.avg.pct_of_peak_sustained_elapsed | 87.5 % |" in gpu_check.ncu_table(rows)
     assert gpu_check.parse_ncu_csv("ncu: no kernels were profiled") == []
+
+
+def test_rocprofv3_stats_parsing():
+    """rocprofv3 --stats writes one row per kernel: name, calls, durations in nanoseconds."""
+    text = ('"Name","Calls","TotalDurationNs","AverageNs","Percentage","MinNs","MaxNs","StdDev"\n'
+            '"_stats_kernel","2","1200000","600000.0","60.0","590000","610000","10000.0"\n'
+            '"_predict_kernel","1","800000","800000.0","40.0","800000","800000","0"\n')
+    rows = gpu_check.parse_rocprof_stats(text)
+    assert [r["Name"] for r in rows] == ["_stats_kernel", "_predict_kernel"]
+    table = gpu_check.rocprof_table(rows)
+    assert "| _stats_kernel | 2 | 600.0 |" in table and "| _predict_kernel | 1 | 800.0 |" in table
+
+
+def test_the_modelled_device_follows_the_target(monkeypatch):
+    """The report's bandwidth model is the one of this GPU's configuration table."""
+    import torch
+
+    from benchmarks import bandwidth_model
+    from fastcal.kernels import configs
+
+    for target, device in (("sm_90", "H200"), ("gfx942", "MI300X"), ("gfx90a", "MI250X")):
+        monkeypatch.setattr(configs, "target_of", lambda _device, t=target: configs.TARGETS[t])
+        assert gpu_check.modelled_device(torch) is bandwidth_model.DEVICES[device]
