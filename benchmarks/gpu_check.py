@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     steps = []
     if not args.skip_tests:
         # -x: a wrong kernel stops the tests early and leaves the time to the measurements
-        steps.append(run_step("kernel-tests", [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+        steps.append(run_step("kernel-tests", [python, "-m", "pytest", "-x", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
                                                "-k", KERNEL_SELECTION, *KERNEL_TESTS], args.out_dir,
                               min(150, deadline - time.perf_counter())))
     bench_dir = os.path.join(args.out_dir, "bench")
