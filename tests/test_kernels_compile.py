@@ -7,8 +7,10 @@ costs no memory traffic.
 
 Each target and each launch configuration (class block, pixel block, warps, stages, dot
 precision) is compiled; the remaining choices (logit dtype, memory layout, mask, partial sums,
-upsampling, confidence power, label type) are covered pairwise: every pair of values of two
-choices is compiled together at least once for each configuration and target. Compile time
+upsampling, confidence power) are covered pairwise: every pair of values of two choices is
+compiled together at least once for each configuration and target; the predict kernel's output
+(int64, int32 or uint8 labels, or float32 scores), which changes only its final store, is
+cycled through those cases so that each appears for each configuration and target. Compile time
 grows with the product of the choices; registers depend on the configuration and, within it,
 on a choice or two at a time.
 """
@@ -32,6 +34,7 @@ LAYOUTS = {"nchw": "s_l", "channels_last": "s_c"}
 SCALARS = ["C", "L", "O1", "O2", "so0", "so1", "so2", "s_l", "s_c", "n_tiles", "C_PAD", "H_UP", "W_UP", "P_IMG"]
 CLASS_COUNTS = range(2, 1025)  # above 64 classes the configuration no longer changes
 ELEMENT_SIZES = {"fp32": 4, "fp16": 2, "bf16": 2}
+OUTPUTS = ["i64", "scores", "i32", "u8"]
 
 
 def pairwise(allowed=lambda case: True, **choices) -> list[dict]:
@@ -101,8 +104,10 @@ def cases():
             meta = {"C_BLOCK": config["C_BLOCK"], "PIX_BLOCK": config["PIX_BLOCK"], "FUSED": config["FUSED"],
                     "DOT_PRECISION": config["DOT_PRECISION"]}
             tag = f"{target}-C{config['C_BLOCK']}{'' if config['FUSED'] else '-chunked'}"
-            for c in pairwise(nchw_only_upsamples, dtype=list(LOGIT_TYPES), layout=list(LAYOUTS),
-                              out=["i64", "i32", "u8", "scores"], upsample=[False, True]):
+            # the output (a label type, or the scores) changes the final store only: cycled through the cases
+            for i, c in enumerate(pairwise(nchw_only_upsamples, dtype=list(LOGIT_TYPES), layout=list(LAYOUTS),
+                                           upsample=[False, True])):
+                c["out"] = OUTPUTS[i % len(OUTPUTS)]
                 out = "*fp32" if c["out"] == "scores" else f"*{c['out']}"
                 yield (f"predict-{tag}-{c['dtype']}-{c['layout']}-{c['out']}-up{int(c['upsample'])}",
                        "predict._predict_kernel", c["dtype"], c["layout"], target, {"out_ptr": out},
@@ -167,6 +172,10 @@ def usage(monkeypatch_module):
 def test_every_target_and_configuration_is_compiled():
     names = [case[0] for case in ALL_CASES]
     assert len(names) == len(set(names))
+    for target in TARGETS:
+        for config in dispatcher_configs(predict.predict_config, target):
+            tag = f"predict-{target}-C{config['C_BLOCK']}{'' if config['FUSED'] else '-chunked'}-"
+            assert {n.split("-")[-2] for n in names if n.startswith(tag)} == set(OUTPUTS), tag
     for target in TARGETS:
         for prefix in ("stats-", "row_stats-", "predict-", "operands-"):
             assert any(n.startswith(f"{prefix}{target}-") for n in names), (prefix, target)
