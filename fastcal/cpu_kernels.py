@@ -383,7 +383,9 @@ def _cached_source_row(z_image, offset, keep, cols, rows_cache, cached, padded):
     return slot
 
 
-@njit(inline="always", fastmath=_FAST)
+# not inlined: one call per block, compiled once per dtype for the three loops that read through it
+# (inlined, it doubled their compile time)
+@njit(fastmath=_FAST)
 def _block_upsample(z_image, start, count, width, rows, cols, out, rows_cache, cached, padded):
     """``out[k, i]``: the bilinear value of output pixel ``start + i`` (row-major, ``width`` columns),
     ``(1 - wy) ((1 - wx) z[y0, x0] + wx z[y0, x1]) + wy ((1 - wx) z[y1, x0] + wx z[y1, x1])`` as

@@ -37,20 +37,6 @@ def _check_interpreter_numpy() -> None:
 
 _check_interpreter_numpy()
 
-@pytest.fixture(scope="session", autouse=True)
-def _cpu_loops_compiled_once(tmp_path_factory):
-    """In a parallel run, each worker compiles its share of the CPU loops' signatures first (see
-    tests/warmup.py); a run in one process compiles them as its tests reach them."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    if workers < 2 or not worker.startswith("gw"):
-        return
-    import warmup
-
-    # the workers' base temporary folders share a parent, unique to this run
-    warmup.compile_share(int(worker[2:]), workers, str(tmp_path_factory.getbasetemp().parent / "numba-warmup"))
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
