@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks, _upsample
+from ._common import centred_prototypes
 from .adapters import model_logits, output_size
 from .calibrator import LabelCalibrator
 
@@ -50,16 +51,12 @@ class CalibrationHead(nn.Module):
         super().__init__()
         _checks.check_choice("output", output, OUTPUTS)
         _upsample.check_arguments((1, 1) if size == "input" else size, scale_factor, align_corners)
-        P = prototypes.detach().to("cpu", torch.float64)
-        skipped = torch.isnan(P).all(dim=1)
-        kept = torch.where(skipped[:, None], 0.0, P)
-        centre = kept.sum(dim=0) / (~skipped).sum().clamp_min(1)
-        A = torch.where(skipped[:, None], 0.0, P - centre)
-        bias = torch.where(skipped, float("-inf"), -(A * A).sum(dim=1))
-        C = P.shape[0]
-        self.register_buffer("centre", centre.float().view(1, C, 1, 1))
-        self.register_buffer("weight", (2.0 * A).float().view(C, C, 1, 1))
-        self.register_buffer("bias", bias.float())
+        # the kernels' centring (skipped classes: a zero row and ||A[k]||^2 = +inf, so bias -inf)
+        A, centre, squared_norms = centred_prototypes(prototypes.detach().cpu())
+        C = A.shape[0]
+        self.register_buffer("centre", centre.view(1, C, 1, 1))
+        self.register_buffer("weight", (2.0 * A).view(C, C, 1, 1))
+        self.register_buffer("bias", -squared_norms)
         self.temperature = float(temperature)
         self.output = output
         self.size = size

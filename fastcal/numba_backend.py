@@ -205,7 +205,8 @@ def _fused_distances(logits, operands, plan):
     cpu_kernels = _cpu_kernels()
 
     C = logits.shape[1]
-    A_times_minus_2, centre, _ = _cpu_operands(operands)
+    A_times_minus_2, centre, _ = _host_operands(operands)
+    A_times_minus_2 = torch.from_numpy(A_times_minus_2)
     inv_temperature = np.float32(1.0 / plan.temperature)
     # chunk-sized calls: d and the distances fill the chunk buffers
     walk = _walk(plan, logits, "distances", pixels=_common.CHUNK_ELEMENTS // C)
@@ -213,8 +214,8 @@ def _fused_distances(logits, operands, plan):
     d_buffer, distance_buffer = torch.empty(size), torch.empty(size)
     for select, z, g, start, n in walk.pieces(logits):
         d = d_buffer[: C * n].view(C, n)
-        cpu_kernels.run(cpu_kernels.centred_softmax_chunk, z, g, start, n, inv_temperature, host_array(centre),
-                        host_array(d), *walk.tables)
+        cpu_kernels.run(cpu_kernels.centred_softmax_chunk, z, g, start, n, inv_temperature, centre, host_array(d),
+                        *walk.tables)
         yield select, d, torch.mm(A_times_minus_2, d, out=distance_buffer[: C * n].view(C, n))
 
 
@@ -266,7 +267,7 @@ def predict_pass(logits: torch.Tensor, operands, plan):
     labels = plan.output(logits.device)
     if logits.shape[1] <= cpu_kernels.NEAREST_MAX_CLASSES:
         return _fused_predict(logits, operands, plan, labels)
-    bias = host_array(_cpu_operands(operands)[2])
+    bias = _host_operands(operands)[2]
     for select, d, distance in _fused_distances(logits, operands, plan):
         cpu_kernels.run(cpu_kernels.argmin_chunk, host_array(distance), bias, d.shape[1], host_array(select(labels)))
     return labels

@@ -120,9 +120,6 @@ def entry(table: Mapping, key: str, element_size: int) -> int:
     return value if isinstance(value, int) else value["4" if element_size >= 4 else "2"]
 
 
-def stages(table: Mapping, element_size: int) -> int:
-    return entry(table, "num_stages", element_size)
-
 
 def max_programs(device, per_sm: int = 4) -> int:
     """Persistent programs: ``per_sm`` per SM (CU on AMD) on a GPU; a few in the interpreter, which

@@ -195,19 +195,15 @@ def stats_config(num_classes: int, element_size: int = 4, aligned: bool = True, 
     chosen = table.conservative if not aligned else table.fused_stats if fused else table.chunked_stats
     pix_block = entry(chosen, "pixels", element_size) if "pixels" in chosen \
         else entry(chosen, "tile_elements", element_size) // c_block
-    row = table.row_stats if aligned else _conservative_row(table.conservative, c_block)
     return MappingProxyType({
         "FUSED": fused, "C_BLOCK": c_block, "PIX_BLOCK": pix_block, "DOT_PRECISION": table.onehot_precision,
         "num_warps": entry(chosen, "num_warps", element_size), "num_stages": entry(chosen, "num_stages", element_size),
         "maxnreg": 255, "programs_per_sm": entry(chosen, "programs_per_sm", element_size),
-        "ROW_PIX_BLOCK": entry(row, "pixels", element_size),
+        "ROW_PIX_BLOCK": entry(table.row_stats, "pixels", element_size) if aligned
+        else table.conservative["tile_elements"] // c_block,
         "row_num_warps": entry(table.row_stats, "num_warps", element_size),
         "row_num_stages": entry(table.row_stats, "num_stages", element_size)})
 
-
-def _conservative_row(conservative: Mapping, c_block: int) -> Mapping:
-    """The row pass of a launch that is not aligned NCHW: the conservative tile."""
-    return {"pixels": conservative["tile_elements"] // c_block}
 
 
 def stats_launches(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
