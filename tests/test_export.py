@@ -5,8 +5,10 @@ import subprocess
 import sys
 
 import numpy as np
+import onnxruntime as ort  # the test extra installs it (with transformers): a missing one fails the file
 import pytest
 import torch
+import transformers
 
 import fastcal
 from fastcal.__main__ import main as cli
@@ -15,9 +17,6 @@ from fastcal.fit import fit_calibrator
 from fastcal.nn import LabelCalibration
 
 import oracle
-
-ort = pytest.importorskip("onnxruntime")  # the test extra installs it: a skip here is a broken install
-
 
 def fitted(C, empty="onehot", seed=0):
     torch.manual_seed(seed)
@@ -173,7 +172,6 @@ def test_a_huggingface_segformer_with_its_calibration_in_onnx_runtime(tmp_path):
     """A real transformers SegformerForSemanticSegmentation (random weights from a small config, no
     download; logits at 1/4 of the input) through fit_calibrator, the wrapper and calibrated_model,
     exported to ONNX and run in ONNX Runtime."""
-    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.SegformerConfig(num_labels=7, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
                                           num_attention_heads=[1, 1, 2, 2], decoder_hidden_size=16)
