@@ -43,9 +43,19 @@ def meta_logits_allowed():
         _meta_allowed.value = False
 
 
+def check_dense(name: str, tensor: torch.Tensor) -> None:
+    """A plain strided tensor: sparse, nested and other layouts are refused by name."""
+    if tensor.is_nested:
+        raise TypeError(f"{name}: expected a dense tensor, got a nested tensor; pad it into one "
+                        "(torch.nested.to_padded_tensor) and mask the padding with valid=")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{name}: expected a dense tensor, got layout {tensor.layout}; convert it with .to_dense()")
+
+
 def check_logits(logits) -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits: expected a torch.Tensor, got {type(logits).__name__}")
+    check_dense("logits", logits)
     if logits.dtype not in LOGIT_DTYPES:
         raise TypeError(
             f"logits: expected a floating dtype (float32, float16, bfloat16 or float64), got {logits.dtype}"
@@ -70,9 +80,13 @@ MAX_TEMPERATURE = float(torch.finfo(torch.float32).max)
 
 
 def check_temperature(temperature) -> float:
+    """A positive number in float32's normal range, as a float. Under ``torch.compile(dynamic=True)``
+    a number may be symbolic: the range is then checked by comparisons alone (no f-string, no
+    ``math`` call on it), which the tracer turns into guards."""
     if isinstance(temperature, bool) or not isinstance(temperature, (Real, torch.Tensor)):
         raise TypeError(f"temperature: expected a positive finite number, got {temperature!r}")
     if isinstance(temperature, torch.Tensor):
+        check_dense("temperature", temperature)
         if temperature.numel() != 1 or not temperature.dtype.is_floating_point:
             raise TypeError(f"temperature: expected a positive finite number, got {temperature!r}")
         temperature = temperature.item()
@@ -80,7 +94,7 @@ def check_temperature(temperature) -> float:
         temperature = float(temperature)
     except OverflowError:  # an int beyond float64's range
         temperature = math.inf
-    if not (math.isfinite(temperature) and MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+    if not (MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):  # NaN and infinities fail too
         raise ValueError(
             f"temperature: expected a positive finite number in float32's normal range "
             f"[{MIN_TEMPERATURE:.7g}, {MAX_TEMPERATURE:.7g}], got {temperature!r}"
@@ -92,12 +106,16 @@ MAX_CONFIDENCE_POWER = 8.0  # (1/C)**8 stays a normal float32 for C up to 2^15 c
 
 
 def check_confidence_power(confidence_power) -> float:
-    expected = f"confidence_power: expected a number in [0, {MAX_CONFIDENCE_POWER:g}], got {confidence_power!r}"
     if isinstance(confidence_power, bool) or not isinstance(confidence_power, Real):
-        raise TypeError(expected)
+        raise TypeError(_confidence_power_expected(confidence_power))
     if not (0.0 <= float(confidence_power) <= MAX_CONFIDENCE_POWER):  # NaN fails too
-        raise ValueError(expected)
+        raise ValueError(_confidence_power_expected(confidence_power))
     return float(confidence_power)
+
+
+def _confidence_power_expected(confidence_power) -> str:
+    # built only on failure: a symbolic number (torch.compile) cannot be formatted while traced
+    return f"confidence_power: expected a number in [0, {MAX_CONFIDENCE_POWER:g}], got {confidence_power!r}"
 
 
 def check_valid(valid, logits: torch.Tensor, shape: tuple | None = None) -> None:
@@ -106,6 +124,7 @@ def check_valid(valid, logits: torch.Tensor, shape: tuple | None = None) -> None
         return
     if not isinstance(valid, torch.Tensor):
         raise TypeError(f"valid: expected a bool tensor or None, got {type(valid).__name__}")
+    check_dense("valid", valid)
     if valid.dtype != torch.bool:
         raise TypeError(f"valid: expected dtype torch.bool, got {valid.dtype}")
     expected = tuple(shape) if shape is not None else (logits.shape[0], *logits.shape[2:])
@@ -119,6 +138,7 @@ def check_valid(valid, logits: torch.Tensor, shape: tuple | None = None) -> None
 def check_prototypes(prototypes, num_classes: int, device: torch.device) -> None:
     if not isinstance(prototypes, torch.Tensor):
         raise TypeError(f"prototypes: expected a torch.Tensor, got {type(prototypes).__name__}")
+    check_dense("prototypes", prototypes)
     if not prototypes.dtype.is_floating_point:
         raise TypeError(f"prototypes: expected a floating dtype, got {prototypes.dtype}")
     if tuple(prototypes.shape) != (num_classes, num_classes):
@@ -130,18 +150,28 @@ def check_prototypes(prototypes, num_classes: int, device: torch.device) -> None
         raise ValueError(f"prototypes: on {prototypes.device}, but logits are on {device}")
 
 
+# Prototypes are probability vectors; entries beyond this bound would overflow the float32
+# distances (||p - P[k]||^2 up to C * (1 + |P|)^2) and leave every class tied at infinity.
+MAX_PROTOTYPE_MAGNITUDE = 2.0**40
+
+
 def check_prototype_values(prototypes: torch.Tensor) -> None:
-    """Finite entries, or a whole row of NaN for a class never predicted; not every row NaN.
-    Reads one number back (on CUDA: one synchronisation)."""
+    """Finite entries of magnitude at most :data:`MAX_PROTOTYPE_MAGNITUDE`, or a whole row of NaN
+    for a class never predicted; not every row NaN. Reads one number back (on CUDA: one
+    synchronisation)."""
     nan_rows = torch.isnan(prototypes).all(dim=1)
     not_finite = ~(torch.isfinite(prototypes) | nan_rows[:, None]).all()
-    status = int(not_finite.to(torch.int8) + 2 * nan_rows.all().to(torch.int8))
+    too_large = (prototypes.abs() > MAX_PROTOTYPE_MAGNITUDE).any()  # NaN compares False
+    status = int(not_finite.to(torch.int8) + 2 * nan_rows.all().to(torch.int8) + 4 * too_large.to(torch.int8))
     if status & 1:
         raise ValueError(
             "prototypes: entries must be finite; a row of NaN marks a class that is never predicted"
         )
     if status & 2:
         raise ValueError("prototypes: every row is NaN, so no class could be predicted")
+    if status & 4:
+        raise ValueError(f"prototypes: entries must be at most {MAX_PROTOTYPE_MAGNITUDE:.4g} in magnitude "
+                         "(prototypes are probability vectors; larger ones overflow the float32 distances)")
 
 
 OUTPUTS = ("labels", "scores")

@@ -54,8 +54,8 @@ def output_folder(text: str) -> str:
 def output_file(text: str) -> str:
     """A file the command can write: its folder exists and takes a new file, and the path is not
     a folder."""
-    if os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is a folder")
+    if os.path.isdir(text) or text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
     folder = os.path.dirname(os.path.abspath(text))
     if not os.path.isdir(folder):
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: no folder {folder!r}")

@@ -8,6 +8,8 @@ from typing import Iterator
 
 import torch
 
+from . import _process
+
 CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 logits a chunk: per-op overhead vanishes, buffers stay small
 
 
@@ -123,31 +125,61 @@ class DistanceOperands:
 
 
 _OPERANDS_CACHE_SIZE = 32
-_operands_cache: dict = {}  # id(prototypes) -> (weak reference, version counter, operands)
+_operands_cache: dict = {}  # id(prototypes) -> (weak reference, snapshot or version, operands)
 _operands_lock = threading.Lock()
 
 
+def _forget_in_child() -> None:
+    """A forked child gets a fresh lock: another thread of the parent may have held it at the fork."""
+    global _operands_lock
+    _operands_lock = threading.Lock()
+
+
+_process.after_fork_in_child(_forget_in_child)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bit patterns (an integer view of the same size): NaN rows compare equal to themselves."""
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
 def distance_operands(prototypes: torch.Tensor, check_values=None) -> DistanceOperands:
-    """The :class:`DistanceOperands` of ``prototypes``, built (after ``check_values(prototypes)``)
-    the first time this tensor is seen in its current state and reused while it is alive and
-    unmodified (its version counter unchanged): a steady inference loop that passes the same
-    prototypes reads nothing back and prepares nothing. Inference tensors carry no version
-    counter; theirs are prepared (and checked) on every call."""
-    try:
-        version = prototypes._version
-    except RuntimeError:  # an inference tensor: no version counter, so nothing can be reused
-        version = None
+    """The :class:`DistanceOperands` of ``prototypes``, never stale, whatever wrote to the tensor.
+
+    On the CPU the operands are kept with a copy of the values they were built from, and reused
+    while the tensor is alive and holds the same bits (``C * C`` values compared per call: well
+    under a microsecond for 19 classes); any change, through PyTorch or behind its back (NumPy,
+    ``.data``, DLPack, the storage), prepares (and ``check_values``) them again. On other devices
+    a comparison would read a number back (a synchronisation), so the operands are prepared from
+    the tensor's current values on every call (a few small launches, nothing read back), and
+    ``check_values`` (which reads back) runs when the tensor is new or its version counter has
+    moved: values written behind PyTorch's back on a GPU are used as they are, unchecked."""
     key = id(prototypes)
     entry = _operands_cache.get(key)
-    if version is not None and entry is not None and entry[0]() is prototypes and entry[1] == version:
+    known = entry is not None and entry[0]() is prototypes
+    if prototypes.device.type != "cpu":
+        try:
+            version = prototypes._version
+        except RuntimeError:  # an inference tensor: no version counter, checked on every call
+            version = None
+        if check_values is not None and not (known and version is not None and entry[1] == version):
+            check_values(prototypes)
+            if version is not None:
+                _remember(key, prototypes, version, None)
+        return DistanceOperands(prototypes.detach())
+    if known and torch.equal(_bits(entry[1]), _bits(prototypes)):
         return entry[2]
+    snapshot = prototypes.detach().clone()
     if check_values is not None:
-        check_values(prototypes)
-    operands = DistanceOperands(prototypes.detach())
-    if version is not None:
-        with _operands_lock:
-            _operands_cache.pop(key, None)
-            if len(_operands_cache) >= _OPERANDS_CACHE_SIZE:
-                _operands_cache.pop(next(iter(_operands_cache)))
-            _operands_cache[key] = (weakref.ref(prototypes), version, operands)
+        check_values(snapshot)
+    operands = DistanceOperands(snapshot)
+    _remember(key, prototypes, snapshot, operands)
     return operands
+
+
+def _remember(key, prototypes, state, operands) -> None:
+    with _operands_lock:
+        _operands_cache.pop(key, None)
+        if len(_operands_cache) >= _OPERANDS_CACHE_SIZE:
+            _operands_cache.pop(next(iter(_operands_cache)))
+        _operands_cache[key] = (weakref.ref(prototypes), state, operands)

@@ -183,8 +183,8 @@ def _frozen(options) -> tuple:
 def _signature(tensor):
     if tensor is None:
         return None
-    if type(tensor) is not torch.Tensor:  # subclasses, or not a tensor: planned afresh, checked
-        raise TypeError
+    if type(tensor) is not torch.Tensor or tensor.is_nested or tensor.layout != torch.strided:
+        raise TypeError  # subclasses, other layouts, or not a tensor: planned afresh, and refused there
     return tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device
 
 

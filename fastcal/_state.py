@@ -79,12 +79,12 @@ class Sums:
         (not meta, not requiring grad) of the right shapes, finite and non-negative, weights that
         are 0 (an empty class) or at least ``WEIGHT_FLOOR`` so every ``S[k] / W[k]`` is finite, and
         non-negative int counters. Without ``has_counts`` (version 1 files) the pixel counts are
-        unknown: NaN."""
+        unknown: NaN, which a state saved after loading one keeps (NaN counts are accepted)."""
         C = num_classes
         S, W = state.get("S"), state.get("W")
         N = state.get("N") if has_counts else torch.full((C,), float("nan"), dtype=torch.float64)
         for name, tensor, shape in (("S", S, (C, C)), ("W", W, (C,))) + ((("N", N, (C,)),) if has_counts else ()):
-            _check_tensor(name, tensor, shape)
+            _check_tensor(name, tensor, shape, unknown_allowed=name == "N")
         if ((W > 0) & (W < WEIGHT_FLOOR)).any():
             raise ValueError(f"state['W']: a weight is 0 (an empty class) or at least {WEIGHT_FLOOR:.3g}, "
                              "below that a prototype S[k] / W[k] overflows")
@@ -104,14 +104,18 @@ def is_number(value) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
-def _check_tensor(name: str, tensor, shape: tuple) -> None:
+def _check_tensor(name: str, tensor, shape: tuple, unknown_allowed: bool = False) -> None:
+    """``unknown_allowed``: NaN entries (an unknown value) pass the range check."""
     if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float64:
         raise ValueError(f"state[{name!r}]: expected a float64 tensor")
+    if tensor.is_nested or tensor.layout != torch.strided:
+        raise ValueError(f"state[{name!r}]: expected a dense tensor, got layout {tensor.layout}")
     if tuple(tensor.shape) != shape:
         raise ValueError(f"state[{name!r}]: expected shape {shape}, got {tuple(tensor.shape)}")
     if tensor.device.type == "meta":
         raise ValueError(f"state[{name!r}]: on the meta device, which holds no values")
     if tensor.requires_grad:
         raise ValueError(f"state[{name!r}]: requires grad; the sums carry no gradient (pass it detached)")
-    if not torch.isfinite(tensor).all() or (tensor < 0).any():
+    known = tensor[~torch.isnan(tensor)] if unknown_allowed else tensor
+    if not torch.isfinite(known).all() or (known < 0).any():
         raise ValueError(f"state[{name!r}]: sums must be finite and non-negative")

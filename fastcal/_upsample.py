@@ -57,8 +57,11 @@ def _source_index(out: int, size: int, scale: float, align_corners: bool, device
 
 
 def _pair(name, value, kind, check):
+    """``value`` as a pair of ``kind``; the symbolic numbers of a traced call (``torch.compile`` with
+    dynamic shapes hands the fake implementations ``SymInt`` / ``SymFloat``) are numbers too."""
+    kinds = (kind, torch.SymInt) if kind is Integral else (kind, torch.SymInt, torch.SymFloat)
     values = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    if len(values) != 2 or not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
+    if len(values) != 2 or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in values):
         raise TypeError(f"{name}: expected a {kind.__name__.lower()} or a pair of them, got {value!r}")
     if not all(check(v) for v in values):
         raise ValueError(f"{name}: expected positive values, got {value!r}")
@@ -80,7 +83,7 @@ def check_arguments(size, scale_factor, align_corners):
     if size is not None:
         return tuple(int(v) for v in _pair("size", size, Integral, lambda v: v > 0)), None
     return None, tuple(float(v) for v in _pair("scale_factor", scale_factor, Real,
-                                               lambda v: math.isfinite(v) and v > 0))
+                                               lambda v: 0 < v < math.inf))  # NaN fails too
 
 
 def resolve(logits: torch.Tensor, size, scale_factor, align_corners) -> Upsample | None:

@@ -152,6 +152,8 @@ def _(logits, valid, temperature, backend, deterministic, confidence_power, size
 def check_stats(S, W) -> None:
     if not isinstance(S, torch.Tensor) or not isinstance(W, torch.Tensor):
         raise TypeError("S, W: expected torch tensors")
+    _checks.check_dense("S", S)
+    _checks.check_dense("W", W)
     if not S.dtype.is_floating_point or not W.dtype.is_floating_point:
         raise TypeError(f"S, W: expected floating dtypes, got {S.dtype} and {W.dtype}")
     if W.dim() != 1 or W.shape[0] < 2 or tuple(S.shape) != (W.shape[0], W.shape[0]):
@@ -171,13 +173,22 @@ def prototypes_from_stats(S, W, *, empty="onehot") -> torch.Tensor:
     ``empty="onehot"``, or a row of NaN with ``empty="skip"``, which
     :func:`predict` never chooses. With ``"skip"`` and no statistics at all
     there is nothing to predict, and ``ValueError`` is raised. The sums are checked (finite,
-    non-negative), which reads them (on CUDA, one synchronisation).
+    non-negative), which reads them (on CUDA, one synchronisation), and so are the prototypes:
+    ``ValueError`` where ``S[k] / W[k]`` overflows float32 (a weight far too small for its sums,
+    e.g. ``W[k] = 1e-300``) or exceeds the magnitude :func:`predict` accepts (sums of probability
+    vectors never do: ``S[k] / W[k]`` lies in [0, 1]).
     """
     check_stats(S, W)
     _checks.check_choice("empty", empty, _checks.EMPTY_POLICIES)
     if empty == "skip" and bool((W == 0).all()):
         _raise_all_empty()
-    return reference.prototypes_from_stats(S, W, empty)
+    P = reference.prototypes_from_stats(S, W, empty)
+    kept = (W != 0)[:, None]
+    if not bool((kept & ~(P.abs() <= _checks.MAX_PROTOTYPE_MAGNITUDE)).logical_not().all()):
+        raise ValueError(f"S, W: a prototype S[k] / W[k] is not finite or exceeds "
+                         f"{_checks.MAX_PROTOTYPE_MAGNITUDE:.4g} in magnitude (a weight W[k] far too small "
+                         "for its sums S[k]); sums of confidence-weighted probabilities give [0, 1]")
+    return P
 
 
 # ----- predict ----------------------------------------------------------------------------------

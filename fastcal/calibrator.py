@@ -2,17 +2,29 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
+import weakref
 
 import torch
 
-from . import _checks, _plan, api, reference
+from . import _checks, _plan, _process, _statefile, api, reference
 from ._common import DistanceOperands
 from ._state import WEIGHT_FLOOR, Sums, is_int as _is_int, is_number as _is_number  # noqa: F401 (WEIGHT_FLOOR: public)
 
 STATE_FORMAT = "fastcal.LabelCalibrator"
-STATE_VERSION = 2  # 2: the confidence power and the pixel counts per class; version 1 still loads
+# 3: the empty policy, class names, fastcal's version and a digest; 2: the confidence power and
+# the pixel counts per class. Versions 1 and 2 still load.
+STATE_VERSION = 3
+_live = weakref.WeakSet()  # every calibrator, so that a forked child can replace their locks
+
+
+def _new_locks_in_child() -> None:
+    """Another thread may have held a calibrator's lock at the fork; in the child it never lets go."""
+    for calibrator in list(_live):
+        calibrator._lock = threading.RLock()
+
+
+_process.after_fork_in_child(_new_locks_in_child)
 
 
 class LabelCalibrator:
@@ -33,6 +45,9 @@ class LabelCalibrator:
     A batch with no pixel to count (N = 0, no spatial extent, or every pixel masked
     out by ``valid``) changes nothing: no decay, no update counted.
 
+    ``class_names`` (optional, C strings) name the classes in :meth:`diagnostics`, the saved state
+    and an exported head's metadata.
+
     The sums live on the device of the first batch (loaded state moves with them);
     later batches must come on the same device. A rejected batch (bad shape, NaN
     logits...) changes nothing. Works inside and outside ``torch.inference_mode()``
@@ -45,7 +60,8 @@ class LabelCalibrator:
     """
 
     def __init__(self, num_classes: int, *, temperature: float = 1.0, empty: str = "onehot",
-                 backend: str = "auto", momentum: float | None = None, confidence_power: float = 1.0):
+                 backend: str = "auto", momentum: float | None = None, confidence_power: float = 1.0,
+                 class_names=None):
         if not _is_int(num_classes):
             raise TypeError(f"num_classes: expected an int >= 2, got {type(num_classes).__name__}")
         if num_classes < 2:
@@ -62,7 +78,9 @@ class LabelCalibrator:
                 raise ValueError(f"momentum: expected None or a number in (0, 1], got {momentum!r}")
             momentum = float(momentum)
         self.empty, self.backend, self.momentum = empty, backend, momentum
+        self.class_names = _checked_class_names(class_names, num_classes)
         self._lock = threading.RLock()
+        _live.add(self)
         self.reset()
 
     def __getstate__(self) -> dict:  # copy.deepcopy and pickle: a lock is neither
@@ -73,6 +91,7 @@ class LabelCalibrator:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.RLock()
+        _live.add(self)
 
     def reset(self) -> None:
         """Forget every statistic; the next batch may come on any device."""
@@ -203,7 +222,8 @@ class LabelCalibrator:
         classes never predicted). See :mod:`fastcal.diagnostics`; ``print()`` it for a table."""
         from .diagnostics import diagnose
 
-        return diagnose(self.S, self.W, self.counts, self.empty, class_names,
+        names = self.class_names if class_names is None else class_names
+        return diagnose(self.S, self.W, self.counts, self.empty, names,
                         min_pixels=min_pixels, min_distance=min_distance)
 
     @property
@@ -274,77 +294,99 @@ class LabelCalibrator:
             return self._state_dict()
 
     def _state_dict(self) -> dict:
-        return {
+        from . import __version__
+
+        state = {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
+            "fastcal_version": __version__,
             "num_classes": self.num_classes,
             "temperature": self.temperature,
             "momentum": self.momentum,
             "confidence_power": self.confidence_power,
+            "empty": self.empty,
+            "class_names": None if self.class_names is None else list(self.class_names),
             **(self._shared + self._local).to_dict(),
         }
+        return {**state, "digest": _statefile.digest(state)}
 
     def load_state_dict(self, state: dict) -> "LabelCalibrator":
         """Replace the sums with ``state``'s after checking all of it; on any error nothing changes.
 
         Every field is checked for its type, shape, device and range: plain ints for the version,
         the class count and the counters (a bool is not one), plain numbers for the temperature,
-        confidence power and momentum (equal to this calibrator's), float64 tensors holding values
-        (not on the meta device, not requiring grad) of finite, non-negative sums, and weights that
-        are 0 (an empty class) or at least ``WEIGHT_FLOOR``, so every prototype ``S[k] / W[k]`` is
-        finite."""
+        confidence power and momentum, and the empty policy (version 3), each equal to this
+        calibrator's; float64 tensors holding values (not on the meta device, not requiring grad)
+        of finite, non-negative sums (pixel counts may be NaN: unknown, as in version-1 states), and
+        weights that are 0 (an empty class) or at least ``WEIGHT_FLOOR``, so every prototype
+        ``S[k] / W[k]`` is finite; then (version 3) the digest of the whole. Class names saved with
+        the state are taken when this calibrator has none, and must match when it has."""
         if not isinstance(state, dict):
             raise TypeError(f"state: expected a dict, got {type(state).__name__}")
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"state: not a {STATE_FORMAT} state (format={state.get('format')!r})")
         version = state.get("version")
-        if not _is_int(version) or version not in (1, STATE_VERSION):
-            raise ValueError(f"state: version {version!r} is not supported (expected 1 or {STATE_VERSION})")
+        if not _is_int(version) or version not in (1, 2, STATE_VERSION):
+            raise ValueError(f"state: version {version!r} is not supported (expected 1 to {STATE_VERSION})")
         C = self.num_classes
         if not _is_int(state.get("num_classes")) or state.get("num_classes") != C:
             raise ValueError(f"state: num_classes={state.get('num_classes')!r}, but this calibrator has {C}")
-        # states saved before the confidence power existed were taken at the paper's power, 1
+        # states saved before the confidence power existed were taken at the paper's power, 1; before
+        # version 3 the empty policy was not saved, and any is taken
         for name, value, what in (("temperature", state.get("temperature"), "taken at"),
                                   ("confidence_power", state.get("confidence_power", 1.0), "taken at"),
                                   ("momentum", state.get("momentum"), "decayed with")):
             if not (_is_number(value) or (name == "momentum" and value is None)) or value != getattr(self, name):
                 raise ValueError(f"state: statistics were {what} {name} {value!r}, "
                                  f"this calibrator uses {getattr(self, name)}")
+        class_names = self.class_names
+        if version >= 3:
+            if state.get("empty") != self.empty:
+                raise ValueError(f"state: saved to predict with empty={state.get('empty')!r}, this calibrator "
+                                 f"uses {self.empty!r} (LabelCalibrator.from_file takes the file's)")
+            saved_names = _checked_class_names(state.get("class_names"), C, "state['class_names']")
+            if saved_names is not None and class_names is not None and saved_names != class_names:
+                raise ValueError("state: class_names differ from this calibrator's")
+            class_names = class_names or saved_names
+        sums = Sums.from_dict(state, C, has_counts=version >= 2, device=self._shared.device)
+        if version >= 3 and state.get("digest") != _statefile.digest(state):
+            raise ValueError("state: the digest does not match the contents (the state was altered or "
+                             "the file is corrupt)")
         with self._lock:
             # an unfixed calibrator still moves to the first batch's device
-            self._set_shared(Sums.from_dict(state, C, has_counts=version >= 2, device=self._shared.device))
+            self._set_shared(sums)
+            self.class_names = class_names
         return self
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the state atomically: a temporary file in the same folder, flushed to disk
-        (``fsync``), renamed over ``path``, then the folder flushed. A crash at any point leaves
-        either the previous file or the new one, never half a file. The file gets the mode a new
-        file gets under the process's umask (e.g. 0644 under umask 022)."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".fastcal-", suffix=".tmp")
-        try:
-            os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp creates 0600 whatever the umask
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.state_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        _fsync_directory(directory)
+        """Write the state atomically (see :func:`fastcal._statefile.write`): a crash at any point
+        leaves either the previous file or the new one, never half a file. The file gets the mode a
+        new file gets under the process's umask (e.g. 0644 under umask 022)."""
+        _statefile.write(self.state_dict(), path)
 
     def load(self, path: str | os.PathLike) -> "LabelCalibrator":
-        """Load a file written by :meth:`save`; a corrupt or foreign file raises ``ValueError``."""
-        try:
-            state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as error:  # truncated or not a torch file: the unpickler's errors vary
-            raise ValueError(f"path: {os.fspath(path)!r} is not a readable fastcal state file ({error})") from error
-        return self.load_state_dict(state)
+        """Load a file written by :meth:`save`; a corrupt, altered or foreign file raises
+        ``ValueError`` (see :mod:`fastcal._statefile`), changing nothing."""
+        return self.load_state_dict(_statefile.read(path))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, *, empty: str | None = None,
+                  backend: str = "auto") -> "LabelCalibrator":
+        """A calibrator with the settings a state file was saved with (class count, temperature,
+        momentum, confidence power, empty policy, class names) and its sums. ``empty`` overrides the
+        saved policy (states before version 3 did not save one: ``"onehot"`` then)."""
+        state = _statefile.read(path)
+        if not isinstance(state, dict) or not _is_int(state.get("num_classes")):
+            raise ValueError(f"path: {os.fspath(path)!r} is not a fastcal state file")
+        saved_empty = state.get("empty", "onehot") if state.get("version") == STATE_VERSION else "onehot"
+        calibrator = cls(state["num_classes"], temperature=state.get("temperature", 1.0),
+                         momentum=state.get("momentum"), confidence_power=state.get("confidence_power", 1.0),
+                         empty=saved_empty, backend=backend)
+        calibrator.load_state_dict(state)
+        if empty is not None:
+            _checks.check_choice("empty", empty, _checks.EMPTY_POLICIES)
+            calibrator.empty = empty
+        return calibrator
 
     def __repr__(self) -> str:
         mode = "cumulative" if self.momentum is None else f"momentum={self.momentum}"
@@ -353,48 +395,17 @@ class LabelCalibrator:
                 f"empty={self.empty!r}, backend={self.backend!r}, {power}{mode}, updates={self.num_updates})")
 
 
-def _umask_from_proc() -> int | None:
-    """The process umask as Linux reports it (``Umask:`` in ``/proc/self/status``, since 4.7)."""
+def _checked_class_names(names, num_classes: int, what: str = "class_names"):
+    """None, or ``num_classes`` strings as a tuple."""
+    if names is None:
+        return None
     try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _umask_at_import() -> int:
-    """Where the umask cannot be read, it can only be set: read it so once, at import, while no
-    other thread of this library creates files (a file created elsewhere in that instant would
-    get the mode of umask 0)."""
-    if _umask_from_proc() is not None:
-        return 0  # unused: /proc answers every call
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK_AT_IMPORT = _umask_at_import()
-
-
-def _current_umask() -> int:
-    """The process umask, read without changing it (``/proc``), else as it was at import."""
-    mask = _umask_from_proc()
-    return _UMASK_AT_IMPORT if mask is None else mask
-
-
-def _fsync_directory(directory: str) -> None:
-    """Make a rename in ``directory`` durable (POSIX); where folders cannot be opened (Windows),
-    the rename is as durable as the platform makes it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on a folder; the file itself is already on disk
-    finally:
-        os.close(fd)
+        names = tuple(names) if not isinstance(names, str) else None
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise (ValueError if what.startswith("state") else TypeError)(
+            f"{what}: expected None or a sequence of {num_classes} strings")
+    if len(names) != num_classes:
+        raise ValueError(f"{what}: expected {num_classes} names, got {len(names)}")
+    return names

@@ -28,6 +28,7 @@ differences of squared distances), and expect ArgMax to become a TopK layer.
 from __future__ import annotations
 
 import os
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,7 @@ class CalibrationHead(nn.Module):
     float32 (``output="scores"``). Built by :func:`calibration_head`."""
 
     def __init__(self, prototypes: torch.Tensor, temperature: float, *, output: str = "labels", size=None,
-                 scale_factor=None, align_corners: bool = False):
+                 scale_factor=None, align_corners: bool = False, class_names=None):
         super().__init__()
         _checks.check_choice("output", output, OUTPUTS)
         _upsample.check_arguments((1, 1) if size == "input" else size, scale_factor, align_corners)
@@ -62,6 +63,7 @@ class CalibrationHead(nn.Module):
         self.size = size
         self.scale_factor = scale_factor
         self.align_corners = bool(align_corners)
+        self.class_names = class_names
 
     @property
     def num_classes(self) -> int:
@@ -75,7 +77,9 @@ class CalibrationHead(nn.Module):
         if target is not None or self.scale_factor is not None:
             z = F.interpolate(z, size=target, scale_factor=None if target is not None else self.scale_factor,
                               mode="bilinear", align_corners=self.align_corners)
-        d = torch.softmax(z / self.temperature, dim=1) - self.centre
+        # the max first, as the kernels do: (z - max z) / T overflows for no finite z and no T accepted
+        z = (z - z.amax(dim=1, keepdim=True)) / self.temperature
+        d = torch.softmax(z, dim=1) - self.centre
         scores = F.conv2d(d, self.weight, self.bias)  # 2 d . A[k] - ||A[k]||^2
         if self.output == "labels":
             return scores.argmax(dim=1)
@@ -99,7 +103,8 @@ def calibration_head(calibrator: LabelCalibrator, *, output: str = "labels", siz
     if not isinstance(calibrator, LabelCalibrator):
         raise TypeError(f"calibrator: expected a fastcal.LabelCalibrator, got {type(calibrator).__name__}")
     return CalibrationHead(calibrator.prototypes, calibrator.temperature, output=output, size=size,
-                           scale_factor=scale_factor, align_corners=align_corners)
+                           scale_factor=scale_factor, align_corners=align_corners,
+                           class_names=calibrator.class_names)
 
 
 class CalibratedModel(nn.Module):
@@ -133,19 +138,66 @@ def dynamic_shapes(module: nn.Module):
 
 
 def export_onnx(module: nn.Module, example: torch.Tensor, path: str | os.PathLike, *, opset: int = OPSET) -> None:
-    """Export ``module`` (a head or a calibrated model) to ONNX at ``path``: opset ``opset``, with
-    dynamic batch, height and width, traced with ``example``. Input ``"input"``, output
-    ``"output"``. Needs the ``export`` extra (onnx, onnxscript). Trace with a batch of at least 2
-    images and sides of at least 2: a size of 1 would be taken as fixed."""
+    """Export ``module`` (a head or a calibrated model) to ONNX at ``path``: opset ``opset`` (from
+    :data:`OPSET`, where the exporter's own operator implementations begin, to the newest the
+    installed ``onnx`` knows), with dynamic batch, height and width, traced with ``example``.
+    Input ``"input"``, output ``"output"``; the class names of a head built from a named
+    calibrator in the model's metadata (``class_names``, JSON). Needs the ``export`` extra (onnx,
+    onnxscript). Trace with a batch of at least 2 images and sides of at least 2: a size of 1 would
+    be taken as fixed. The file is written atomically (a temporary file renamed over ``path``)."""
+    import json
+
+    import onnx
+
+    low, high = opset_range()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
+        raise ValueError(f"opset: expected an int in [{low}, {high}], got {opset!r}")
     module = module.eval()
     with torch.no_grad():
         program = torch.onnx.export(module, (example,), dynamo=True, opset_version=opset,
                                     dynamic_shapes=dynamic_shapes(module), input_names=["input"],
                                     output_names=["output"], verbose=False)
-    program.save(os.fspath(path))
+    model = program.model_proto
+    written = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if written != opset:  # the exporter falls back to another opset with a warning only
+        raise ValueError(f"opset: the exporter wrote opset {written}, not the {opset} asked for")
+    head = module.head if isinstance(module, CalibratedModel) else module
+    if getattr(head, "class_names", None) is not None:
+        onnx.helper.set_model_props(model, {"class_names": json.dumps(list(head.class_names))})
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fastcal-", suffix=".onnx")
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def opset_range() -> tuple[int, int]:
+    """The ONNX opsets :func:`export_onnx` honours: 18 (the exporter's own implementations; older
+    ones go through a converter that may fall back) to the newest the installed ``onnx`` knows."""
+    import onnx
+
+    return OPSET, onnx.defs.onnx_opset_version()
 
 
 # ----- the command: fastcal export STATE.pt --out head.onnx -----------------------------------
+def _opset(text: str) -> int:
+    import argparse
+
+    from . import _cli
+
+    value = _cli.positive_int(text)
+    low, high = opset_range()
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"expected an opset in [{low}, {high}], got {text!r}")
+    return value
+
+
 def add_arguments(parser) -> None:
     from . import _cli
 
@@ -156,33 +208,35 @@ def add_arguments(parser) -> None:
     parser.add_argument("--size", nargs=2, type=_cli.positive_int, metavar=("H", "W"),
                         help="upsample the logits bilinearly to H x W first")
     parser.add_argument("--align-corners", action="store_true", help="as F.interpolate's align_corners")
-    parser.add_argument("--empty", choices=_checks.EMPTY_POLICIES, default="onehot",
-                        help="classes no pixel was assigned to: one-hot prototypes (default) or never chosen")
-    parser.add_argument("--opset", type=_cli.positive_int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    parser.add_argument("--empty", choices=_checks.EMPTY_POLICIES, default=None,
+                        help="classes no pixel was assigned to: one-hot prototypes or never chosen "
+                             "(default: the policy saved in the state; onehot for states before version 3)")
+    parser.add_argument("--opset", type=_opset, default=OPSET, help=f"ONNX opset (default {OPSET})")
 
 
 def main(args) -> int:
     import sys
 
+    def refuse(message: str) -> int:
+        print(f"fastcal export: {message}", file=sys.stderr)
+        return 2
+
+    if os.path.exists(args.out) and os.path.exists(args.state) and os.path.samefile(args.out, args.state):
+        return refuse(f"--out {args.out!r} is the state file itself; name another file")
     try:
-        state = torch.load(args.state, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not isinstance(state.get("num_classes"), int):
-            raise ValueError("not a fastcal state file")
-        calibrator = LabelCalibrator(state["num_classes"], temperature=state.get("temperature", 1.0),
-                                     momentum=state.get("momentum"), empty=args.empty,
-                                     confidence_power=state.get("confidence_power", 1.0))
-        calibrator.load_state_dict(state)
+        calibrator = LabelCalibrator.from_file(args.state, empty=args.empty)
+        size = tuple(args.size) if args.size else None
+        head = calibration_head(calibrator, output=args.output, size=size, align_corners=args.align_corners)
     except FileNotFoundError:
-        print(f"fastcal export: {args.state}: no such file", file=sys.stderr)
-        return 2
-    except Exception as error:  # a torn or foreign file: the unpickler's and the checks' errors vary
-        print(f"fastcal export: {args.state}: not a readable fastcal state file ({error})", file=sys.stderr)
-        return 2
-    size = tuple(args.size) if args.size else None
-    head = calibration_head(calibrator, output=args.output, size=size, align_corners=args.align_corners)
+        return refuse(f"{args.state}: no such file")
+    except ValueError as error:  # a torn, altered or foreign file, or nothing to predict
+        message = str(error)
+        if "not a readable fastcal state file" not in message:
+            message = f"not a usable fastcal state file ({message})"
+        return refuse(f"{args.state}: {message}")
     C = calibrator.num_classes
     export_onnx(head, torch.zeros(2, C, 16, 16), args.out, opset=args.opset)
     print(f"wrote {args.out}: {C} classes, input 'input' [N, {C}, H, W] float32, output 'output' "
           f"{'[N, H, W] int64 labels' if args.output == 'labels' else f'[N, {C}, H, W] float32 scores'}"
-          f"{f' at {size[0]} x {size[1]}' if size else ''}")
+          f"{f' at {size[0]} x {size[1]}' if size else ''}, empty={calibrator.empty!r}")
     return 0

@@ -221,7 +221,8 @@ def _fused_distances(logits, operands, plan):
 
 def _host_operands(operands):
     """:func:`_cpu_operands` as the NumPy arrays the loops take."""
-    return operands.derived("cpu", lambda o: _centred_on_host(host_array(o.prototypes)))
+    # .float(): NumPy has no bfloat16; float32 is what the loops take (exact for half precision)
+    return operands.derived("cpu", lambda o: _centred_on_host(host_array(o.prototypes.float())))
 
 
 def operands_pass(S: torch.Tensor, W: torch.Tensor, plan):

@@ -120,3 +120,57 @@ def test_fused_loops_read_nchw_in_place(monkeypatch, dtype, with_mask):
     oracle.assert_stats_close(S, W, *oracle.stats(z, 1.7, valid))
     P = fastcal.prototypes_from_stats(S, W)
     oracle.assert_labels_match(fastcal.predict(z, P, temperature=1.7, backend="torch"), z, P, 1.7)
+
+
+# ----- prototypes changed behind PyTorch's back --------------------------------------------------
+WRITES = {
+    "numpy": lambda P, new: P.numpy().__setitem__(slice(None), new.numpy()),
+    ".data": lambda P, new: P.data.copy_(new),
+    "dlpack": lambda P, new: torch.from_dlpack(P.__dlpack__()).copy_(new),
+    "storage": lambda P, new: torch.tensor([], dtype=P.dtype).set_(P.untyped_storage()).view(P.shape).copy_(new),
+    "in place": lambda P, new: P.copy_(new),
+}
+
+
+@pytest.mark.parametrize("output", ["labels", "scores"])
+@pytest.mark.parametrize("write", list(WRITES))
+def test_prototypes_written_behind_pytorchs_back_are_never_stale(backend, write, output):
+    """Labels and scores follow the prototypes' current values whatever wrote them, and values
+    written so are checked as any others."""
+    z = make_logits((2, 5, 9, 7))
+    P = torch.eye(5)
+    before = fastcal.predict(z, P, backend=backend, output=output)
+    rolled = torch.roll(torch.eye(5), 1, 0)
+    WRITES[write](P, rolled)
+    after = fastcal.predict(z, P, backend=backend, output=output)
+    assert torch.equal(after, fastcal.predict(z, rolled.clone(), backend=backend, output=output))
+    assert not torch.equal(after, before)
+    broken = rolled.clone()
+    broken[0, 0] = float("inf")
+    WRITES[write](P, broken)
+    with pytest.raises(ValueError, match="finite"):
+        fastcal.predict(z, P, backend=backend, output=output)
+    with pytest.raises(ValueError, match="finite"):
+        fastcal.calibrate(z, P, backend=backend, output=output)
+
+
+def test_unchanged_prototypes_are_prepared_once(monkeypatch):
+    """The reuse the cache exists for: the same unmodified tensor is checked once."""
+    z = make_logits((1, 5, 4, 4))
+    P = torch.eye(5)
+    calls = []
+    real = _common.DistanceOperands
+    monkeypatch.setattr(_common, "DistanceOperands", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    for _ in range(3):
+        fastcal.predict(z, P)
+    assert len(calls) == 1
+    P.numpy()[0, 1] = 0.5
+    fastcal.predict(z, P)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_prototypes_of_every_floating_dtype(backend, dtype):
+    z = make_logits((2, 5, 6, 6))
+    P = torch.softmax(torch.randn(5, 5) * 3, dim=1).to(dtype)
+    assert torch.equal(fastcal.predict(z, P, backend=backend), fastcal.predict(z, P.float(), backend="reference"))

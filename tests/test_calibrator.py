@@ -74,7 +74,7 @@ def test_state_dict_round_trip_and_resume(tmp_path):
         first.update(b)
     first.save(tmp_path / "cal.pt")
     state = torch.load(tmp_path / "cal.pt", weights_only=True)
-    assert state["version"] == 2 and state["S"].dtype == torch.float64
+    assert state["version"] == 3 and state["S"].dtype == torch.float64
     resumed = fastcal.LabelCalibrator(5).load(tmp_path / "cal.pt")
     for b in batches[2:]:
         resumed.update(b)

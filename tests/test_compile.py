@@ -97,3 +97,19 @@ def test_eager_calls_do_not_load_the_compiler_stack():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_dynamic_shapes_and_symbolic_numbers(fullgraph):
+    """``dynamic=True`` hands the checks symbolic numbers (the temperature, the confidence power,
+    the output size): traced without a break, equal to eager, at two shapes of one compile."""
+    def infer(z, temperature):
+        return (fastcal.calibrate(z, temperature=temperature, confidence_power=1.5),
+                fastcal.calibrate(z, size=(20, 22), output="scores"),
+                fastcal.predict(z, torch.eye(5), temperature=temperature, scale_factor=2.5))
+
+    compiled = torch.compile(infer, dynamic=True, fullgraph=fullgraph)
+    for shape, temperature in (((2, 5, 8, 9), 2.0), ((3, 5, 6, 11), 0.5)):
+        z = make_logits(shape)
+        for got, want in zip(compiled(z, temperature), infer(z, temperature)):
+            assert torch.equal(got, want)

@@ -163,3 +163,32 @@ def test_first_call_tells_the_user_it_compiles(tmp_path):
     again = run_python("check()", env)  # loaded from the cache
     assert_ok(again)
     assert "compiling" not in again.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX-only")
+def test_a_child_forked_while_another_thread_holds_a_lock_finishes():
+    """Every lock fastcal owns (the prepared prototypes', the plans', each calibrator's) is replaced
+    in a forked child: one held by another thread of the parent at the fork would never be let go."""
+    result = run_python("""
+        from fastcal import _common
+        cal = fastcal.LabelCalibrator(19).update(z)
+        holding, release = threading.Event(), threading.Event()
+        def hold():
+            with _common._operands_lock, cal._lock:
+                holding.set()
+                release.wait()
+        thread = threading.Thread(target=hold)
+        thread.start()
+        holding.wait()
+        pid = os.fork()
+        if pid == 0:
+            cal.update(z)
+            labels = cal.predict(z)
+            fastcal.predict(z, P.clone())
+            os._exit(0 if labels.shape == (2, 64, 64) and cal.num_updates == 2 else 1)
+        release.set()
+        thread.join()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+    """, timeout=240)
+    assert_ok(result)

@@ -193,3 +193,35 @@ def test_calibrate_with_prototypes_checks_every_argument():
     with pytest.raises(ValueError, match="valid: masks pixels out of the statistics"):
         fastcal.calibrate(Z, P, valid=torch.ones(2, 5, 5, dtype=torch.bool))
     assert torch.equal(fastcal.calibrate(Z, P), fastcal.predict(Z, P))
+
+
+SPARSE_AND_NESTED = [
+    ("logits sparse", lambda: fastcal.calibrate(Z.to_sparse()), "logits"),
+    ("logits nested", lambda: fastcal.calibrate(torch.nested.nested_tensor([Z[0], Z[1]])), "logits"),
+    ("valid sparse", lambda: fastcal.calibrate(Z, valid=torch.ones(2, 5, 5, dtype=torch.bool).to_sparse()), "valid"),
+    ("prototypes sparse", lambda: fastcal.predict(Z, torch.eye(4).to_sparse()), "prototypes"),
+    ("S sparse", lambda: fastcal.prototypes_from_stats(torch.eye(4, dtype=torch.float64).to_sparse(),
+                                                       torch.ones(4, dtype=torch.float64)), "S"),
+    ("update sparse", lambda: fitted().update(Z.to_sparse()), "logits"),
+    ("calibrator predict nested", lambda: fitted().predict(torch.nested.nested_tensor([Z[0]])), "logits"),
+]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # nested tensors are a prototype feature of PyTorch
+@pytest.mark.parametrize("name,call,argument", SPARSE_AND_NESTED, ids=[c[0] for c in SPARSE_AND_NESTED])
+def test_sparse_and_nested_tensors_are_refused_by_name(name, call, argument):
+    with pytest.raises(TypeError, match=f"^{argument}: expected a dense tensor"):
+        call()
+
+
+def test_prototypes_that_would_overflow_are_refused():
+    """S[k] / W[k] beyond float32 (a weight of 1e-300), or prototypes so large that the float32
+    distances overflow and every class ties: ValueError, where every backend used to pick class 0."""
+    S = torch.eye(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"S, W: a prototype S\[k\] / W\[k\] is not finite"):
+        fastcal.prototypes_from_stats(S, torch.tensor([1e-300, 1.0, 1.0, 0.0], dtype=torch.float64))
+    for backend in ("reference", "torch", "torch-ops"):
+        with pytest.raises(ValueError, match="prototypes: entries must be at most"):
+            fastcal.predict(Z, torch.eye(4) * 1e19, backend=backend)
+    P = torch.eye(4) * 2.0**40  # the bound itself is accepted, and predicts as the oracle does
+    assert fastcal.predict(Z, P).shape == (2, 5, 5)

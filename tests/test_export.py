@@ -226,3 +226,66 @@ def test_import_fastcal_imports_no_export_dependency():
             "if m in sys.modules]; assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+# ----- the edges: overflow, and what the command refuses -----------------------------------------
+@pytest.mark.parametrize("temperature,scale", [(1.2e-38, 9.0), (0.01, 1e37), (3.0, 3e38)])
+def test_the_head_agrees_where_predict_is_defined(tmp_path, temperature, scale):
+    """Tiny temperatures and huge logits: the head subtracts the max first, as the kernels do."""
+    torch.manual_seed(1)
+    z = torch.randn(2, 5, 12, 13).clamp(-1, 1) * scale
+    cal = fastcal.LabelCalibrator(5, temperature=temperature).update(z)
+    head = calibration_head(cal)
+    expected = cal.predict(z)
+    assert torch.equal(head(z), expected)
+    export_onnx(head, z, tmp_path / "head.onnx")
+    assert torch.equal(run_onnx(tmp_path / "head.onnx", z), expected)
+    scores = calibration_head(cal, output="scores")(z)
+    assert torch.isfinite(scores).all()
+
+
+def test_export_command_takes_the_saved_empty_policy_and_refuses_what_it_cannot_honour(tmp_path, capsys):
+    cal = fitted(19, "skip")
+    cal.save(tmp_path / "state.pt")
+    state_bytes = (tmp_path / "state.pt").read_bytes()
+    assert cli(["export", str(tmp_path / "state.pt"), "--out", str(tmp_path / "state.pt")]) == 2
+    assert "is the state file itself" in capsys.readouterr().err
+    assert (tmp_path / "state.pt").read_bytes() == state_bytes  # untouched
+    assert cli(["export", str(tmp_path / "state.pt"), "--out", str(tmp_path / "head.onnx")]) == 0
+    assert "empty='skip'" in capsys.readouterr().out
+    z = torch.randn(2, 19, 11, 13) * 3
+    assert torch.equal(run_onnx(tmp_path / "head.onnx", z), cal.predict(z))  # skip, as the calibrator
+    fastcal.LabelCalibrator(19, empty="skip").save(tmp_path / "nothing.pt")
+    assert cli(["export", str(tmp_path / "nothing.pt"), "--out", str(tmp_path / "n.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "every class is empty" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "n.onnx").exists()
+    for bad in (["--opset", "5"], ["--opset", "99"], ["--out", str(tmp_path / "missing_folder") + "/"]):
+        out = [] if bad[0] == "--out" else ["--out", str(tmp_path / "x.onnx")]
+        with pytest.raises(SystemExit) as error:
+            cli(["export", str(tmp_path / "state.pt"), *out, *bad])
+        assert error.value.code == 2
+    assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "missing_folder").exists()
+
+
+def test_an_asked_opset_is_the_written_one(tmp_path):
+    import onnx
+
+    cal = fitted(5)
+    export_onnx(calibration_head(cal), torch.randn(2, 5, 8, 8), tmp_path / "h.onnx", opset=20)
+    graph = onnx.load(str(tmp_path / "h.onnx"))
+    assert [o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")] == [20]
+    with pytest.raises(ValueError, match="opset"):
+        export_onnx(calibration_head(cal), torch.randn(2, 5, 8, 8), tmp_path / "h.onnx", opset=13)
+
+
+def test_class_names_travel_to_the_onnx_metadata(tmp_path):
+    import json
+
+    import onnx
+
+    cal = fastcal.LabelCalibrator(3, class_names=["road", "car", "sky"]).update(torch.randn(2, 3, 6, 6) * 3)
+    cal.save(tmp_path / "state.pt")
+    assert cli(["export", str(tmp_path / "state.pt"), "--out", str(tmp_path / "h.onnx")]) == 0
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "h.onnx")).metadata_props}
+    assert json.loads(props["class_names"]) == ["road", "car", "sky"]

@@ -28,7 +28,8 @@ def test_file_is_plain_tensors_and_round_trips(tmp_path):
     cal = fitted()
     cal.save(tmp_path / "state.pt")
     state = torch.load(tmp_path / "state.pt", weights_only=True)  # no pickled code
-    assert state["format"] == "fastcal.LabelCalibrator" and state["version"] == 2
+    assert state["format"] == "fastcal.LabelCalibrator" and state["version"] == 3
+    assert state["empty"] == "onehot" and state["fastcal_version"] == fastcal.__version__
     restored = fastcal.LabelCalibrator(5).load(tmp_path / "state.pt")
     assert same_state(cal, restored)
     assert torch.equal(restored.prototypes, cal.prototypes)
@@ -44,6 +45,77 @@ def test_version_1_states_load_without_pixel_counts():
     assert all(c.pixels is None for c in restored.diagnostics().classes)
 
 
+def test_a_version_1_state_comes_back_after_every_save(tmp_path):
+    """Its pixel counts are unknown (NaN) and stay so; load, update, save, load again, export."""
+    cal = fitted()
+    old = {key: value for key, value in cal.state_dict().items()
+           if key not in ("N", "confidence_power", "empty", "class_names", "fastcal_version", "digest")}
+    old["version"] = 1
+    torch.save(old, tmp_path / "v1.pt")
+    first = fastcal.LabelCalibrator(5).load(tmp_path / "v1.pt")
+    first.save(tmp_path / "a.pt")
+    first.update(make_logits((1, 5, 4, 4)))
+    first.save(tmp_path / "b.pt")
+    for name in ("a.pt", "b.pt"):
+        again = fastcal.LabelCalibrator(5).load(tmp_path / name)
+        assert torch.isnan(again.counts).all()
+        assert torch.equal(fastcal.LabelCalibrator.from_file(tmp_path / name).W, again.W)
+    assert torch.equal(again.S, first.S) and again.num_updates == 4
+
+
+def test_every_flipped_bit_of_a_saved_file_is_refused(tmp_path):
+    """The zip records' CRC32 and the state's digest: one flipped bit anywhere, in the sums' record
+    or elsewhere, raises ValueError (never altered sums)."""
+    import random
+
+    cal = fitted()
+    cal.save(tmp_path / "state.pt")
+    raw = (tmp_path / "state.pt").read_bytes()
+    rng = random.Random(0)
+    data_start = raw.index(b"data/0") if b"data/0" in raw else 0
+    positions = [rng.randrange(len(raw)) for _ in range(30)] + [rng.randrange(data_start, len(raw))
+                                                                 for _ in range(30)]
+    for position in positions:
+        flipped = bytearray(raw)
+        flipped[position] ^= 1 << rng.randrange(8)
+        (tmp_path / "flipped.pt").write_bytes(bytes(flipped))
+        try:
+            loaded = fastcal.LabelCalibrator(5).load(tmp_path / "flipped.pt")
+        except ValueError:
+            continue
+        assert same_state(loaded, cal), f"a flipped bit at byte {position} loaded altered sums"
+
+
+def test_an_altered_state_dict_is_refused_by_its_digest():
+    state = fitted().state_dict()
+    S = state["S"].clone()
+    S[0, 1] += 2.0**-40  # plausible, finite, non-negative: only the digest can tell
+    with pytest.raises(ValueError, match="digest does not match"):
+        fastcal.LabelCalibrator(5).load_state_dict({**state, "S": S})
+    with pytest.raises(ValueError, match="digest does not match"):
+        fastcal.LabelCalibrator(5).load_state_dict({**state, "num_pixels": state["num_pixels"] + 1})
+
+
+def test_a_state_file_describes_how_it_predicts(tmp_path):
+    cal = fastcal.LabelCalibrator(5, empty="skip", temperature=2.0, class_names=list("abcde"))
+    cal.update(make_logits((2, 5, 6, 6)))
+    cal.save(tmp_path / "skip.pt")
+    with pytest.raises(ValueError, match="empty='skip'"):
+        fastcal.LabelCalibrator(5, temperature=2.0).load(tmp_path / "skip.pt")
+    restored = fastcal.LabelCalibrator.from_file(tmp_path / "skip.pt")
+    assert (restored.empty, restored.temperature, restored.class_names) == ("skip", 2.0, tuple("abcde"))
+    z = make_logits((2, 5, 6, 6))
+    assert torch.equal(restored.predict(z), cal.predict(z))
+    assert fastcal.LabelCalibrator.from_file(tmp_path / "skip.pt", empty="onehot").empty == "onehot"
+    named = fastcal.LabelCalibrator(5, empty="skip", temperature=2.0).load(tmp_path / "skip.pt")
+    assert named.class_names == tuple("abcde") and "a" in str(named.diagnostics())
+    with pytest.raises(ValueError, match="class_names differ"):
+        fastcal.LabelCalibrator(5, empty="skip", temperature=2.0, class_names=list("vwxyz")).load(
+            tmp_path / "skip.pt")
+    with pytest.raises(ValueError, match="expected 5 names"):
+        fastcal.LabelCalibrator(5, class_names=["a"])
+
+
 def corrupt_files(tmp_path, good: dict):
     def saved(name, state):
         torch.save(state, tmp_path / name)
@@ -53,7 +125,7 @@ def corrupt_files(tmp_path, good: dict):
     (tmp_path / "truncated.pt").write_bytes(raw[: len(raw) // 2])
     (tmp_path / "text.pt").write_text("not a checkpoint")
     return [
-        (saved("version.pt", {**good, "version": 3}), "version 3 is not supported"),
+        (saved("version.pt", {**good, "version": 4}), "version 4 is not supported"),
         (saved("counts.pt", {**good, "N": good["N"][:3]}), r"state\['N'\]: expected shape"),
         (saved("classes.pt", {**good, "num_classes": 6}), "num_classes=6"),
         (saved("shape.pt", {**good, "S": torch.zeros(5, 4, dtype=torch.float64)}), r"state\['S'\]: expected shape"),
