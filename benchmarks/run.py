@@ -104,7 +104,8 @@ def markdown(rows: list[dict], left_out: list, seconds: float) -> str:
              "| x exp | x interpolate-then | peak above input (MiB) |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     order = {"copy": 0, "exp": 1, "triton": 2, "interpolate+triton": 3, "torch": 4, "interpolate+torch": 5,
-             "torch-ops": 6, "interpolate+torch-ops": 7, "compile": 8, "onnx": 9, "reference": 10}
+             "torch-ops": 6, "interpolate+torch-ops": 7, "compile": 8, "onnx": 9, "onnx-argmax": 10,
+             "reference": 11}
     passes = {"copy": 0, "exp": 0, "stats": 1, "predict": 2, "calibrate": 3}
     for r in sorted(rows, key=lambda r: (r["workload"], r["dtype"], passes[r["pass_name"]], order[r["provider"]])):
         lines.append(
@@ -128,7 +129,9 @@ and `calibrate`; providers are the eager `reference`, the default CPU path (`tor
 Numba loops), PyTorch operations a chunk at a time (`torch-ops`), `torch.compile` of the
 reference (`compile`), on CUDA the Triton kernels (`triton`), `interpolate+...` for
 `F.interpolate` then the same pass where the logits come at the model's resolution, and `onnx`
-for the exported calibration head in ONNX Runtime (CPU execution provider; `fastcal.export`).
+for the exported calibration head in ONNX Runtime (CPU execution provider, worker threads not
+spinning; `fastcal.export`, default layout) beside `onnx-argmax`, the argmax-only head of the
+same logits (with the same `Resize` when upsampled) that a deployment without calibration runs.
 GB/s follow the bytes model of `docs/design.md` (stats reads the logits once, predict reads them
 and writes int64 labels, calibrate both); "% of copy" compares with a copy of the same logits
 measured in the same run; "x exp" with one elementwise `torch.exp` over the same logits into a

@@ -1,29 +1,44 @@
 """Deploying a fitted calibrator where fastcal cannot go: a head of standard operations.
 
-Calibrated prediction folds into operations every runtime has. With ``p = softmax(z / T)``, the
-prototypes ``P`` centred on their mean ``c`` (``A[k] = P[k] - c``, ``d = p - c``, as the kernels
-do, so float32 keeps its precision)::
+Calibrated prediction folds into operations every runtime has. With ``p = softmax(z / T)`` and
+the prototypes centred on their mean ``c`` (``A[k] = P[k] - c``, as the kernels do, so float32
+keeps its precision)::
 
-    argmin_k ||p - P[k]||^2 = argmax_k  2 d . A[k] - ||A[k]||^2
+    argmin_k ||p - P[k]||^2 = argmax_k  2 A[k] . (p - c) - ||A[k]||^2
 
-a 1x1 convolution of ``d`` with weight ``2A`` and bias ``-||A||^2``, then an argmax over the
-classes; the scores ``-||p - P[k]||^2`` are that minus ``||d||^2``. :func:`calibration_head` builds
-this as a ``torch.nn.Module`` of standard PyTorch operations (division, softmax, subtraction,
-``conv2d``, ``argmax``; bilinear ``F.interpolate`` first when asked), which ``torch.onnx.export``
-turns into Div, Softmax, Sub, Conv and ArgMax (Resize), and ``torch.export`` into core ATen
-operations. :func:`calibrated_model` puts a model in front of it, so one export holds both.
-:func:`export_onnx` exports either with dynamic batch, height and width.
+Two layouts of that math, chosen with ``layout=``:
 
-The head computes in float32 whatever the logits' dtype (the cast is in the graph). Empty
-classes follow the calibrator's ``empty`` policy: one-hot prototypes (``"onehot"``) or a bias of
-``-inf`` (``"skip"``: never chosen while another class is left). Ties go to the lowest class
-(ONNX ArgMax's default, ``select_last_index=0``). The head holds a copy of the prototypes: later
-updates of the calibrator do not change it.
+- ``"channels_last"`` (default; the fastest found for ONNX Runtime's CPU provider, see
+  ``docs/benchmarks.md``): the classes are moved to the last axis once, by a matrix product with
+  ``I / T`` that also divides by the temperature (ONNX Runtime fuses the transpose into it), then
+  ``Softmax`` and ``ArgMax`` run on the last axis, where the runtime has its fast loops, and the
+  distances are one ``MatMul`` with weights that absorb the centring and the bias: since the
+  ``p`` of a pixel sums to 1, ``2 A[k] . (p - c) - ||A[k]||^2 = p . (2 A[k] - b[k] 1)`` with
+  ``b[k] = 2 A[k] . c + ||A[k]||^2``. Works for logits of any rank ([N, C, *spatial]). With an
+  upsampling, the division by ``T`` happens on the small tensor (interpolation is linear), and
+  ``Resize`` runs before the classes move.
+- ``"nchw"``: softmax over the class axis and a centred 1x1 convolution, as before; for runtimes
+  that work NCHW (TensorRT). [N, C, H, W] logits only.
 
-Labels agree with :meth:`fastcal.LabelCalibrator.predict` except at genuine near-ties, pixels
-whose two nearest prototypes are closer than float32 can resolve (the bound the float64-oracle
-tests use, ``tests/oracle.py``). TensorRT users: keep the head in float32 (its scores are
-differences of squared distances), and expect ArgMax to become a TopK layer.
+Exactness: labels agree with :meth:`fastcal.LabelCalibrator.predict` except at genuine near-ties,
+pixels whose two nearest prototypes are closer than float32 can resolve (the bound the
+float64-oracle tests use, ``tests/oracle.py``); the channels-last form rounds the uncentred
+products ``p . 2A[k]`` (error about 2^-24 of the prototypes' spread, not of the distances), so at
+temperatures where every prototype is within about 1e-6 of uniform the ``"nchw"`` form is the
+exact one. Scores (``-||p - P[k]||^2``) agree to 1e-5.
+
+The max logit is subtracted before dividing by a temperature below 1, as the kernels do, so no
+finite logit overflows ``z / T``. The head computes in float32 whatever the logits' dtype (the cast
+is in the graph). Empty classes follow the calibrator's ``empty`` policy: one-hot prototypes
+(``"onehot"``) or never chosen (``"skip"``: ``-inf`` scores). Ties go to the lowest class (ONNX
+ArgMax's default, ``select_last_index=0``). ``label_dtype`` (int64, int32 or uint8 when the
+classes fit) is the labels' type, as in :func:`fastcal.predict`. The head holds a copy of the
+prototypes: later updates of the calibrator do not change it.
+
+:func:`calibration_head` builds the head as a ``torch.nn.Module``; :func:`calibrated_model` puts a
+model in front of it, so one export holds both; :func:`export_onnx` exports either with dynamic
+batch and spatial sizes. TensorRT users: take ``layout="nchw"``, keep the head in float32 (its
+scores are differences of squared distances), and expect ArgMax to become a TopK layer.
 """
 from __future__ import annotations
 
@@ -39,27 +54,47 @@ from ._common import centred_prototypes
 from .adapters import model_logits, output_size
 from .calibrator import LabelCalibrator
 
-OUTPUTS = ("labels", "scores")
+OUTPUTS = _checks.OUTPUTS
+LAYOUTS = ("channels_last", "nchw")
 OPSET = 18
+INPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+LABEL_DTYPES = {"int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8}
+# A skipped class's weight column in the channels-last head: its score p . (-M 1) = -M (p sums to
+# 1) loses to every kept class (prototypes are at most 2^40: kept scores stay far above -2^100),
+# and unlike -inf it never meets a 0 probability (0 * -inf is NaN).
+_SKIPPED = -(2.0**100)
 
 
 class CalibrationHead(nn.Module):
-    """``forward(logits [N, C, H, W]) -> labels [N, H', W']`` int64, or scores [N, C, H', W']
-    float32 (``output="scores"``). Built by :func:`calibration_head`."""
+    """``forward(logits [N, C, *spatial]) -> labels [N, *spatial']`` of ``label_dtype``, or scores
+    [N, C, *spatial'] float32 (``output="scores"``). Built by :func:`calibration_head`."""
 
     def __init__(self, prototypes: torch.Tensor, temperature: float, *, output: str = "labels", size=None,
-                 scale_factor=None, align_corners: bool = False, class_names=None):
+                 scale_factor=None, align_corners: bool = False, class_names=None,
+                 layout: str = "channels_last", label_dtype: torch.dtype = torch.int64):
         super().__init__()
         _checks.check_choice("output", output, OUTPUTS)
+        _checks.check_choice("layout", layout, LAYOUTS)
         _upsample.check_arguments((1, 1) if size == "input" else size, scale_factor, align_corners)
-        # the kernels' centring (skipped classes: a zero row and ||A[k]||^2 = +inf, so bias -inf)
+        # the kernels' centring (skipped classes: a zero row and ||A[k]||^2 = +inf)
         A, centre, squared_norms = centred_prototypes(prototypes.detach().cpu())
         C = A.shape[0]
-        self.register_buffer("centre", centre.view(1, C, 1, 1))
-        self.register_buffer("weight", (2.0 * A).view(C, C, 1, 1))
-        self.register_buffer("bias", -squared_norms)
+        _checks.check_label_dtype(label_dtype, C)
+        skipped = torch.isinf(squared_norms)
+        if layout == "nchw":
+            self.register_buffer("centre", centre.view(1, C, 1, 1))
+            self.register_buffer("weight", (2.0 * A).view(C, C, 1, 1))
+            self.register_buffer("bias", -squared_norms)
+        else:
+            A64, c64 = A.double(), centre.double()
+            folded = 2.0 * A64.T - (2.0 * A64 @ c64 + (A64 * A64).sum(dim=1))[None, :]  # [C (j), C (k)]
+            folded[:, skipped] = _SKIPPED
+            self.register_buffer("centre", centre)
+            self.register_buffer("weight", folded.float())
+            self.register_buffer("skipped", skipped)
+            self.register_buffer("scale", torch.eye(C) / float(temperature))
         self.temperature = float(temperature)
-        self.output = output
+        self.output, self.layout, self.label_dtype = output, layout, label_dtype
         self.size = size
         self.scale_factor = scale_factor
         self.align_corners = bool(align_corners)
@@ -67,44 +102,79 @@ class CalibrationHead(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return self.bias.shape[0]
+        return self.centre.numel()
 
     def forward(self, logits: torch.Tensor, size=None) -> torch.Tensor:
         """``size``: the output size when the head was built with ``size="input"`` (the model's
         input height and width; :func:`calibrated_model` passes it)."""
         z = logits.float()
         target = size if self.size == "input" else self.size
+        resize = None
         if target is not None or self.scale_factor is not None:
-            z = F.interpolate(z, size=target, scale_factor=None if target is not None else self.scale_factor,
-                              mode="bilinear", align_corners=self.align_corners)
-        # the max first, as the kernels do: (z - max z) / T overflows for no finite z and no T accepted
-        z = (z - z.amax(dim=1, keepdim=True)) / self.temperature
-        d = torch.softmax(z, dim=1) - self.centre
+            if z.dim() != 4:
+                raise ValueError(f"logits: upsampling needs [N, C, H, W] logits, got {tuple(z.shape)}")
+            resize = {"size": target} if target is not None else {"scale_factor": self.scale_factor}
+        if resize is not None and (self.layout == "nchw" or self.temperature < 1.0):
+            z, resize = F.interpolate(z, mode="bilinear", align_corners=self.align_corners, **resize), None
+        if self.temperature < 1.0:  # (z - max z) / T, as the kernels: no finite logit overflows
+            z = z - z.amax(dim=1, keepdim=True)
+        if self.layout == "nchw":
+            return self._nchw(z)
+        return self._channels_last(z, resize)
+
+    def _channels_last(self, z: torch.Tensor, resize) -> torch.Tensor:
+        N, C = z.shape[:2]
+        if resize is None:
+            spatial = z.shape[2:]
+            z = z.flatten(2).transpose(1, 2) @ self.scale  # [N, pixels, C] / T: one fused product
+        else:  # T >= 1: / T on the small tensor (no overflow; interpolation is linear), then Resize
+            z = F.interpolate(z * (1.0 / self.temperature), mode="bilinear", align_corners=self.align_corners,
+                              **resize)
+            spatial = z.shape[2:]
+            z = z.flatten(2).transpose(1, 2)
+        p = torch.softmax(z, dim=-1)
+        scores = p @ self.weight  # 2 A[k] . (p - c) - ||A[k]||^2
+        if self.output == "labels":
+            return scores.argmax(dim=-1).reshape(N, *spatial).to(self.label_dtype)
+        d = p - self.centre
+        scores = scores - (d * d).sum(dim=-1, keepdim=True)
+        scores = torch.where(self.skipped, torch.full_like(scores, float("-inf")), scores)
+        return scores.transpose(1, 2).reshape(N, C, *spatial)
+
+    def _nchw(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() != 4:
+            raise ValueError(f"logits: layout='nchw' takes [N, C, H, W] logits, got {tuple(z.shape)}; "
+                             "layout='channels_last' takes any rank")
+        d = torch.softmax(z / self.temperature, dim=1) - self.centre
         scores = F.conv2d(d, self.weight, self.bias)  # 2 d . A[k] - ||A[k]||^2
         if self.output == "labels":
-            return scores.argmax(dim=1)
+            return scores.argmax(dim=1).to(self.label_dtype)
         return scores - (d * d).sum(dim=1, keepdim=True)
 
     def extra_repr(self) -> str:
         resize = f", size={self.size}" if self.size is not None else (
             f", scale_factor={self.scale_factor}" if self.scale_factor is not None else "")
-        return f"num_classes={self.num_classes}, temperature={self.temperature}, output={self.output!r}{resize}"
+        return (f"num_classes={self.num_classes}, temperature={self.temperature}, output={self.output!r}, "
+                f"layout={self.layout!r}{resize}")
 
 
 def calibration_head(calibrator: LabelCalibrator, *, output: str = "labels", size=None, scale_factor=None,
-                     align_corners: bool = False) -> CalibrationHead:
+                     align_corners: bool = False, layout: str = "channels_last",
+                     label_dtype: torch.dtype = torch.int64) -> CalibrationHead:
     """The calibrator's prediction as a module of standard operations (see the module docstring):
-    ``forward(logits)`` gives what ``calibrator.predict(logits, output=output, size=size, ...)``
-    gives, for deployment in ONNX Runtime, TensorRT or a ``torch.export`` program.
+    ``forward(logits)`` gives what ``calibrator.predict(logits, output=output, size=size, ...,
+    label_dtype=label_dtype)`` gives, for deployment in ONNX Runtime, TensorRT or a
+    ``torch.export`` program.
 
     ``size``: (H', W'), or ``"input"`` for :func:`calibrated_model` to upsample to the images'
-    size; ``scale_factor`` / ``align_corners`` as in :func:`fastcal.predict`. Refuses a
-    calibrator with nothing to predict under ``empty="skip"``, as ``predict`` does."""
+    size; ``scale_factor`` / ``align_corners`` as in :func:`fastcal.predict`. ``layout``:
+    ``"channels_last"`` (default, any rank) or ``"nchw"`` (TensorRT). Refuses a calibrator with
+    nothing to predict under ``empty="skip"``, as ``predict`` does."""
     if not isinstance(calibrator, LabelCalibrator):
         raise TypeError(f"calibrator: expected a fastcal.LabelCalibrator, got {type(calibrator).__name__}")
     return CalibrationHead(calibrator.prototypes, calibrator.temperature, output=output, size=size,
                            scale_factor=scale_factor, align_corners=align_corners,
-                           class_names=calibrator.class_names)
+                           class_names=calibrator.class_names, layout=layout, label_dtype=label_dtype)
 
 
 class CalibratedModel(nn.Module):
@@ -123,18 +193,22 @@ class CalibratedModel(nn.Module):
 
 def calibrated_model(model: nn.Module, calibrator: LabelCalibrator, **head_options) -> CalibratedModel:
     """``model`` followed by :func:`calibration_head` (``head_options``: ``output``, ``size``
-    (``"input"`` for the images' size), ``scale_factor``, ``align_corners``): one module, so one
+    (``"input"`` for the images' size), ``scale_factor``, ``align_corners``, ``layout``,
+    ``label_dtype``): one module, so one
     ``torch.onnx.export`` or ``torch.export.export`` call exports model and calibration together.
     Put the model in eval mode first, as for any export."""
     return CalibratedModel(model, calibration_head(calibrator, **head_options))
 
 
-def dynamic_shapes(module: nn.Module):
-    """Batch, height and width of the first input dynamic (``torch.export`` form). Sides start at
-    2 for a head, at 32 for a model in front of one (its strided layers need some input)."""
+def dynamic_shapes(module: nn.Module, example: torch.Tensor | None = None):
+    """The batch and every spatial size of the first input dynamic (``torch.export`` form), for an
+    ``example`` of any rank (default [N, C, H, W]). Sides start at 2 for a head, at 32 for a model
+    in front of one (its strided layers need some input)."""
     dim = torch.export.Dim
     side = 32 if isinstance(module, CalibratedModel) else 2
-    return ({0: dim("batch", min=1), 2: dim("height", min=side), 3: dim("width", min=side)},)
+    rank = 4 if example is None else example.dim()
+    names = ("height", "width") if rank == 4 else tuple(f"side{i}" for i in range(rank - 2))
+    return ({0: dim("batch", min=1), **{2 + i: dim(name, min=side) for i, name in enumerate(names)}},)
 
 
 def export_onnx(module: nn.Module, example: torch.Tensor, path: str | os.PathLike, *, opset: int = OPSET) -> None:
@@ -155,7 +229,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | os.PathLik
     module = module.eval()
     with torch.no_grad():
         program = torch.onnx.export(module, (example,), dynamo=True, opset_version=opset,
-                                    dynamic_shapes=dynamic_shapes(module), input_names=["input"],
+                                    dynamic_shapes=dynamic_shapes(module, example), input_names=["input"],
                                     output_names=["output"], verbose=False)
     model = program.model_proto
     written = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
@@ -212,6 +286,14 @@ def add_arguments(parser) -> None:
                         help="classes no pixel was assigned to: one-hot prototypes or never chosen "
                              "(default: the policy saved in the state; onehot for states before version 3)")
     parser.add_argument("--opset", type=_opset, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    parser.add_argument("--input-dtype", choices=tuple(INPUT_DTYPES), default="float32",
+                        help="the logits' type as the deployed model emits them (cast to float32 in the graph)")
+    parser.add_argument("--label-dtype", choices=tuple(LABEL_DTYPES), default="int64",
+                        help="the labels' type (uint8 up to 256 classes: an 8x smaller output than int64)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="channels_last",
+                        help="channels_last (default: fastest in ONNX Runtime, any rank) or nchw (TensorRT)")
+    parser.add_argument("--rank", type=int, choices=(3, 4, 5), default=4,
+                        help="the logits' rank: 4 for [N, C, H, W] (default), 5 for volumes [N, C, D, H, W]")
 
 
 def main(args) -> int:
@@ -223,10 +305,13 @@ def main(args) -> int:
 
     if os.path.exists(args.out) and os.path.exists(args.state) and os.path.samefile(args.out, args.state):
         return refuse(f"--out {args.out!r} is the state file itself; name another file")
+    if args.size and args.rank != 4:
+        return refuse("--size: upsampling needs [N, C, H, W] logits (--rank 4)")
     try:
         calibrator = LabelCalibrator.from_file(args.state, empty=args.empty)
         size = tuple(args.size) if args.size else None
-        head = calibration_head(calibrator, output=args.output, size=size, align_corners=args.align_corners)
+        head = calibration_head(calibrator, output=args.output, size=size, align_corners=args.align_corners,
+                                layout=args.layout, label_dtype=LABEL_DTYPES[args.label_dtype])
     except FileNotFoundError:
         return refuse(f"{args.state}: no such file")
     except ValueError as error:  # a torn, altered or foreign file, or nothing to predict
@@ -235,8 +320,14 @@ def main(args) -> int:
             message = f"not a usable fastcal state file ({message})"
         return refuse(f"{args.state}: {message}")
     C = calibrator.num_classes
-    export_onnx(head, torch.zeros(2, C, 16, 16), args.out, opset=args.opset)
-    print(f"wrote {args.out}: {C} classes, input 'input' [N, {C}, H, W] float32, output 'output' "
-          f"{'[N, H, W] int64 labels' if args.output == 'labels' else f'[N, {C}, H, W] float32 scores'}"
-          f"{f' at {size[0]} x {size[1]}' if size else ''}, empty={calibrator.empty!r}")
+    if args.layout == "nchw" and args.rank != 4:
+        return refuse("--layout nchw takes [N, C, H, W] logits (--rank 4); channels_last takes any rank")
+    spatial = {3: "L", 4: "H, W", 5: "D, H, W"}[args.rank]
+    example = torch.zeros(2, C, *[16] * (args.rank - 2), dtype=INPUT_DTYPES[args.input_dtype])
+    export_onnx(head, example, args.out, opset=args.opset)
+    kind = f"[N, {spatial}] {args.label_dtype} labels" if args.output == "labels" else \
+        f"[N, {C}, {spatial}] float32 scores"
+    print(f"wrote {args.out}: {C} classes, input 'input' [N, {C}, {spatial}] {args.input_dtype}, output "
+          f"'output' {kind}{f' at {size[0]} x {size[1]}' if size else ''}, empty={calibrator.empty!r}, "
+          f"layout={args.layout}")
     return 0

@@ -17,6 +17,8 @@ def test_providers_compute_what_they_claim():
         assert torch.equal(labels, workloads.pass_function("reference", "predict", logits, prototypes)())
     onnx_labels = torch.from_numpy(workloads.pass_function("onnx", "predict", logits, prototypes)())
     oracle.assert_labels_match(onnx_labels, logits, prototypes)
+    argmax = torch.from_numpy(workloads.pass_function("onnx-argmax", "predict", logits, prototypes)())
+    assert torch.equal(argmax, logits.argmax(dim=1))
     assert torch.equal(workloads.pass_function("exp", "exp", logits, prototypes)(), logits.exp())
     assert torch.equal(workloads.pass_function("copy", "copy", logits, prototypes)(), logits)
 
@@ -31,6 +33,8 @@ def test_upsampling_providers_compute_what_they_claim():
         oracle.assert_labels_match(labels, upsampled, prototypes, logit_error=1e-6 * float(logits.abs().max()))
     onnx_labels = torch.from_numpy(workloads.pass_function("onnx", "predict", logits, prototypes, TINY_UP.resize)())
     oracle.assert_labels_match(onnx_labels, upsampled, prototypes, logit_error=1e-6 * float(logits.abs().max()))
+    argmax = torch.from_numpy(workloads.pass_function("onnx-argmax", "predict", logits, prototypes, TINY_UP.resize)())
+    assert argmax.shape == (1, 24, 32)
     exp = workloads.pass_function("exp", "exp", logits, prototypes, TINY_UP.resize)()
     assert exp.shape == (1, 5, 24, 32)
 
@@ -53,7 +57,7 @@ def test_cpu_rows_and_left_out_rows_cover_every_workload():
     rows, left_out = workloads.cases("cpu")
     assert {r[0] for r in rows} == set(workloads.WORKLOADS)
     assert all(r[2] in ("copy", "exp", "torch", "torch-ops", "reference", "compile", "interpolate+torch",
-                        "interpolate+torch-ops", "onnx") for r in rows)
+                        "interpolate+torch-ops", "onnx", "onnx-argmax") for r in rows)
     assert left_out and all(reason for _, reason in left_out)
 
 

@@ -47,13 +47,17 @@ def assert_agree(labels, expected, logits, cal, resize):
 RESIZES = [{}, {"size": (29, 37)}, {"size": (29, 37), "align_corners": True}, {"scale_factor": 2.5}]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+LAYOUTS = ["channels_last", "nchw"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("resize", RESIZES, ids=str)
-@pytest.mark.parametrize("C,empty", [(2, "onehot"), (19, "skip"), (150, "onehot")])
-def test_head_labels_are_the_calibrators(C, empty, resize, dtype):
+@pytest.mark.parametrize("C,empty", [(2, "onehot"), (19, "skip"), (150, "onehot"), (256, "onehot")])
+def test_head_labels_are_the_calibrators(C, empty, resize, dtype, layout):
     cal = fitted(C, empty)
     z = (torch.randn(2, C, 11, 13) * 3).to(dtype)
-    head = calibration_head(cal, **resize)
+    head = calibration_head(cal, layout=layout, **resize)
     labels = head(z)
     assert labels.dtype == torch.int64
     assert_agree(labels, cal.predict(z, **resize), z.float(), cal, resize)
@@ -61,11 +65,37 @@ def test_head_labels_are_the_calibrators(C, empty, resize, dtype):
         assert not (labels == C - 1).any()
 
 
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int32])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_head_labels_in_the_dtype_users_store(layout, label_dtype):
+    cal = fitted(19)
+    z = torch.randn(2, 19, 9, 10) * 3
+    labels = calibration_head(cal, layout=layout, label_dtype=label_dtype)(z)
+    assert labels.dtype == label_dtype
+    assert torch.equal(labels, cal.predict(z, label_dtype=label_dtype))
+    with pytest.raises(ValueError, match="uint8"):
+        calibration_head(fitted(300), label_dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 5, 6, 7), (3, 7, 11), (0, 7, 4, 4)], ids=str)
+def test_the_channels_last_head_takes_every_rank_predict_takes(shape):
+    cal = fitted(7)
+    z = torch.randn(shape) * 3
+    labels = calibration_head(cal)(z)
+    assert labels.shape == (shape[0], *shape[2:])
+    if z.numel():
+        assert_agree(labels, cal.predict(z), z, cal, {})
+    if len(shape) != 4:
+        with pytest.raises(ValueError, match="layout='nchw' takes"):
+            calibration_head(cal, layout="nchw")(z)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("resize", RESIZES[:2], ids=str)
-def test_head_scores_are_the_calibrators(resize):
+def test_head_scores_are_the_calibrators(resize, layout):
     cal = fitted(19, "skip")
     z = torch.randn(2, 19, 11, 13) * 3
-    scores = calibration_head(cal, output="scores", **resize)(z)
+    scores = calibration_head(cal, output="scores", layout=layout, **resize)(z)
     expected = cal.predict(z, output="scores", **resize)
     assert scores.dtype == torch.float32 and scores.shape == expected.shape
     assert torch.equal(torch.isinf(scores), torch.isinf(expected))  # the skipped class: -inf
@@ -95,32 +125,56 @@ def test_bad_arguments_are_refused():
 
 
 # ----- ONNX Runtime and torch.export --------------------------------------------------------------
-ONNX_CASES = [  # (C, empty, resize, dtype): each exported once, run at other shapes
-    (2, "onehot", {}, torch.float32),
-    (19, "skip", {"size": (29, 37)}, torch.float32),
-    (19, "onehot", {"size": (29, 37), "align_corners": True}, torch.float16),
-    (150, "onehot", {"scale_factor": 2.5}, torch.float32),
+ONNX_CASES = [  # (C, empty, resize, dtype, layout): each exported once, run at other shapes
+    (2, "onehot", {}, torch.float32, "channels_last"),
+    (19, "skip", {"size": (29, 37)}, torch.float32, "channels_last"),
+    (19, "onehot", {"size": (29, 37), "align_corners": True}, torch.float16, "channels_last"),
+    (150, "onehot", {"scale_factor": 2.5}, torch.float32, "channels_last"),
+    (256, "skip", {}, torch.float16, "channels_last"),
+    (19, "skip", {"size": (29, 37)}, torch.float32, "nchw"),
+    (150, "onehot", {}, torch.float16, "nchw"),
 ]
+GRAPH_OPS = {"channels_last": {"Softmax", "MatMul", "ArgMax"}, "nchw": {"Softmax", "Conv", "ArgMax"}}
 
 
-@pytest.mark.parametrize("C,empty,resize,dtype", ONNX_CASES, ids=str)
-def test_onnx_runtime_labels_are_the_calibrators(tmp_path, C, empty, resize, dtype):
+@pytest.mark.parametrize("C,empty,resize,dtype,layout", ONNX_CASES, ids=str)
+def test_onnx_runtime_labels_are_the_calibrators(tmp_path, C, empty, resize, dtype, layout):
     cal = fitted(C, empty)
     path = tmp_path / "head.onnx"
-    export_onnx(calibration_head(cal, **resize), (torch.randn(2, C, 8, 9) * 3).to(dtype), path)
+    export_onnx(calibration_head(cal, layout=layout, **resize), (torch.randn(2, C, 8, 9) * 3).to(dtype), path)
     import onnx
 
     graph = onnx.load(str(path))
-    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
-    assert {"Softmax", "Conv", "ArgMax"} <= {node.op_type for node in graph.graph.node}
-    for shape in [(2, C, 11, 13), (1, C, 20, 7)]:  # dynamic batch, height and width
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 18
+    assert GRAPH_OPS[layout] <= {node.op_type for node in graph.graph.node}
+    for shape in [(2, C, 11, 13), (1, C, 20, 7), (0, C, 5, 6)]:  # dynamic batch, height and width; empty
         z = (torch.randn(shape) * 3).to(dtype)
-        assert_agree(run_onnx(path, z), cal.predict(z, **resize), z.float(), cal, resize)
+        labels = run_onnx(path, z)
+        if shape[0]:
+            assert_agree(labels, cal.predict(z, **resize), z.float(), cal, resize)
+        else:
+            assert labels.shape == cal.predict(z, **resize).shape
 
 
-def test_onnx_runtime_scores(tmp_path):
+def test_onnx_runtime_volumes_and_random_logits_agree_on_nearly_every_pixel(tmp_path):
+    """The goal the head is measured by: >= 99.99% of the calibrator's labels on random logits, for
+    3-D logits [N, C, D, H, W] and float16 inputs too, in ONNX Runtime."""
+    cal = fitted(19)
+    for dtype, shape in ((torch.float32, (2, 19, 64, 96)), (torch.float16, (2, 19, 64, 96)),
+                         (torch.float32, (2, 19, 8, 24, 32))):
+        path = tmp_path / f"{dtype}-{len(shape)}.onnx"
+        export_onnx(calibration_head(cal), (torch.randn(2, *shape[1:-2], 8, 9) * 3).to(dtype), path)
+        z = (torch.randn(shape) * 3).to(dtype)
+        labels, expected = run_onnx(path, z), cal.predict(z)
+        assert labels.shape == expected.shape
+        assert (labels == expected).float().mean() >= 0.9999
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_onnx_runtime_scores(tmp_path, layout):
     cal = fitted(19, "skip")
-    export_onnx(calibration_head(cal, output="scores"), torch.randn(2, 19, 8, 8), tmp_path / "scores.onnx")
+    export_onnx(calibration_head(cal, output="scores", layout=layout), torch.randn(2, 19, 8, 8),
+                tmp_path / "scores.onnx")
     z = torch.randn(2, 19, 10, 12) * 3
     scores, expected = run_onnx(tmp_path / "scores.onnx", z), cal.predict(z, output="scores")
     finite = torch.isfinite(expected)
@@ -128,10 +182,11 @@ def test_onnx_runtime_scores(tmp_path):
     torch.testing.assert_close(scores[finite], expected[finite], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("resize", [{}, {"size": (29, 37)}, {"scale_factor": 2.5, "align_corners": True}], ids=str)
-def test_torch_export_with_dynamic_batch_height_and_width(resize):
+def test_torch_export_with_dynamic_batch_height_and_width(resize, layout):
     cal = fitted(19)
-    head = calibration_head(cal, **resize)
+    head = calibration_head(cal, layout=layout, **resize)
     program = torch.export.export(head, (torch.randn(2, 19, 8, 9),), dynamic_shapes=dynamic_shapes(head))
     for shape in [(2, 19, 11, 13), (3, 19, 6, 20)]:
         z = torch.randn(shape) * 3
@@ -238,6 +293,10 @@ def test_the_head_agrees_where_predict_is_defined(tmp_path, temperature, scale):
     head = calibration_head(cal)
     expected = cal.predict(z)
     assert torch.equal(head(z), expected)
+    assert torch.equal(calibration_head(cal, layout="nchw")(z), expected)
+    for layout in LAYOUTS:  # the max comes after the upsampling, as in the kernels
+        resized = calibration_head(cal, layout=layout, size=(17, 19))(z)
+        assert (resized == cal.predict(z, size=(17, 19))).float().mean() > 0.99
     export_onnx(head, z, tmp_path / "head.onnx")
     assert torch.equal(run_onnx(tmp_path / "head.onnx", z), expected)
     scores = calibration_head(cal, output="scores")(z)
@@ -289,3 +348,22 @@ def test_class_names_travel_to_the_onnx_metadata(tmp_path):
     assert cli(["export", str(tmp_path / "state.pt"), "--out", str(tmp_path / "h.onnx")]) == 0
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "h.onnx")).metadata_props}
     assert json.loads(props["class_names"]) == ["road", "car", "sky"]
+
+
+@pytest.mark.parametrize("options,dtype,shape", [
+    (["--input-dtype", "float16", "--label-dtype", "uint8"], torch.float16, (2, 19, 11, 13)),
+    (["--rank", "5"], torch.float32, (1, 19, 4, 6, 7)),
+    (["--layout", "nchw", "--label-dtype", "int32"], torch.float32, (2, 19, 5, 6)),
+], ids=str)
+def test_export_command_writes_the_input_and_label_types_asked_for(tmp_path, capsys, options, dtype, shape):
+    cal = fitted(19)
+    cal.save(tmp_path / "state.pt")
+    assert cli(["export", str(tmp_path / "state.pt"), "--out", str(tmp_path / "h.onnx"), *options]) == 0
+    z = (torch.randn(shape) * 3).to(dtype)
+    label_dtype = {"uint8": torch.uint8, "int32": torch.int32}.get(options[-1], torch.int64)
+    labels, expected = run_onnx(tmp_path / "h.onnx", z), cal.predict(z, label_dtype=label_dtype)
+    assert labels.dtype == label_dtype
+    assert_agree(labels, expected, z.float(), cal, {})
+    assert cli(["export", str(tmp_path / "state.pt"), "--out", str(tmp_path / "x.onnx"), "--rank", "5",
+                "--size", "8", "8"]) == 2
+    assert "--rank 4" in capsys.readouterr().err

@@ -1,0 +1,125 @@
+"""The exported head where users deploy it: ``python -m benchmarks.deploy [--out docs/deploy.md]``.
+
+ONNX Runtime's CPU execution provider against fastcal itself, on the logits of one Cityscapes
+frame (1x19x1024x2048 float32) and on the same frame's logits at the model's resolution
+(1x19x256x512) upsampled to 1024x2048 on the way:
+
+- ``fastcal``: ``LabelCalibrator.predict`` (the fused CPU loops; ``size=`` upsamples on the fly);
+- ``head channels_last`` / ``head nchw``: the exported calibration head in its two layouts
+  (``fastcal.export.calibration_head``), ONNX Runtime's defaults except worker threads that do not
+  spin (a spinning pool slows whatever runs next);
+- ``argmax``: the argmax-only head of the same logits (``Resize`` then ``ArgMax`` when upsampled),
+  what a deployment without calibration runs;
+- the default head again under other session settings: one intra-op thread, and each graph
+  optimisation level, to say which settings matter.
+
+Each provider is timed in a block of its own (best of ``--rounds`` rounds of ``--calls`` calls),
+with a pause between blocks, and the ratios come from the same run. ``--out`` writes the table
+as Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+
+import torch
+
+import fastcal
+from benchmarks.workloads import ArgmaxHead, onnx_session
+from fastcal.export import calibration_head
+
+C = 19
+FULL, SMALL = (1024, 2048), (256, 512)
+
+
+def best_ms(call, rounds: int, calls: int) -> float:
+    call()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        times.append((time.perf_counter() - start) / calls)
+    return min(times) * 1e3
+
+
+def providers(calibrator: fastcal.LabelCalibrator, logits: torch.Tensor, resize: dict):
+    """``(name, call)`` per provider; the sessions are built (exported) here, before any timing."""
+    example = torch.zeros(2, C, 16, 16)
+    feed = {"input": logits.numpy()}
+
+    def session_call(module, **options):
+        session = onnx_session(module, example, **options)
+        return lambda: session.run(None, feed)
+
+    head = calibration_head(calibrator, **resize)
+    yield "fastcal", lambda: calibrator.predict(logits, **resize)
+    yield "head channels_last", session_call(head)
+    yield "head nchw", session_call(calibration_head(calibrator, layout="nchw", **resize))
+    yield "argmax", session_call(ArgmaxHead(resize))
+    yield "head channels_last, 1 thread", session_call(head, threads=1)
+    for level in ("disable", "basic", "extended"):
+        yield f"head channels_last, optimisation {level}", session_call(head, level=level)
+
+
+def measure(rounds: int, calls: int, pause: float) -> list[tuple[str, str, float]]:
+    torch.manual_seed(0)
+    calibrator = fastcal.LabelCalibrator(C).update(torch.randn(2, C, 64, 128) * 3)
+    rows = []
+    for case, shape, resize in (("1x19x1024x2048", (1, C, *FULL), {}),
+                                ("1x19x256x512 -> 1024x2048", (1, C, *SMALL), {"size": FULL})):
+        logits = torch.randn(shape) * 3
+        for name, call in list(providers(calibrator, logits, resize)):
+            time.sleep(pause)  # ONNX Runtime's pools settle; each provider runs in a block of its own
+            rows.append((case, name, best_ms(call, rounds, calls)))
+    return rows
+
+
+def markdown(rows, seconds: float) -> str:
+    lines = [f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+             f"torch {torch.__version__}, onnxruntime {_ort_version()}. Run time: {seconds:.0f} s.", "",
+             "| logits | provider | ms | x fastcal | x argmax head |", "|---|---|---:|---:|---:|"]
+    by_case: dict = {}
+    for case, name, ms in rows:
+        by_case.setdefault(case, {})[name] = ms
+    for case, found in by_case.items():
+        for name, ms in found.items():
+            lines.append(f"| {case} | {name} | {ms:.1f} | {ms / found['fastcal']:.2f} | {ms / found['argmax']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+INTRO = """# The exported head in ONNX Runtime
+
+This page is written by `python -m benchmarks.deploy --out docs/deploy.md`; rerun it to refresh
+the table. See the module docstring of `benchmarks/deploy.py` for what each row runs.
+
+"""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="write the table as Markdown (docs/deploy.md)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--pause", type=float, default=2.0, help="seconds between providers' blocks")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    rows = measure(args.rounds, args.calls, args.pause)
+    table = markdown(rows, time.perf_counter() - start)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(INTRO + "Output of `python -m benchmarks.deploy`:\n\n" + table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
