@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import _checks, _upsample, api
-from .adapters import model_logits, output_size
+from .adapters import batch_images, model_device, model_logits, output_size
 from .calibrator import LabelCalibrator
 from .fit import fit_calibrator
 
@@ -40,6 +40,11 @@ class LabelCalibration(nn.Module):
     logits bilinearly on the fly (see :func:`fastcal.calibrate`); ``size="input"`` means the
     input images' height and width.
 
+    ``logits(model, images) -> logits`` replaces ``model(images)`` in ``forward`` and :meth:`fit`
+    (a data preprocessor, sliding-window inference: see :func:`fastcal.fit.fit_calibrator`);
+    ``forward(images, valid=None)`` masks pixels out of the statistics it adds (continual and
+    episodic modes; every pixel still gets a label), at the logits' or the output resolution.
+
     ``state_dict()`` holds the model's tensors and, under ``"_extra_state"``, the calibrator's
     statistics and those of the last fit, so a saved wrapper resumes where it was.
     ``confidence_power`` weighs the pixels (see :func:`fastcal.prototype_stats`).
@@ -48,7 +53,7 @@ class LabelCalibration(nn.Module):
     def __init__(self, model: nn.Module, num_classes: int, *, mode: str = "continual", temperature: float = 1.0,
                  momentum: float | None = None, empty: str = "onehot", backend: str = "auto",
                  output: str = "labels", confidence_power: float = 1.0, size=None, scale_factor=None,
-                 align_corners: bool = False):
+                 align_corners: bool = False, logits=None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -57,6 +62,9 @@ class LabelCalibration(nn.Module):
         if momentum is not None and mode != "continual":
             raise ValueError(f"momentum: only the 'continual' mode decays its statistics, got mode={mode!r}")
         _upsample.check_arguments((1, 1) if size == "input" else size, scale_factor, align_corners)
+        if logits is not None and not callable(logits):
+            raise TypeError(f"logits: expected None or a callable (model, images) -> logits, got {type(logits).__name__}")
+        self.logits_hook = logits
         self.model = model.eval()
         self.mode, self.output = mode, output
         self.resize = {"size": size, "scale_factor": scale_factor, "align_corners": align_corners}
@@ -72,33 +80,42 @@ class LabelCalibration(nn.Module):
     def _logits(self, images: torch.Tensor):
         self.model.eval()
         with torch.no_grad():
-            logits = model_logits(self.model(images))
-        return logits, {**self.resize, "size": output_size(self.resize["size"], images)}
+            output = self.model(images) if self.logits_hook is None else self.logits_hook(self.model, images)
+        return model_logits(output), {**self.resize, "size": output_size(self.resize["size"], images)}
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         logits, resize = self._logits(images)
         if self.mode == "episodic":
             c = self.calibrator
             if logits.shape[1:2] != (c.num_classes,):
                 raise ValueError(f"logits: expected C={c.num_classes} classes on dim 1, got shape {tuple(logits.shape)}")
             return api.calibrate(logits, temperature=c.temperature, empty=c.empty, backend=c.backend,
-                                 output=self.output, confidence_power=c.confidence_power, **resize)
+                                 output=self.output, confidence_power=c.confidence_power, valid=valid, **resize)
         if self.mode == "continual":
-            self.calibrator.update(logits, **resize)
+            self.calibrator.update(logits, valid, **resize)
+        elif valid is not None:
+            _checks.check_valid(valid, logits, _upsample.output_shape(
+                logits, _upsample.resolve(logits, resize["size"], resize["scale_factor"], resize["align_corners"])))
         elif self.calibrator.num_updates == 0:
             raise RuntimeError("LabelCalibration(mode='offline'): call fit(loader) before predicting")
         return self.calibrator.predict(logits, output=self.output, **resize)
 
-    def fit(self, loader, *, progress: bool = True) -> "LabelCalibration":
+    def fit(self, loader, *, progress: bool = True, valid=None, images=None) -> "LabelCalibration":
         """Statistics of the model's logits over every batch of ``loader`` (unlabelled images, moved
-        to the device of the model's parameters: see :func:`fastcal.fit.fit_calibrator`), replacing
-        any earlier ones; a progress bar on stderr with ``progress`` (tqdm)."""
+        to the device of the model's parameters: see :func:`fastcal.fit.fit_calibrator`, whose
+        ``valid`` and ``images`` this takes; the wrapper's ``logits`` hook gets each batch's
+        images), replacing any earlier ones; a progress bar on stderr with ``progress`` (tqdm)."""
         if self.mode == "episodic":
             raise ValueError("fit: the 'episodic' mode keeps no statistics between batches")
+        hook = None
+        if self.logits_hook is not None:
+            pick, device = images or batch_images, model_device(self.model)
+            hook = lambda model, batch: self.logits_hook(  # noqa: E731
+                model, pick(batch) if device is None else pick(batch).to(device))
         self.calibrator.reset()
         fit_calibrator(self.model, loader, self.calibrator.num_classes, calibrator=self.calibrator,
-                       progress=progress, **self.resize)
+                       progress=progress, valid=valid, images=images, logits=hook, **self.resize)
         self._fitted = self.calibrator.state_dict()
         return self
 
@@ -121,7 +138,7 @@ class LabelCalibration(nn.Module):
                              f"this one is {self.mode!r}")
         c = self.calibrator
         scratch = LabelCalibrator(c.num_classes, temperature=c.temperature, momentum=c.momentum,
-                                  confidence_power=c.confidence_power)
+                                  confidence_power=c.confidence_power, empty=c.empty)
         scratch.load_state_dict(state["fitted"])  # check both before changing anything
         self.calibrator.load_state_dict(state["calibrator"])
         self._fitted = state["fitted"]

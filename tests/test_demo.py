@@ -70,7 +70,12 @@ def test_fit_calibrator_accepts_tuples_dicts_and_model_dicts():
     assert torch.equal(plain.S, manual.S) and plain.num_pixels == 3 * 2 * 25
 
 
-def test_fit_calibrator_shows_a_progress_bar(capsys):
+def test_fit_calibrator_shows_a_progress_bar_on_a_terminal(capsys, monkeypatch):
+    import sys
+
+    fit_calibrator(torch.nn.Conv2d(3, 4, 1), [torch.randn(1, 3, 4, 4)] * 3, 4, progress=True)
+    assert capsys.readouterr().err == ""  # not a terminal: quiet, as in a log
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     fit_calibrator(torch.nn.Conv2d(3, 4, 1), [torch.randn(1, 3, 4, 4)] * 3, 4, progress=True)
     err = capsys.readouterr().err
     assert "calibrating" in err and "/3 " in err  # the bar knows how many batches come

@@ -172,8 +172,13 @@ def test_bad_arguments_and_outputs():
         LabelCalibration(small_model(), C, mode="offline").fit([["not", "tensors"]], progress=False)
 
 
-def test_fit_shows_progress(capsys):
+def test_fit_shows_progress_on_a_terminal_only(capsys, monkeypatch):
+    import sys
+
     wrapper = LabelCalibration(small_model(), C, mode="offline")
+    wrapper.fit(batches(2), progress=True)
+    assert capsys.readouterr().err == ""  # stderr is no terminal here (a log): quiet
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     wrapper.fit(batches(2), progress=True)
     err = capsys.readouterr().err
     assert "calibrating" in err and "/2 " in err  # fit_calibrator's bar, knowing the batch count

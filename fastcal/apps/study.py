@@ -81,7 +81,7 @@ class Study:
         return LabelCalibrator(len(CLASSES), **options).update(logits)
 
     def bar(self, iterable, desc):
-        return tqdm(iterable, desc=desc, disable=not self.progress, leave=False)
+        return tqdm(iterable, desc=desc, disable=not self.progress or None, leave=False)
 
     # ----- 1. the confidence power ---------------------------------------------------------
     def confidence_power(self, pool, test, test_labels) -> dict:

@@ -86,7 +86,7 @@ def run(config: DemoConfig, out: str, device: str = "cpu", progress: bool = True
                "diagnostics": calibrator.diagnostics(CLASSES).to_dict()}
     outputs = {}
     for name, (images, labels) in tqdm((("target", target_test), ("source", source_test)), desc="evaluating",
-                                       unit="split", disable=not progress, leave=False):
+                                       unit="split", disable=not progress or None, leave=False):
         logits = logits_of(model, images.to(device))
         argmax = logits.argmax(dim=1).cpu()
         calibrated = calibrator.predict(logits).cpu()

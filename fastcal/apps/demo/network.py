@@ -35,7 +35,7 @@ def train(model: nn.Module, images, labels, steps: int, batch: int, seed: int, p
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
     model.train()
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc="training on source", unit="step", disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc="training on source", unit="step", disable=not progress or None, leave=False)
     for _ in bar:
         chosen = torch.randint(0, len(images), (batch,), generator=g)
         loss = nn.functional.cross_entropy(model(images[chosen]), labels[chosen])

@@ -1,0 +1,216 @@
+"""fit_calibrator and the wrapper in a user's loop: masks through every entry point, and hooks for
+the batch layouts and inference calls of mmsegmentation and MONAI (stand-ins of their call
+signatures: neither library installs here)."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import fastcal
+from fastcal.adapters import model_device
+from fastcal.fit import fit_calibrator
+from fastcal.nn import LabelCalibration
+
+C = 5
+
+
+class PixelModel(torch.nn.Module):
+    """A per-pixel segmenter (1x1 convolutions): a pixel's logits depend on that pixel alone, so
+    padding an image changes none of its own pixels' logits."""
+
+    def __init__(self, channels=3, spatial_dims=2):
+        super().__init__()
+        conv = torch.nn.Conv2d if spatial_dims == 2 else torch.nn.Conv3d
+        self.body = torch.nn.Sequential(conv(channels, 8, 1), torch.nn.Tanh(), conv(8, C, 1))
+        torch.nn.init.normal_(self.body[2].weight, std=3.0)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def assert_same_sums(a, b):
+    """Equal up to float32 sums in another order (the CPU loops add a block in float32; batches of
+    other shapes run the model's GEMMs in other orders)."""
+    torch.testing.assert_close(a.S, b.S, rtol=1e-5, atol=1e-5 * float(b.W.max()))
+    torch.testing.assert_close(a.W, b.W, rtol=1e-5, atol=1e-5 * float(b.W.max()))
+    assert a.num_pixels == b.num_pixels
+
+
+# ----- mmsegmentation: pad to a size divisor, mask the padding -----------------------------------
+class MMSegLike(PixelModel):
+    """The call signature of an mmsegmentation 1.x segmentor: ``data_preprocessor(data, training)``
+    normalises the images, pads them to a size divisor and stacks them; ``test_step(data)`` returns
+    one data sample per image with ``seg_logits.data`` [C, H, W] at the image's own size (padding
+    removed); ``encode_decode(inputs, metas)`` gives the logits of the padded batch."""
+
+    divisor = 8
+
+    def data_preprocessor(self, data, training=False):
+        inputs = [img.float() / 255.0 for img in data["inputs"]]
+        H = max(i.shape[-2] for i in inputs)
+        W = max(i.shape[-1] for i in inputs)
+        H, W = -(-H // self.divisor) * self.divisor, -(-W // self.divisor) * self.divisor
+        padded = torch.stack([torch.nn.functional.pad(i, (0, W - i.shape[-1], 0, H - i.shape[-2]), value=0.5)
+                              for i in inputs])
+        samples = [SimpleNamespace(metainfo={"img_shape": tuple(i.shape[-2:])}) for i in inputs]
+        return {"inputs": padded, "data_samples": samples}
+
+    def encode_decode(self, inputs, batch_img_metas):
+        return self(inputs)
+
+    def test_step(self, data):
+        data = self.data_preprocessor(data, False)
+        logits = self.encode_decode(data["inputs"], [s.metainfo for s in data["data_samples"]])
+        return [SimpleNamespace(seg_logits=SimpleNamespace(data=z[:, :s.metainfo["img_shape"][0],
+                                                                :s.metainfo["img_shape"][1]]))
+                for z, s in zip(logits, data["data_samples"])]
+
+
+def mmseg_batches(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sizes = [[(13, 17), (16, 11)], [(9, 20), (14, 14)]]
+    return [{"inputs": [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in pair],
+             "data_samples": [SimpleNamespace() for _ in pair]} for pair in sizes]
+
+
+def unpadded_calibrator(model, batches):
+    cal = fastcal.LabelCalibrator(C)
+    with torch.no_grad():
+        for batch in batches:
+            for img in batch["inputs"]:
+                cal.update(model((img.float() / 255.0)[None]))
+    return cal
+
+
+def test_mmseg_padded_batches_with_the_padding_masked_give_the_unpadded_images_sums():
+    torch.manual_seed(0)
+    model = MMSegLike().eval()
+    batches = mmseg_batches()
+
+    def padded_logits(model, batch):
+        data = model.data_preprocessor(batch, False)
+        return model.encode_decode(data["inputs"], [s.metainfo for s in data["data_samples"]])
+
+    def padding_mask(batch):
+        data = model.data_preprocessor(batch, False)
+        mask = torch.zeros(data["inputs"].shape[0], *data["inputs"].shape[-2:], dtype=torch.bool)
+        for m, s in zip(mask, data["data_samples"]):
+            m[:s.metainfo["img_shape"][0], :s.metainfo["img_shape"][1]] = True
+        return mask
+
+    masked = fit_calibrator(model, batches, C, logits=padded_logits, valid=padding_mask, progress=False)
+    assert_same_sums(masked, unpadded_calibrator(model, batches))
+    unmasked = fit_calibrator(model, batches, C, logits=padded_logits, progress=False)
+    assert unmasked.num_pixels > masked.num_pixels  # the padding would have counted
+
+
+def test_mmseg_test_step_logits_through_the_hook():
+    """mmseg's own inference (``test_step``: slide or whole, padding removed) as the logits hook."""
+    torch.manual_seed(0)
+    model = MMSegLike().eval()
+    batches = mmseg_batches(1)
+    cal = fastcal.LabelCalibrator(C)
+
+    def per_image(model, batch):  # images of different sizes: one update per image
+        for sample in model.test_step(batch):
+            cal.update(sample.seg_logits.data[None])
+        return torch.empty(0, C, 1, 1)  # nothing more to count for the batch
+
+    fit_calibrator(model, batches, C, calibrator=cal, logits=per_image, progress=False)
+    assert_same_sums(cal, unpadded_calibrator(model, batches))
+    with pytest.raises(TypeError, match="data preprocessor"):
+        fit_calibrator(model, batches, C, progress=False)
+
+
+# ----- MONAI: sliding-window inference over volumes, a body mask -----------------------------------
+def sliding_window_inference(inputs, roi_size, sw_batch_size, predictor, overlap=0.25):
+    """A stand-in of ``monai.inferers.sliding_window_inference`` (same call signature): the
+    predictor over windows of ``roi_size`` (here without overlap, enough for a per-voxel model)."""
+    out = None
+    D, H, W = inputs.shape[-3:]
+    for d in range(0, D, roi_size[0]):
+        for h in range(0, H, roi_size[1]):
+            for w in range(0, W, roi_size[2]):
+                window = inputs[..., d:d + roi_size[0], h:h + roi_size[1], w:w + roi_size[2]]
+                z = predictor(window)
+                if out is None:
+                    out = z.new_zeros(*z.shape[:2], D, H, W)
+                out[..., d:d + roi_size[0], h:h + roi_size[1], w:w + roi_size[2]] = z
+    return out
+
+
+def test_monai_sliding_window_volumes_with_a_body_mask():
+    torch.manual_seed(0)
+    model = PixelModel(channels=1, spatial_dims=3).eval()
+    volumes = [{"image": torch.randn(2, 1, 12, 10, 14), "body": torch.rand(2, 12, 10, 14) > 0.3} for _ in range(2)]
+    cal = fit_calibrator(model, volumes, C, progress=False, valid="body",
+                         logits=lambda model, batch: sliding_window_inference(batch["image"], (8, 8, 8), 4, model))
+    expected = fastcal.LabelCalibrator(C)
+    with torch.no_grad():
+        for v in volumes:
+            expected.update(model(v["image"]), v["body"])
+    assert_same_sums(cal, expected)
+
+
+# ----- every form of valid; masked pixels change nothing -----------------------------------------
+def test_every_form_of_valid_gives_the_same_sums_and_masked_pixels_change_nothing():
+    torch.manual_seed(0)
+    model = PixelModel().eval()
+    fov = torch.rand(12, 16) > 0.4  # one field of view for every image
+    batches = [{"image": torch.randn(2, 3, 12, 16), "mask": fov.expand(2, 12, 16).clone()} for _ in range(3)]
+    expected = fastcal.LabelCalibrator(C)
+    with torch.no_grad():
+        for b in batches:
+            expected.update(model(b["image"]), fov.expand(2, 12, 16))
+    for valid in (fov, fov.expand(2, 12, 16), "mask", lambda batch: batch["mask"]):
+        assert_same_sums(fit_calibrator(model, batches, C, valid=valid, progress=False), expected)
+    garbage = [{**b, "image": torch.where(fov, b["image"], torch.full_like(b["image"], 1e4))} for b in batches]
+    assert_same_sums(fit_calibrator(model, garbage, C, valid="mask", progress=False), expected)
+    with pytest.raises(TypeError, match="valid"):
+        fit_calibrator(model, batches, C, valid=fov.int(), progress=False)
+    with pytest.raises(ValueError, match="no field 'nope'"):
+        fit_calibrator(model, batches, C, valid="nope", progress=False)
+
+
+def test_valid_at_the_output_size_with_upsampling():
+    torch.manual_seed(0)
+    model = PixelModel().eval()
+    images = [torch.randn(2, 3, 6, 8) for _ in range(2)]
+    valid = torch.rand(12, 16) > 0.5
+    cal = fit_calibrator(model, images, C, size=(12, 16), valid=valid, progress=False)
+    expected = fastcal.LabelCalibrator(C)
+    with torch.no_grad():
+        for x in images:
+            expected.update(model(x), valid.expand(2, 12, 16), size=(12, 16))
+    assert_same_sums(cal, expected)
+
+
+def test_the_wrapper_takes_masks_and_hooks_in_fit_and_forward():
+    torch.manual_seed(0)
+    model = PixelModel().eval()
+    images = torch.randn(2, 3, 10, 12)
+    valid = torch.rand(2, 10, 12) > 0.5
+    hooked = lambda model, x: {"out": model(x)}  # noqa: E731  (any output form the fit helper takes)
+    with torch.no_grad():
+        logits = model(images)
+    continual = LabelCalibration(model, C, logits=hooked)
+    labels = continual(images, valid=valid)
+    reference = fastcal.LabelCalibrator(C).update(logits, valid)
+    assert_same_sums(continual.calibrator, reference)
+    assert torch.equal(labels, reference.predict(logits))
+    episodic = LabelCalibration(model, C, mode="episodic")
+    assert torch.equal(episodic(images, valid=valid), fastcal.calibrate(logits, valid=valid))
+    offline = LabelCalibration(model, C, mode="offline", logits=hooked)
+    offline.fit([{"image": images, "mask": valid}], valid="mask", progress=False)
+    assert_same_sums(offline.calibrator, reference)
+    with pytest.raises(ValueError, match="valid"):
+        offline(images, valid=valid[:, :5])
+
+
+def test_the_device_follows_the_model_and_a_plain_callable_leaves_images_where_they_are():
+    assert model_device(PixelModel()) == torch.device("cpu")
+    assert model_device(lambda x: x) is None
+    seen = []
+    fit_calibrator(lambda x: (seen.append(x.device), torch.randn(x.shape[0], C, 4, 4))[1],
+                   [torch.randn(1, 3, 4, 4)], C, progress=False)
+    assert seen == [torch.device("cpu")]
