@@ -37,6 +37,12 @@ class ClassReport:
     keeps_certain: bool | None      # is p = e_k labelled k (None for a skipped class)
 
 
+# the kinds of warning, by a phrase of their text (the summary line counts them)
+_KINDS = (("never the argmax", "empty"), ("pixels behind its prototype", "with too few pixels"),
+          ("prototype equals", "duplicated"), ("even a pixel certain", "relabelling its certain pixels"),
+          ("its prototype holds more", "impure"), ("calibration can barely tell", "too-close pair"))
+
+
 @dataclass
 class Diagnostics:
     classes: list[ClassReport]
@@ -45,8 +51,19 @@ class Diagnostics:
     def to_dict(self) -> dict:
         return {"classes": [asdict(c) for c in self.classes], "warnings": list(self.warnings)}
 
+    def summary(self) -> str:
+        """One line first: the classes, how many warn, and the warnings by kind."""
+        if not self.warnings:
+            return f"{len(self.classes)} classes, no warnings"
+        kinds: dict = {}
+        for warning in self.warnings:
+            kind = next((k for text, k in _KINDS if text in warning), "other")
+            kinds[kind] = kinds.get(kind, 0) + 1
+        return (f"{len(self.classes)} classes, {len(self.warnings)} warning(s): "
+                + ", ".join(f"{n} {kind}" for kind, n in kinds.items()))
+
     def __str__(self) -> str:
-        lines = [f"{'class':14s}{'pixels':>12s}{'weight':>12s}{'P[k][k]':>9s}  {'nearest':14s}{'distance':>9s}"]
+        lines = [self.summary(), f"{'class':14s}{'pixels':>12s}{'weight':>12s}{'P[k][k]':>9s}  {'nearest':14s}{'distance':>9s}"]
         for c in self.classes:
             pixels = "?" if c.pixels is None else f"{c.pixels:.0f}"
             own = "-" if c.self_probability is None else f"{c.self_probability:.3f}"

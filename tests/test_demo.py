@@ -25,6 +25,9 @@ def test_miniature_demo_pipeline(tmp_path):
         for kind in ("argmax", "calibrated"):
             score = on_disk[domain][kind]
             assert 0.0 <= score["miou"] <= 1.0 and set(score["iou"]) == set(demo.CLASSES)
+    assert 0.0 <= on_disk["source"]["calibrated_on_source"]["miou"] <= 1.0  # a source-fitted calibrator too
+    table = demo.report.demo_table(on_disk)
+    assert "source, calibrator fitted on source" in table and "source, calibrator fitted on target" in table
     png = (tmp_path / "panel.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
 

@@ -80,3 +80,15 @@ def test_counts_decay_with_momentum():
 def test_class_names_must_match():
     with pytest.raises(ValueError, match="class_names"):
         fastcal.LabelCalibrator(3).update(make_logits((1, 3, 4, 4))).diagnostics(["a", "b"])
+
+
+def test_the_printed_report_opens_with_a_one_line_summary():
+    z = torch.randn(2, 6, 8, 8) * 3
+    z[:, 5] -= 50  # a class never the argmax; every class has few pixels
+    report = fastcal.LabelCalibrator(6).update(z).diagnostics()
+    first = str(report).splitlines()[0]
+    assert first == report.summary()
+    assert first.startswith(f"6 classes, {len(report.warnings)} warning(s): ")
+    assert "1 empty" in first and "5 with too few pixels" in first
+    quiet = fastcal.LabelCalibrator(3).update(torch.randn(1, 3, 200, 200) * 5).diagnostics()
+    assert str(quiet).splitlines()[0] == "3 classes, no warnings"

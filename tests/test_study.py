@@ -42,13 +42,38 @@ def test_every_experiment_covers_its_grid(results):
     failures = r["failure_modes"]
     assert set(failures) == {"no cars, empty=onehot", "no cars, empty=skip", "collapse"}
     assert failures["collapse"]["smallest prototype distance"] >= 0
+    temperature = r["temperature"]
+    assert [row["domain"] for row in temperature["rows"]] == ["target", "stream middle (shift 0.5)",
+                                                             "stream end (shift 1)", "severe"]
+    assert all(0 <= row[f"T={T:g}"] <= 1 for row in temperature["rows"] for T in TINY.temperatures)
+
+
+def test_every_scored_calibration_is_a_case_of_the_signals_question(results):
+    _, r = results
+    cases = r["signals"]["cases"]
+    expected = (len(TINY.powers) + 3 + TINY.drift_streams * TINY.drift_steps * (2 + len(TINY.momenta))
+                + 4 * len(TINY.temperatures))
+    assert len(cases) == expected
+    for case in cases:
+        assert 0 <= case["relabelled"] <= 1 and 0 <= case["purity"] <= 1 and case["entropy"] >= 0
+        assert case["closest prototypes"] >= 0 and case["nearest distance"] >= 0
+    assert set(r["signals"]["spearman"]) == set(study.SIGNALS)
+
+
+def test_spearman_is_a_rank_correlation():
+    x = np.array([1.0, 2.0, 3.0, 4.0])
+    assert study._spearman(x, x ** 3) == pytest.approx(1.0)
+    assert study._spearman(x, -np.exp(x)) == pytest.approx(-1.0)
+    assert np.isnan(study._spearman(x, np.ones(4)))
 
 
 def test_findings_are_computed_from_the_results(results):
     _, r = results
     rows = dict(study.findings(r))
     assert set(rows) == {"Confidence weighting", "Unlabelled images needed", "Drifting stream",
-                         "A class absent from the target (car)", "Collapsing prototypes"}
+                         "A class absent from the target (car)", "Collapsing prototypes",
+                         "Choosing the temperature", "Knowing when it helps, without labels"}
+    assert f"over {len(r['signals']['cases'])} calibrations" in rows["Knowing when it helps, without labels"]
     best = max(r["confidence_power"]["rows"], key=lambda row: row["miou"])
     assert f"best γ = {best['power']:g}" in rows["Confidence weighting"]
 

@@ -11,6 +11,14 @@
 4. **Failure modes.** A target where one class (car) never appears, and a shift so strong that
    the model's outputs, and so the prototypes, collapse: what the diagnostics say, and what
    calibration does to mIoU.
+5. **The temperature.** mIoU against ``T`` (0.5 to 4) on the demo's target, on the drifting
+   stream's middle and last steps and on the severe domain.
+6. **Knowing when calibration helps, without labels.** Every calibration the study scores (every
+   domain, step, subset, power and temperature above) is a case with a measured gain (calibrated
+   minus argmax mIoU); beside it, signals computed without labels: the fraction of pixels the
+   calibration relabels, the prototypes' purity (mean ``P[k][k]``), the closest two prototypes'
+   distance, the mean distance of a pixel to its nearest prototype, and the mean entropy of ``p``.
+   Their Spearman rank correlations with the gain say which, if any, tracks it.
 
 The model is the demo's (trained once on the source, from the seed); everything is generated,
 nothing is downloaded. Writes ``results.json``, ``report.md`` and PNG figures into ``--out``.
@@ -28,7 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import _cli, api
+from .. import _cli
 from ..calibrator import LabelCalibrator
 from .demo import DemoConfig, report, trained_model
 from .demo.network import logits_of
@@ -48,6 +56,7 @@ class StudyConfig:
     drift_batch: int = 32
     drift_streams: int = 3           # streams (seeds) averaged per step
     momenta: tuple = (0.2, 0.5)
+    temperatures: tuple = (0.5, 1.0, 2.0, 4.0)
 
     def __post_init__(self):
         if self.demo is None:
@@ -69,6 +78,16 @@ class Study:
         self.config, self.progress = config, progress
         self.model, self.train_seconds = trained_model(config.demo, progress)
         self.seed = config.seed * 1000 + 500
+        self.cases = []  # (question, gain, signals) of every calibration scored: question 6
+
+    def scored(self, question: str, calibrator: LabelCalibrator, logits, labels) -> float:
+        """The calibrated mIoU of ``logits``, kept with its gain over the argmax and the label-free
+        signals of the same calibration (question 6)."""
+        calibrated = calibrator.predict(logits)
+        miou = report.miou(calibrated, labels)
+        gain = miou - report.miou(logits.argmax(1), labels)
+        self.cases.append({"question": question, "gain": gain, **label_free_signals(calibrator, logits, calibrated)})
+        return miou
 
     def images(self, domain, count: int, offset: int):
         d = self.config.demo
@@ -88,7 +107,7 @@ class Study:
         rows = []
         for power in self.bar(self.config.powers, "confidence power"):
             calibrator = self.fit(pool, confidence_power=power)
-            rows.append({"power": power, "miou": report.miou(calibrator.predict(test), test_labels)})
+            rows.append({"power": power, "miou": self.scored("confidence power", calibrator, test, test_labels)})
         return {"argmax": report.miou(test.argmax(1), test_labels), "rows": rows}
 
     # ----- 2. how many unlabelled images ----------------------------------------------------
@@ -118,9 +137,10 @@ class Study:
                 images, labels = self.images(drifting_domain(t), c.drift_batch, 10_000 + 100 * stream + step)
                 logits = self.logits(images)
                 scores["argmax"][stream, step] = report.miou(logits.argmax(1), labels)
-                scores["episodic"][stream, step] = report.miou(api.calibrate(logits), labels)
+                scores["episodic"][stream, step] = self.scored("drift, episodic", self.fit(logits), logits, labels)
                 for name, calibrator in online.items():
-                    scores[name][stream, step] = report.miou(calibrator.update(logits).predict(logits), labels)
+                    scores[name][stream, step] = self.scored(f"drift, {name}", calibrator.update(logits), logits,
+                                                             labels)
         return {"shift": shifts, "mean": {m: s.mean(0).tolist() for m, s in scores.items()},
                 "std": {m: s.std(0).tolist() for m, s in scores.items()}}
 
@@ -136,7 +156,7 @@ class Study:
             diagnostics = calibrator.diagnostics(CLASSES)
             out[f"no cars, empty={empty}"] = {
                 "argmax on no-car images": report.miou(no_cars_test.argmax(1), no_cars_labels),
-                "calibrated on no-car images": report.miou(calibrator.predict(no_cars_test), no_cars_labels),
+                "calibrated on no-car images": self.scored("no cars", calibrator, no_cars_test, no_cars_labels),
                 "argmax on images with cars": report.miou(test.argmax(1), test_labels),
                 "calibrated on images with cars": report.miou(calibrator.predict(test), test_labels),
                 "car IoU with cars, argmax": report.score(test.argmax(1), test_labels)["iou"]["car"],
@@ -151,12 +171,75 @@ class Study:
         diagnostics = calibrator.diagnostics(CLASSES)
         out["collapse"] = {
             "argmax": report.miou(collapse_test.argmax(1), collapse_labels),
-            "calibrated": report.miou(calibrator.predict(collapse_test), collapse_labels),
+            "calibrated": self.scored("collapse", calibrator, collapse_test, collapse_labels),
             "smallest prototype distance": _closest(diagnostics),
             "smallest prototype distance on the target": _closest(self.fit(pool).diagnostics(CLASSES)),
             "diagnostics": diagnostics.to_dict(),
         }
         return out
+
+    # ----- 5. the temperature ---------------------------------------------------------------
+    def temperature(self, pool, test, test_labels) -> dict:
+        c = self.config
+        domains = [("target", pool, test, test_labels)]
+        for name, t, offset in (("stream middle (shift 0.5)", 0.5, 40_000), ("stream end (shift 1)", 1.0, 40_100),
+                                ("severe", None, 40_200)):
+            domain = SEVERE if t is None else drifting_domain(t)
+            calib = self.logits(self.images(domain, c.pool_images // 2, offset)[0])
+            images, labels = self.images(domain, c.test_images // 2, offset + 1)
+            domains.append((name, calib, self.logits(images), labels))
+        rows = []
+        for name, calib, logits, labels in self.bar(domains, "temperature"):
+            row = {"domain": name, "argmax": report.miou(logits.argmax(1), labels)}
+            for T in c.temperatures:
+                row[f"T={T:g}"] = self.scored(f"temperature, {name}", self.fit(calib, temperature=T), logits, labels)
+            rows.append(row)
+        return {"temperatures": list(c.temperatures), "rows": rows}
+
+    # ----- 6. label-free signals ------------------------------------------------------------
+    def signals(self) -> dict:
+        gains = np.array([case["gain"] for case in self.cases])
+        correlations = {name: _spearman(np.array([case[name] for case in self.cases]), gains) for name in SIGNALS}
+        return {"cases": self.cases, "spearman": correlations}
+
+
+SIGNALS = ("relabelled", "purity", "closest prototypes", "nearest distance", "entropy")
+TRACKS = 0.7  # |Spearman| from which a signal is said to track the gain
+
+
+def label_free_signals(calibrator: LabelCalibrator, logits: torch.Tensor, calibrated: torch.Tensor) -> dict:
+    """What a user without labels can compute about one calibration of ``logits``."""
+    p = torch.softmax(logits.float() / calibrator.temperature, dim=1)
+    scores = calibrator.predict(logits, output="scores")
+    P = calibrator.prototypes
+    kept = ~torch.isnan(P).all(dim=1)
+    distances = torch.cdist(P[kept].double(), P[kept].double())
+    distances.fill_diagonal_(float("inf"))
+    return {"relabelled": float((calibrated != logits.argmax(1)).float().mean()),
+            "purity": float(P[kept].diagonal().mean()) if bool(kept.all()) else float(
+                torch.stack([P[k, k] for k in range(len(P)) if kept[k]]).mean()),
+            "closest prototypes": float(distances.min()),
+            "nearest distance": float((-scores.amax(dim=1)).clamp_min(0).sqrt().mean()),
+            "entropy": float(-(p * p.clamp_min(1e-12).log()).sum(dim=1).mean())}
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+    def ranks(v):
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v))
+        for value in np.unique(v):  # ties share their mean rank
+            tied = v == value
+            r[tied] = r[tied].mean()
+        return r
+
+    if len(x) < 3:
+        return float("nan")
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def _closest(diagnostics) -> float:
@@ -180,6 +263,8 @@ def run(config: StudyConfig, out: str, progress: bool = True, figures: bool = Tr
     results["image_count"] = study.image_count(pool, test, test_labels)
     results["drift"] = study.drift()
     results["failure_modes"] = study.failure_modes(pool, test, test_labels)
+    results["temperature"] = study.temperature(pool, test, test_labels)
+    results["signals"] = study.signals()
     results["seconds"] = time.perf_counter() - start
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -192,7 +277,7 @@ def run(config: StudyConfig, out: str, progress: bool = True, figures: bool = Tr
 
 # ----- figures -------------------------------------------------------------------------------
 FIGURES = {"confidence_power": "confidence_power.png", "image_count": "image_count.png", "drift": "drift.png",
-           "failure_modes": "failure_modes.png"}
+           "failure_modes": "failure_modes.png", "temperature": "temperature.png", "signals": "signals.png"}
 
 
 def write_figures(results: dict, out: str) -> None:
@@ -254,6 +339,27 @@ def write_figures(results: dict, out: str) -> None:
     axis.legend()
     _save(figure, plt, out, "failure_modes")
 
+    temperature = results["temperature"]
+    figure, axis = plt.subplots(figsize=(5.5, 3.6))
+    for row in temperature["rows"]:
+        line, = axis.plot(temperature["temperatures"], [100 * row[f"T={T:g}"] for T in temperature["temperatures"]],
+                          "o-", label=row["domain"])
+        axis.axhline(100 * row["argmax"], color=line.get_color(), linestyle=":", linewidth=1)
+    axis.set_xscale("log", base=2)
+    axis.set(xlabel="temperature T (dotted: argmax)", ylabel="mIoU (%)", title="The temperature")
+    axis.legend(fontsize=7)
+    _save(figure, plt, out, "temperature")
+
+    signals = results["signals"]
+    figure, axes = plt.subplots(1, len(SIGNALS), figsize=(3 * len(SIGNALS), 3), sharey=True)
+    gains = [100 * case["gain"] for case in signals["cases"]]
+    for axis, name in zip(axes, SIGNALS):
+        axis.scatter([case[name] for case in signals["cases"]], gains, s=8)
+        axis.axhline(0, color="gray", linewidth=0.5)
+        axis.set(xlabel=name, title=f"Spearman {signals['spearman'][name]:+.2f}")
+    axes[0].set_ylabel("gain over argmax (pt)")
+    _save(figure, plt, out, "signals")
+
 
 def _save(figure, plt, out: str, key: str) -> None:
     figure.tight_layout()
@@ -307,7 +413,29 @@ def findings(results: dict) -> list[tuple[str, str]]:
                  f"mIoU {_pct(collapse['argmax'])} argmax, {_pct(collapse['calibrated'])} calibrated "
                  f"({report.points(collapse['argmax'], collapse['calibrated'])}); "
                  f"diagnostic warnings: {len(collapse['diagnostics']['warnings'])}"))
+
+    temperature = results["temperature"]
+    best = []
+    for row in temperature["rows"]:
+        T = max(temperature["temperatures"], key=lambda t: row[f"T={t:g}"])
+        best.append(f"{row['domain']} T = {T:g} ({report.points(row['T=1'], row[f'T={T:g}'])} over T = 1)")
+    rows.append(("Choosing the temperature", "best per domain: " + "; ".join(best)))
+
+    rows.append(("Knowing when it helps, without labels", signals_finding(results["signals"])))
     return rows
+
+
+def tracking_signals(signals: dict) -> list[str]:
+    """The label-free signals whose rank correlation with the gain reaches :data:`TRACKS`."""
+    return [name for name, r in signals["spearman"].items() if r == r and abs(r) >= TRACKS]
+
+
+def signals_finding(signals: dict) -> str:
+    correlations = ", ".join(f"{name} {r:+.2f}" for name, r in signals["spearman"].items())
+    tracking = tracking_signals(signals)
+    verdict = (f"{', '.join(tracking)} track(s) the gain (|Spearman| >= {TRACKS})" if tracking
+               else f"no signal tracks the gain (every |Spearman| < {TRACKS})")
+    return f"{verdict} over {len(signals['cases'])} calibrations; Spearman with the gain: {correlations}"
 
 
 def _format(key: str, value) -> str:
@@ -353,6 +481,20 @@ def markdown(results: dict, figures: bool = True) -> str:
         lines.append(f"**{name}**: " + "; ".join(f"{k} {_format(k, v)}" for k, v in figures_of_case.items()))
         lines += [f"- diagnostics: {w}" for w in case["diagnostics"]["warnings"]] or ["- diagnostics: no warnings"]
         lines.append("")
+    temperature = results["temperature"]
+    names = [f"T={T:g}" for T in temperature["temperatures"]]
+    lines += ["## 5. The temperature", "", "| domain | argmax | " + " | ".join(names) + " |",
+              "|---" * (len(names) + 2) + "|"]
+    lines += [f"| {r['domain']} | {_pct(r['argmax'])} | " + " | ".join(_pct(r[n]) for n in names) + " |"
+              for r in temperature["rows"]]
+    signals = results["signals"]
+    lines += ["", "## 6. Knowing when calibration helps, without labels", "",
+              signals_finding(signals), "", "| signal | Spearman with the gain |", "|---|---|"]
+    lines += [f"| {name} | {r:+.2f} |" for name, r in signals["spearman"].items()]
+    gains = [c["gain"] for c in signals["cases"]]
+    lines += ["", f"Gains over the {len(gains)} calibrations: from {100 * min(gains):+.1f} to "
+              f"{100 * max(gains):+.1f} pt, {sum(g < 0 for g in gains)} of them below the argmax."]
+    lines.append("")
     if figures:
         lines += ["## Figures", ""] + [f"![{key}]({name})" for key, name in FIGURES.items()]
     return "\n".join(lines) + "\n"

@@ -50,10 +50,15 @@ def points(before: float, after: float) -> str:
 
 
 def demo_table(results: dict) -> str:
-    lines = ["", f"{'':18s}{'argmax mIoU':>12s}{'calibrated':>12s}{'change':>10s}"]
-    for name in ("target", "source"):
-        before, after = results[name]["argmax"]["miou"], results[name]["calibrated"]["miou"]
-        lines.append(f"{name + ' (held out)':18s}{before:12.1%}{after:12.1%}{points(before, after):>10s}")
+    lines = ["", f"{'held-out images':40s}{'argmax mIoU':>12s}{'calibrated':>12s}{'change':>10s}"]
+    rows = [("target, calibrator fitted on target", "target", "calibrated"),
+            ("source, calibrator fitted on source", "source", "calibrated_on_source"),
+            ("source, calibrator fitted on target", "source", "calibrated")]
+    for label, name, kind in rows:
+        if kind not in results[name]:
+            continue
+        before, after = results[name]["argmax"]["miou"], results[name][kind]["miou"]
+        lines.append(f"{label:40s}{before:12.1%}{after:12.1%}{points(before, after):>10s}")
     lines.append("")
     lines.append(f"{'per-class IoU':18s}" + "".join(f"{c[:8]:>9s}" for c in CLASSES))
     for name in ("target", "source"):
