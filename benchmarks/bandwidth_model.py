@@ -132,7 +132,8 @@ def goal_launches(dtype: torch.dtype, shape: tuple, device: Device = H200, *, ma
     names = ["row stats", "stats"] if len(launches) == 2 else ["stats"]
     result = dict(zip(names, launches))
     programs = predict.predict_config(C, size, aligned, device.target)["programs_per_sm"] * device.sms
-    result["predict"], _ = predict.predict_launch(logits, DistanceOperands(torch.eye(C, device="meta")), 1.0, label_dtype,
+    operands = DistanceOperands(torch.eye(C, device="meta"))
+    result["predict"], _ = predict.predict_launch(logits, operands, 1.0, label_dtype,
                                                   programs=programs, target=device.target)
     return result
 
@@ -153,7 +154,8 @@ def table(target: str | None = None, device: Device = H200) -> list[dict]:
                              "shared": usage["SHARED"], "warps": launch.options["num_warps"],
                              "resident": model.resident, "tile_bytes": model.tile_bytes,
                              "in_flight": model.bytes_in_flight, "fraction": model.fraction(device),
-                             "load_bits": max(aot.global_load_widths(compiled), default=0) if "ptx" in compiled.asm else "-"})
+                             "load_bits": (max(aot.global_load_widths(compiled), default=0)
+                                           if "ptx" in compiled.asm else "-")})
     return rows
 
 

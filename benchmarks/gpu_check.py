@@ -120,7 +120,8 @@ def parse_rocprof_stats(text: str) -> list[dict]:
 def rocprof_table(rows: list[dict]) -> str:
     lines = ["| kernel | calls | average (us) |", "|---|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r.get('Name', '')[:40]} | {r.get('Calls', '')} | {float(r.get('AverageNs', 'nan')) / 1e3:.1f} |")
+        microseconds = float(r.get("AverageNs", "nan")) / 1e3
+        lines.append(f"| {r.get('Name', '')[:40]} | {r.get('Calls', '')} | {microseconds:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -172,7 +173,8 @@ def main(argv=None) -> int:
     steps = []
     if not args.skip_tests:
         # -x: a wrong kernel stops the tests early and leaves the time to the measurements
-        steps.append(run_step("kernel-tests", [python, "-m", "pytest", "-x", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
+        steps.append(run_step("kernel-tests", [python, "-m", "pytest", "-x", "-q", "-o", "addopts=",
+                                               "-p", "no:cacheprovider",
                                                "-k", KERNEL_SELECTION, *KERNEL_TESTS], args.out_dir,
                               min(150, deadline - time.perf_counter())))
     bench_dir = os.path.join(args.out_dir, "bench")

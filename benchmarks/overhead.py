@@ -98,9 +98,9 @@ def triton_host_work(number: int, repeat: int) -> dict:
         z = torch.randn(shape)
         P = torch.eye(shape[1])
         if name == "predict":
-            call = lambda: fastcal.predict(z, P, backend="triton", **resize)  # noqa: E731
+            call = lambda z=z, P=P, resize=resize: fastcal.predict(z, P, backend="triton", **resize)  # noqa: E731
         else:
-            call = lambda: fastcal.calibrate(z, backend="triton", **resize)  # noqa: E731
+            call = lambda z=z, resize=resize: fastcal.calibrate(z, backend="triton", **resize)  # noqa: E731
         rows[name] = call
     with launches_replaced_by_no_op():
         return interleaved_best_us(rows, number, repeat)
@@ -120,8 +120,8 @@ def serial_crossover(number: int, repeat: int) -> list:
             row = {"pixels": side * side}
             for mode, count in (("one thread", 1), ("pool", threads)):
                 numba.set_num_threads(count)
-                row[f"predict, {mode}"] = best_us(lambda: fastcal.predict(x, P), number, repeat)
-                row[f"stats, {mode}"] = best_us(lambda: fastcal.prototype_stats(x), number, repeat)
+                row[f"predict, {mode}"] = best_us(lambda x=x, P=P: fastcal.predict(x, P), number, repeat)
+                row[f"stats, {mode}"] = best_us(lambda x=x: fastcal.prototype_stats(x), number, repeat)
             rows.append(row)
     finally:
         numba.set_num_threads(threads)
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     results = {"machine": machine(),
                "number": args.number, "repeat": args.repeat, "calls": {}}
     for label, (backend, logits) in backends.items():
-        baseline = lambda: torch.softmax(logits, 1).argmax(1)  # noqa: E731
+        baseline = lambda logits=logits: torch.softmax(logits, 1).argmax(1)  # noqa: E731
         alone = best_us(baseline, args.number, args.repeat)
         results["calls"][label] = interleaved_best_us({"softmax+argmax": baseline, **public_calls(backend, logits)},
                                                       args.number, args.repeat)

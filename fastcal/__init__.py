@@ -5,10 +5,12 @@ CPU tensors (:mod:`fastcal.numba_backend`, with PyTorch operations where they ca
 :mod:`fastcal.torch_ops`), and a plain reference implementation (:mod:`fastcal.reference`)
 they are all checked against. :func:`fastcal._plan.resolve_backend` chooses among them.
 """
-from . import _process  # noqa: F401  (first: the fork hook, before any op runs)
+from . import (
+    _process,  # noqa: F401  (first: the fork hook, before any op runs)
+    nn,  # noqa: F401  (fastcal.nn.LabelCalibration, the model wrapper)
+)
 from .api import calibrate, predict, prototype_stats, prototypes_from_stats
 from .calibrator import LabelCalibrator
-from . import nn  # noqa: F401  (fastcal.nn.LabelCalibration, the model wrapper)
 
 __all__ = ["calibrate", "predict", "prototype_stats", "prototypes_from_stats", "LabelCalibrator"]
 __version__ = "0.1.0"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -32,7 +32,8 @@ def chunk_index(shape: tuple[int, ...], budget: int) -> Iterator[tuple]:
 
 def indexed(index: tuple):
     """The selector (``select(t)``: the [n] pixels of a C-contiguous
-    [N, *spatial] ``t``; ``select(t, classes=True)``: their [C, ...] view in [N, C, *spatial]) of the pixels ``index`` selects in [N, *spatial]."""
+    [N, *spatial] ``t``; ``select(t, classes=True)``: their [C, ...] view in [N, C, *spatial]) of the
+    pixels ``index`` selects in [N, *spatial]."""
     def select(t, classes=False):
         return t.movedim(1, 0)[(slice(None), *index)] if classes else t[index].view(-1)
     return select

@@ -13,8 +13,9 @@ its launchers: a steady inference loop finds its plan and does no resolution wor
 checks depend on the key alone, a key found in the cache has passed them. A call whose options
 cannot be keyed (a tensor temperature) is planned afresh each time.
 
-The backends keep their own preparations (the CPU walk, launch layouts) in :attr:`Plan.walks`,
-built on first use, so they too are made once per key. Nothing here reads a tensor's values: a
+The CPU backends keep their own preparations (the fused loops' walks) in :attr:`Plan.walks`,
+built on first use, so they too are made once per key; the Triton launchers cache their launch
+layouts in ``kernels/_layout.py``, by shape, strides and device. Nothing here reads a tensor's values: a
 plan can be built for meta tensors (:func:`meta_plan`), and with it the Triton launches, without
 CUDA.
 """

@@ -28,7 +28,7 @@ class Sums:
     pixels: int = 0
 
     @classmethod
-    def zeros(cls, num_classes: int, device=None) -> "Sums":
+    def zeros(cls, num_classes: int, device=None) -> Sums:
         vector = torch.zeros(num_classes, dtype=torch.float64, device=device)
         return cls(torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device), vector, vector.clone())
 
@@ -36,17 +36,17 @@ class Sums:
     def device(self) -> torch.device:
         return self.S.device
 
-    def __add__(self, other: "Sums") -> "Sums":
+    def __add__(self, other: Sums) -> Sums:
         return Sums(self.S + other.S, self.W + other.W, self.N + other.N,
                     self.updates + other.updates, self.pixels + other.pixels)
 
-    def scaled(self, factor) -> "Sums":
+    def scaled(self, factor) -> Sums:
         """The sums times ``factor`` (a number, or one per class: [C]); the counters unchanged."""
         if isinstance(factor, torch.Tensor):
             return Sums(self.S * factor[:, None], self.W * factor, self.N * factor, self.updates, self.pixels)
         return Sums(self.S * factor, self.W * factor, self.N * factor, self.updates, self.pixels)
 
-    def to(self, device) -> "Sums":
+    def to(self, device) -> Sums:
         return Sums(self.S.to(device), self.W.to(device), self.N.to(device), self.updates, self.pixels)
 
     def decay_factors(self, momentum: float) -> torch.Tensor:
@@ -62,7 +62,7 @@ class Sums:
         return torch.cat([self.S.flatten(), self.W, self.N, counters]).to(device or self.device)
 
     @classmethod
-    def from_payload(cls, payload: torch.Tensor, num_classes: int) -> "Sums":
+    def from_payload(cls, payload: torch.Tensor, num_classes: int) -> Sums:
         C = num_classes
         S, W, N, counters = payload.split([C * C, C, C, 2])
         updates, pixels = counters.tolist()
@@ -74,7 +74,7 @@ class Sums:
                 "N": self.N.detach().cpu().clone(), "num_updates": self.updates, "num_pixels": self.pixels}
 
     @classmethod
-    def from_dict(cls, state: dict, num_classes: int, *, has_counts: bool = True, device=None) -> "Sums":
+    def from_dict(cls, state: dict, num_classes: int, *, has_counts: bool = True, device=None) -> Sums:
         """Check and copy the sums of a saved state onto ``device``: float64 tensors holding values
         (not meta, not requiring grad) of the right shapes, finite and non-negative, weights that
         are 0 (an empty class) or at least ``WEIGHT_FLOOR`` so every ``S[k] / W[k]`` is finite, and

@@ -52,9 +52,9 @@ def operands_pass(S, W, plan):
     where one block of the predict pass holds every class; else as the reference builds them."""
     from . import reference
     from ._common import DistanceOperands
+    from .kernels.configs import FUSED_MAX_CLASSES
     from .kernels.predict import predict_config
     from .kernels.prototypes import operands
-    from .kernels.configs import FUSED_MAX_CLASSES
 
     C = W.shape[0]
     if C > FUSED_MAX_CLASSES:

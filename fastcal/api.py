@@ -15,7 +15,7 @@ exit in about one run in six).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -24,7 +24,7 @@ from ._common import distance_operands
 
 
 # ----- running a plan -------------------------------------------------------------------------
-def _stats(plan: _plan.Plan, logits: torch.Tensor, valid: Optional[torch.Tensor]):
+def _stats(plan: _plan.Plan, logits: torch.Tensor, valid: torch.Tensor | None):
     """``(S, W, N, bad)`` of the plan's stats pass; ``bad`` (valid pixels with a non-finite logit,
     an int or a 0-dim tensor on the device) is not read here: callers fold it into their one read."""
     if plan.pixels == 0:
@@ -87,8 +87,8 @@ def prototype_stats(logits, *, temperature=1.0, valid=None, backend="auto", dete
     ``S[k] = sum w(x) p(x)`` and ``W[k] = sum w(x)`` over the valid pixels ``x`` whose argmax is
     ``k``, each weighing ``w = conf ** confidence_power`` (default 1: the paper's ``conf``; 0: every
     pixel alike, the plain mean of soft labels; 2 or more: confident pixels count more; at most 8).
-    Sums run in float32 inside a block of pixels (CPU) or a program (Triton) and are carried in
-    float64. ``deterministic=None`` follows
+    Sums run in float32 inside a block of pixels (the fused CPU loops) or a program (Triton), in
+    float64 with the ``torch-ops`` and reference backends, and are carried in float64. ``deterministic=None`` follows
     ``torch.are_deterministic_algorithms_enabled()``; only the Triton backend
     has a non-deterministic (atomic) mode. Raises ``ValueError`` when a valid
     pixel has a NaN or infinite logit (which needs one number on the host: on CUDA, one
@@ -128,9 +128,9 @@ def _run_stats(plan, logits, valid):
     return S, W, N
 
 
-def _stats_impl(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: float, backend: str,
-                deterministic: Optional[bool], confidence_power: float, size: Optional[Sequence[int]],
-                scale_factor: Optional[Sequence[float]],
+def _stats_impl(logits: torch.Tensor, valid: torch.Tensor | None, temperature: float, backend: str,
+                deterministic: bool | None, confidence_power: float, size: Sequence[int] | None,
+                scale_factor: Sequence[float] | None,
                 align_corners: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     plan = _plan.plan("stats", logits, valid=valid, temperature=temperature, backend=backend,
                       deterministic=deterministic, confidence_power=confidence_power, size=size,
@@ -226,8 +226,8 @@ def _predict_with(plan, logits, prototypes, backend, label_dtype):
 
 
 def _predict_impl(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, backend: str,
-                  label_dtype: torch.dtype, scores: bool, size: Optional[Sequence[int]],
-                  scale_factor: Optional[Sequence[float]], align_corners: bool) -> torch.Tensor:
+                  label_dtype: torch.dtype, scores: bool, size: Sequence[int] | None,
+                  scale_factor: Sequence[float] | None, align_corners: bool) -> torch.Tensor:
     plan = _plan.plan("predict", logits, prototypes=prototypes, temperature=temperature, backend=backend,
                       label_dtype=label_dtype, output="scores" if scores else "labels", size=size,
                       scale_factor=scale_factor, align_corners=align_corners)
@@ -294,7 +294,7 @@ def _run_calibrate(plan, logits, valid):
     return _labels(plan, logits, plan.backend.operands_pass(S, W, plan))
 
 
-def _checked_read(bad, value: Optional[torch.Tensor] = None):
+def _checked_read(bad, value: torch.Tensor | None = None):
     """The stats pass's one read: raise ``ValueError`` when ``bad`` (the valid pixels with a
     non-finite logit: an int counted on the host, or a 0-dim tensor) is positive, else return
     ``value`` (a 0-dim tensor >= 0, what else the caller must know) as a float; a count on the
@@ -312,9 +312,9 @@ def _checked_read(bad, value: Optional[torch.Tensor] = None):
     return None if value is None else float(value)
 
 
-def _calibrate_impl(logits: torch.Tensor, valid: Optional[torch.Tensor], temperature: float, empty: str,
-                    backend: str, label_dtype: torch.dtype, scores: bool, deterministic: Optional[bool],
-                    confidence_power: float, size: Optional[Sequence[int]], scale_factor: Optional[Sequence[float]],
+def _calibrate_impl(logits: torch.Tensor, valid: torch.Tensor | None, temperature: float, empty: str,
+                    backend: str, label_dtype: torch.dtype, scores: bool, deterministic: bool | None,
+                    confidence_power: float, size: Sequence[int] | None, scale_factor: Sequence[float] | None,
                     align_corners: bool) -> torch.Tensor:
     plan = _plan.plan("calibrate", logits, valid=valid, temperature=temperature, backend=backend,
                       deterministic=deterministic, confidence_power=confidence_power, empty=empty,

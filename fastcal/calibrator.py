@@ -9,7 +9,9 @@ import torch
 
 from . import _checks, _plan, _process, _statefile, api, reference
 from ._common import DistanceOperands
-from ._state import WEIGHT_FLOOR, Sums, is_int as _is_int, is_number as _is_number  # noqa: F401 (WEIGHT_FLOOR: public)
+from ._state import WEIGHT_FLOOR, Sums  # noqa: F401 (WEIGHT_FLOOR: public)
+from ._state import is_int as _is_int
+from ._state import is_number as _is_number
 
 STATE_FORMAT = "fastcal.LabelCalibrator"
 # 3: the empty policy, class names, fastcal's version and a digest; 2: the confidence power and
@@ -155,7 +157,7 @@ class LabelCalibrator:
             raise ValueError(f"logits: on {device}, but this calibrator's sums are on {self._shared.device}")
 
     def update(self, logits: torch.Tensor, valid: torch.Tensor | None = None, *, size=None, scale_factor=None,
-               align_corners=False) -> "LabelCalibrator":
+               align_corners=False) -> LabelCalibrator:
         """Add a batch's statistics. Raises, changing nothing, on bad input or non-finite logits.
 
         ``size`` / ``scale_factor`` / ``align_corners``: the statistics of the bilinearly upsampled
@@ -248,7 +250,7 @@ class LabelCalibrator:
         return api._labels(plan, logits, operands)
 
     # ----- distributed -----------------------------------------------------------------
-    def all_reduce(self, group=None) -> "LabelCalibrator":
+    def all_reduce(self, group=None) -> LabelCalibrator:
         """Combine the updates every rank made since the last reduction; afterwards every rank holds
         the same statistics, those of one process that saw all the batches.
 
@@ -310,7 +312,7 @@ class LabelCalibrator:
         }
         return {**state, "digest": _statefile.digest(state)}
 
-    def load_state_dict(self, state: dict) -> "LabelCalibrator":
+    def load_state_dict(self, state: dict) -> LabelCalibrator:
         """Replace the sums with ``state``'s after checking all of it; on any error nothing changes.
 
         Every field is checked for its type, shape, device and range: plain ints for the version,
@@ -364,14 +366,14 @@ class LabelCalibrator:
         new file gets under the process's umask (e.g. 0644 under umask 022)."""
         _statefile.write(self.state_dict(), path)
 
-    def load(self, path: str | os.PathLike) -> "LabelCalibrator":
+    def load(self, path: str | os.PathLike) -> LabelCalibrator:
         """Load a file written by :meth:`save`; a corrupt, altered or foreign file raises
         ``ValueError`` (see :mod:`fastcal._statefile`), changing nothing."""
         return self.load_state_dict(_statefile.read(path))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, *, empty: str | None = None,
-                  backend: str = "auto") -> "LabelCalibrator":
+                  backend: str = "auto") -> LabelCalibrator:
         """A calibrator with the settings a state file was saved with (class count, temperature,
         momentum, confidence power, empty policy, class names) and its sums. ``empty`` overrides the
         saved policy (states before version 3 did not save one: ``"onehot"`` then)."""

@@ -32,8 +32,9 @@ caches. That is ``2C^2`` flops a pixel; from ``NEAREST_MAX_CLASSES`` classes on,
 register tiling does them faster, and the pass is ``centred_softmax_chunk`` into a
 chunk buffer, one ``torch.mm`` and ``argmin_chunk``.
 
-With an ``upsample`` argument the same loops read the logits at the model's resolution and
-interpolate each block bilinearly where it is used (see ``_read_block`` and ``_block_upsample``).
+Given the upsampling tables (``width, rows, cols``; ``0, None, None`` without) the same loops read
+the logits at the model's resolution and interpolate each block bilinearly where it is used (see
+``_read_block`` and ``_block_upsample``).
 
 Memory traffic per pixel: ``stats_chunk`` reads ``C`` logits (``4C`` bytes in float32,
 ``2C`` in half precision; and one mask byte); ``predict_chunk`` reads the same and writes
@@ -135,7 +136,8 @@ class _CompileNotice(event.Listener):
             self.started = None
 
 
-# registered once: it speaks only of these loops, whose compiles happen inside ``run``
+# registered once: it speaks only of the loops in _LOOPS (the parallel ones ``run`` calls and the
+# small serial ones the backend calls directly), whichever way their first call comes
 event.register("numba:compile", _CompileNotice())
 
 
@@ -606,7 +608,6 @@ def argmin_chunk(distance, bias, n, labels):
         out = labels[offset:offset + count]
         for i in range(count):
             out[i] = label[i]
-
 
 
 # ----- between the passes: the prototypes and the loops' operands (a few hundred values) -------------

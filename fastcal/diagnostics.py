@@ -63,7 +63,8 @@ class Diagnostics:
                 + ", ".join(f"{n} {kind}" for kind, n in kinds.items()))
 
     def __str__(self) -> str:
-        lines = [self.summary(), f"{'class':14s}{'pixels':>12s}{'weight':>12s}{'P[k][k]':>9s}  {'nearest':14s}{'distance':>9s}"]
+        lines = [self.summary(),
+                 f"{'class':14s}{'pixels':>12s}{'weight':>12s}{'P[k][k]':>9s}  {'nearest':14s}{'distance':>9s}"]
         for c in self.classes:
             pixels = "?" if c.pixels is None else f"{c.pixels:.0f}"
             own = "-" if c.self_probability is None else f"{c.self_probability:.3f}"

@@ -1,14 +1,14 @@
 """Fitting a calibrator from a model and a data loader."""
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
 from . import _upsample
-from .calibrator import LabelCalibrator
 from .adapters import batch_images, batch_valid, check_valid_source, model_device, model_logits, output_size
+from .calibrator import LabelCalibrator
 
 
 def fit_calibrator(model: Callable, loader: Iterable, num_classes: int, *, device=None,

@@ -63,7 +63,8 @@ class LabelCalibration(nn.Module):
             raise ValueError(f"momentum: only the 'continual' mode decays its statistics, got mode={mode!r}")
         _upsample.check_arguments((1, 1) if size == "input" else size, scale_factor, align_corners)
         if logits is not None and not callable(logits):
-            raise TypeError(f"logits: expected None or a callable (model, images) -> logits, got {type(logits).__name__}")
+            raise TypeError("logits: expected None or a callable (model, images) -> logits, "
+                            f"got {type(logits).__name__}")
         self.logits_hook = logits
         self.model = model.eval()
         self.mode, self.output = mode, output
@@ -72,7 +73,7 @@ class LabelCalibration(nn.Module):
                                           momentum=momentum, confidence_power=confidence_power)
         self._fitted = self.calibrator.state_dict()
 
-    def train(self, mode: bool = True) -> "LabelCalibration":
+    def train(self, mode: bool = True) -> LabelCalibration:
         super().train(mode)
         self.model.eval()  # calibration adapts the labels, never the model
         return self
@@ -89,7 +90,8 @@ class LabelCalibration(nn.Module):
         if self.mode == "episodic":
             c = self.calibrator
             if logits.shape[1:2] != (c.num_classes,):
-                raise ValueError(f"logits: expected C={c.num_classes} classes on dim 1, got shape {tuple(logits.shape)}")
+                raise ValueError(f"logits: expected C={c.num_classes} classes on dim 1, "
+                                 f"got shape {tuple(logits.shape)}")
             return api.calibrate(logits, temperature=c.temperature, empty=c.empty, backend=c.backend,
                                  output=self.output, confidence_power=c.confidence_power, valid=valid, **resize)
         if self.mode == "continual":
@@ -101,7 +103,7 @@ class LabelCalibration(nn.Module):
             raise RuntimeError("LabelCalibration(mode='offline'): call fit(loader) before predicting")
         return self.calibrator.predict(logits, output=self.output, **resize)
 
-    def fit(self, loader, *, progress: bool = True, valid=None, images=None) -> "LabelCalibration":
+    def fit(self, loader, *, progress: bool = True, valid=None, images=None) -> LabelCalibration:
         """Statistics of the model's logits over every batch of ``loader`` (unlabelled images, moved
         to the device of the model's parameters: see :func:`fastcal.fit.fit_calibrator`, whose
         ``valid`` and ``images`` this takes; the wrapper's ``logits`` hook gets each batch's
@@ -119,7 +121,7 @@ class LabelCalibration(nn.Module):
         self._fitted = self.calibrator.state_dict()
         return self
 
-    def reset(self) -> "LabelCalibration":
+    def reset(self) -> LabelCalibration:
         """Back to the statistics of the last :meth:`fit`, or to none."""
         self.calibrator.reset()
         if self._fitted["num_updates"]:

@@ -36,7 +36,7 @@ SMALL_BATCH_IMAGES = 4  # batches of at most this many images are read in place 
 _IN_PLACE = {torch.float32: torch.float32, torch.float16: torch.uint16, torch.bfloat16: torch.int16}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_kernels():
     """:mod:`fastcal.cpu_kernels`, imported on the first call (it imports Numba)."""
     from . import cpu_kernels
@@ -192,7 +192,8 @@ def stats_pass(logits: torch.Tensor, valid: torch.Tensor | None, plan):
     inv_temperature, power = np.float32(1.0 / plan.temperature), np.float32(plan.confidence_power)
     for select, z, g, start, n in walk.pieces(logits):
         mask = all_valid if valid is None else host_array(select(valid))
-        nonfinite += int(cpu_kernels.run(cpu_kernels.stats_chunk, z, g, start, n, inv_temperature, power, mask, S_parts, W_parts,
+        nonfinite += int(cpu_kernels.run(cpu_kernels.stats_chunk, z, g, start, n, inv_temperature, power, mask,
+                                         S_parts, W_parts,
                                          N_parts, *walk.tables))
     S, W, N = np.empty((C, C)), np.empty(C), np.empty(C)
     cpu_kernels.sum_units(S_parts, W_parts, N_parts, S, W, N)
@@ -220,7 +221,10 @@ def _fused_distances(logits, operands, plan):
 
 
 def _host_operands(operands):
-    """:func:`_cpu_operands` as the NumPy arrays the loops take."""
+    """``(-2 A, c, bias)`` of :func:`fastcal._common.centred_prototypes`, as the float32 NumPy arrays
+    the loops take, made once per prepared prototypes (see
+    :class:`fastcal._common.DistanceOperands`): a pixel's label is ``argmin_k bias[k] + (-2 A (p -
+    c))[k]`` (scaling by -2 is exact)."""
     # .float(): NumPy has no bfloat16; float32 is what the loops take (exact for half precision)
     return operands.derived("cpu", lambda o: _centred_on_host(host_array(o.prototypes.float())))
 
@@ -287,7 +291,5 @@ def scores_pass(logits: torch.Tensor, operands, plan):
 
 
 def _cpu_operands(operands):
-    """``(-2 A, c, bias)`` of :func:`fastcal._common.centred_prototypes` as float32 CPU tensors, made
-    once per prepared prototypes (see :class:`fastcal._common.DistanceOperands`): a pixel's label
-    is ``argmin_k bias[k] + (-2 A (p - c))[k]`` (scaling by -2 is exact)."""
+    """The arrays of :func:`_host_operands` viewed as CPU tensors (no copy)."""
     return tuple(torch.from_numpy(a) for a in _host_operands(operands))

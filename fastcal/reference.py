@@ -59,7 +59,8 @@ def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tenso
     S = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=logits.device)
     S.index_add_(0, cls, (weight[..., None] * p).reshape(-1, num_classes))
     W = torch.zeros(num_classes, dtype=torch.float64, device=logits.device).index_add_(0, cls, weight.reshape(-1))
-    N = torch.zeros(num_classes, dtype=torch.float64, device=logits.device).index_add_(0, cls, used.reshape(-1).double())
+    N = torch.zeros(num_classes, dtype=torch.float64, device=logits.device)
+    N.index_add_(0, cls, used.reshape(-1).double())
     nonfinite = ~finite if valid is None else valid & ~finite
     return S, W, N, nonfinite.sum()
 

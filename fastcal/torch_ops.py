@@ -35,14 +35,11 @@ def _chunks(logits: torch.Tensor):
 _TWO_126 = 2.0**126
 
 
-_TWO_126 = 2.0**126
-
-
 class _Buffers:
-    """Chunk-sized float32 scratch space, allocated once per call: fresh multi-MiB tensors per
-    chunk would cost a page fault per 4 KiB on every chunk. ``e`` holds exp values; ``scratch``
-    the argmax key or the distances (PyTorch operations), or the float32 copy of a chunk that
-    the fused loops read."""
+    """Chunk-sized float32 scratch space of this backend's passes, allocated once per call: fresh
+    multi-MiB tensors per chunk would cost a page fault per 4 KiB on every chunk. ``e`` holds exp
+    values; ``scratch`` the argmax key or the distances. (The fused loops of
+    :mod:`fastcal.numba_backend` keep their own buffer.)"""
 
     def __init__(self, num_classes: int, device: torch.device):
         size = num_classes * max(1, _common.CHUNK_ELEMENTS // num_classes)
@@ -73,7 +70,8 @@ def _shifted_exp(z: torch.Tensor, temperature: float, buffers: _Buffers, with_ar
     """``e = exp((z - max z) / T)`` in a scratch buffer (the max entry is exactly 1), and with
     ``with_argmax`` the argmax and whether every logit of the pixel is finite."""
     n = z.shape[1]
-    if z.dtype not in (torch.float32, torch.float16, torch.bfloat16):  # float64 is read as float32, like everywhere: beyond its range is inf
+    # float64 is read as float32, like everywhere: beyond its range is inf
+    if z.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         z = z.float()
     z_max = z.amax(dim=0).float()
     e = torch.sub(z, z_max, out=buffers.view(buffers.e, n))  # upcasts half-precision chunks
@@ -200,7 +198,7 @@ def predict_pass(logits: torch.Tensor, operands, plan):
     labels = plan.output(logits.device)
     bias = _operands(operands)[2].to(logits.device)
     buffers = _Buffers(logits.shape[1], logits.device)
-    for select, d, distance in _distances(logits, operands, plan):
+    for select, _, distance in _distances(logits, operands, plan):
         distance.add_(bias[:, None])
         gap = torch.sub(distance.amin(dim=0), distance, out=distance)
         out = select(labels)

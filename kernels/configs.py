@@ -25,10 +25,9 @@ Dot precisions (``tl.dot``'s ``input_precision``), per target, chosen so that la
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
-
 
 LOG2E = 1.4426950408889634
 FUSED_MAX_CLASSES = 64         # up to this many class rows (classes, plus W and N in stats) in one tile
@@ -103,7 +102,7 @@ def target_of(device) -> Target:
     return TARGETS[_cuda_target_name(device.index)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_target_name(index) -> str:
     import torch
 
@@ -120,14 +119,13 @@ def entry(table: Mapping, key: str, element_size: int) -> int:
     return value if isinstance(value, int) else value["4" if element_size >= 4 else "2"]
 
 
-
 def max_programs(device, per_sm: int = 4) -> int:
     """Persistent programs: ``per_sm`` per SM (CU on AMD) on a GPU; a few in the interpreter, which
     runs programs one after another (and on meta tensors, where launches are only built)."""
     return per_sm * _multiprocessors(device) if getattr(device, "type", None) == "cuda" else 4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _multiprocessors(device) -> int:
     import torch
 

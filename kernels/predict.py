@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Mapping
 
 import torch
 import triton
@@ -36,7 +36,7 @@ import triton.language as tl
 from ._launch import Launch
 from ._layout import launch_layout
 from ._tile import load_classes, online_softmax_update, pixel_position
-from .configs import FUSED_MAX_CLASSES, LOG2E, PREDICT_CHUNK_CLASSES, TARGETS, max_programs, entry, target_of
+from .configs import FUSED_MAX_CLASSES, LOG2E, PREDICT_CHUNK_CLASSES, TARGETS, entry, max_programs, target_of
 
 
 @triton.jit
@@ -109,7 +109,7 @@ def _predict_kernel(
             tl.store(out_ptr + o_pix, b_label.to(out_ptr.dtype.element_ty), mask=m_pix)
 
 
-@functools.lru_cache(maxsize=None)  # a pure function of its arguments, read on every launch
+@functools.cache  # a pure function of its arguments, read on every launch
 def predict_config(num_classes: int, element_size: int = 4, aligned: bool = True, target: str = "sm_90") -> Mapping:
     """Block sizes and launch options on ``target`` (a name in ``configs.TARGETS``): the stats
     pass's class blocks when they hold every class, smaller ones when the class axis is chunked;
@@ -152,7 +152,8 @@ def predict_launch(logits: torch.Tensor, operands, temperature: float, label_dty
          n_tiles, *layout.upsample_args(logits.device), math.prod(shape[1:])),
         {"FUSED": config["FUSED"], "UPSAMPLE": layout.upsample, "C_BLOCK": config["C_BLOCK"],
          "PIX_BLOCK": config["PIX_BLOCK"], "SCORES": scores, "DOT_PRECISION": config["DOT_PRECISION"]},
-        {key: config[key] for key in ("num_warps", "maxnreg")} | {"num_stages": 1 if layout.upsample else config["num_stages"]})
+        {key: config[key] for key in ("num_warps", "maxnreg")}
+        | {"num_stages": 1 if layout.upsample else config["num_stages"]})
     return launch, out
 
 

@@ -34,17 +34,17 @@ caller can reject the batch without a second pass.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Mapping
 
 import torch
 import triton
 import triton.language as tl
 
-from .configs import CHUNK_CLASSES, FUSED_MAX_CLASSES, LOG2E, TARGETS, max_programs, entry, target_of
 from ._launch import Launch
 from ._layout import launch_layout, triton_cdiv
 from ._tile import is_finite, load_classes, online_softmax_update, pixel_position
+from .configs import CHUNK_CLASSES, FUSED_MAX_CLASSES, LOG2E, TARGETS, entry, max_programs, target_of
 
 PARTIALS_BUDGET = 1 << 28     # bytes of per-program partials in deterministic mode
 
@@ -182,7 +182,7 @@ def _stats_kernel(
         tl.atomic_add(bad_ptr, tl.sum(n_bad, 0))
 
 
-@functools.lru_cache(maxsize=None)  # a pure function of its arguments, read on every launch
+@functools.cache  # a pure function of its arguments, read on every launch
 def stats_config(num_classes: int, element_size: int = 4, aligned: bool = True, target: str = "sm_90") -> Mapping:
     """Block sizes and launch options the launcher picks for ``num_classes`` logits of
     ``element_size`` bytes on ``target`` (a name in ``configs.TARGETS``), pipelined for ``aligned``
@@ -203,7 +203,6 @@ def stats_config(num_classes: int, element_size: int = 4, aligned: bool = True, 
         else table.conservative["tile_elements"] // c_block,
         "row_num_warps": entry(table.row_stats, "num_warps", element_size),
         "row_num_stages": entry(table.row_stats, "num_stages", element_size)})
-
 
 
 def stats_launches(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
@@ -267,7 +266,8 @@ def stats_launches(logits: torch.Tensor, temperature: float, valid: torch.Tensor
 def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
                     deterministic: bool = False, upsample=None, confidence_power: float = 1.0):
     """``(S float64 [C, C], W float64 [C], N float64 [C], number of valid pixels with a non-finite
-    logit)``, the count a 0-dim int32 tensor on the device, not read back here; with ``upsample``, of the bilinear upsampling computed tile by tile (``_tile.load_classes``)."""
+    logit)``, the count a 0-dim int32 tensor on the device, not read back here; with ``upsample``, of
+    the bilinear upsampling computed tile by tile (``_tile.load_classes``)."""
     launches, S, W, N, bad = stats_launches(logits, temperature, valid, deterministic, upsample,
                                             confidence_power=confidence_power)
     for launch in launches:

@@ -37,6 +37,7 @@ def _check_interpreter_numpy() -> None:
 
 _check_interpreter_numpy()
 
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -75,7 +75,8 @@ def jit_variants():
         for dtype in ("float32", "float16"):
             flags = {"masked": True, "deterministic": True, "label_dtype": torch.uint8}
             for kernel in KERNELS[workload]:
-                variants[f"{workload} {dtype} {kernel} masked-deterministic-uint8"] = (dtype, shape, flags, kernel, False)
+                name = f"{workload} {dtype} {kernel} masked-deterministic-uint8"
+                variants[name] = (dtype, shape, flags, kernel, False)
     for kernel in ("stats", "predict"):
         variants[f"unaligned float32 {kernel}"] = ("float32", ODD_SHAPE, {}, kernel, True)
     return variants

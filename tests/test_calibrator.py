@@ -1,12 +1,11 @@
 """LabelCalibrator: accumulation across batches, precision, and the prototypes it yields."""
 import numpy as np
+import oracle
 import pytest
 import torch
+from cases import make_logits
 
 import fastcal
-
-import oracle
-from cases import make_logits
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
@@ -110,7 +109,7 @@ def test_prototypes_are_built_once_per_state_of_the_sums(monkeypatch):
     fresh = original(cal.S, cal.W, "onehot")
     assert torch.equal(cal.prototypes, fresh) and len(built) == 2  # an update invalidates them
     cal.empty = "skip"
-    cal.prototypes
+    assert cal.prototypes.shape == (5, 5)  # reading the property builds them
     assert len(built) == 3  # so does another empty policy
     cal.empty = "onehot"
     state = cal.state_dict()

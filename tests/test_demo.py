@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import fastcal
+from fastcal.__main__ import main as cli
+from fastcal.__main__ import parser
 from fastcal.apps import demo
-from fastcal.__main__ import main as cli, parser
 from fastcal.apps.demo import report
 from fastcal.fit import fit_calibrator
 

@@ -10,10 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from cases import make_logits
 
 import fastcal
-
-from cases import make_logits
 
 C = 7
 # shards[r] = the batch indices rank r sees, in order: uneven, and rank 2 of three sees nothing
@@ -92,7 +91,7 @@ def test_gloo_ranks_equal_one_process(tmp_path, world, momentum):
             reduced = fastcal.LabelCalibrator(C, momentum=momentum).load_state_dict(state)
             assert_same(reduced, single, updates)
             states.setdefault(name, []).append(state["S"])
-    for name, S in states.items():  # every rank holds the same bits
+    for S in states.values():  # every rank holds the same bits
         assert all(torch.equal(S[0], other) for other in S[1:])
 
 

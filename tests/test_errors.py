@@ -1,4 +1,5 @@
-"""Every bad input named in the contract (docs/contract.md, docs/design.md) raises a clear error and changes no state."""
+"""Every bad input named in the contract (docs/contract.md, docs/design.md) raises a clear error and
+changes no state."""
 import math
 
 import pytest

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import onnxruntime as ort  # the test extra installs it (with transformers): a missing one fails the file
+import oracle
 import pytest
 import torch
 import transformers
@@ -16,7 +17,6 @@ from fastcal.export import calibrated_model, calibration_head, dynamic_shapes, e
 from fastcal.fit import fit_calibrator
 from fastcal.nn import LabelCalibration
 
-import oracle
 
 def fitted(C, empty="onehot", seed=0):
     torch.manual_seed(seed)

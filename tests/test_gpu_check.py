@@ -46,7 +46,8 @@ def test_ncu_csv_parsing():
             '"0","_stats_kernel","dram__throughput.avg.pct_of_peak_sustained_elapsed","%","87.5"\n')
     rows = gpu_check.parse_ncu_csv(text)
     assert rows[0]["Kernel Name"] == "_stats_kernel" and rows[0]["Metric Value"] == "87.5"
-    assert "| _stats_kernel | dram__throughput.avg.pct_of_peak_sustained_elapsed | 87.5 % |" in gpu_check.ncu_table(rows)
+    expected = "| _stats_kernel | dram__throughput.avg.pct_of_peak_sustained_elapsed | 87.5 % |"
+    assert expected in gpu_check.ncu_table(rows)
     assert gpu_check.parse_ncu_csv("ncu: no kernels were profiled") == []
 
 

@@ -23,10 +23,9 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
+from benchmarks import aot
 from fastcal.kernels import predict, prototypes, stats
 from fastcal.kernels.configs import TARGETS
-
-from benchmarks import aot
 
 LOGIT_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 # NCHW has contiguous pixels (stride 1 is specialised by the JIT), channels_last contiguous classes
@@ -129,7 +128,8 @@ def _meta_sums(num_classes: int):
 
 
 KERNELS = {"stats._stats_kernel": stats._stats_kernel, "stats._row_stats_kernel": stats._row_stats_kernel,
-           "predict._predict_kernel": predict._predict_kernel, "prototypes._operands_kernel": prototypes._operands_kernel}
+           "predict._predict_kernel": predict._predict_kernel,
+           "prototypes._operands_kernel": prototypes._operands_kernel}
 
 
 def compile_case(case):

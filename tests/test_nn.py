@@ -162,6 +162,7 @@ def test_bad_arguments_and_outputs():
         LabelCalibration(small_model(), C, mode="online")
     with pytest.raises(ValueError, match="momentum"):
         LabelCalibration(small_model(), C, mode="offline", momentum=0.1)
+
     class ReturnsTuple(nn.Module):
         def forward(self, images):
             return (images,)

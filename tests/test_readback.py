@@ -12,12 +12,11 @@ import sys
 
 import pytest
 import torch
+from cases import device_of, make_logits
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastcal
 from fastcal import numba_backend
-
-from cases import device_of, make_logits
 
 READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
 CONVERSIONS = ("numpy", "tolist", "cpu", "item")

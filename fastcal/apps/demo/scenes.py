@@ -119,7 +119,8 @@ def make_split(domain: Domain, count: int, height: int, width: int, seed: int, p
     g = torch.Generator().manual_seed(seed)
     images = torch.empty(count, 3, height, width)
     labels = torch.empty(count, height, width, dtype=torch.int64)
-    for i in tqdm(range(count), desc=f"rendering {domain.name}", unit="image", disable=not progress or None, leave=False):
+    for i in tqdm(range(count), desc=f"rendering {domain.name}", unit="image", disable=not progress or None,
+                  leave=False):
         labels[i] = _scene(g, height, width, domain)
         images[i] = _render(g, labels[i], domain)
     return images, labels
