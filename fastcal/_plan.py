@@ -49,6 +49,7 @@ class Plan:
     empty: str = "onehot"
     label_dtype: torch.dtype = torch.int64
     scores: bool = False
+    requested_backend: str = "auto"     # the name the call gave, as the torch.library ops take it
     walks: dict = field(default_factory=dict)  # the backend's own preparations, by pass
 
     @property
@@ -227,4 +228,4 @@ def _build(op, logits, valid, prototypes, temperature, backend, deterministic, c
     return Plan(op=op, backend=module, num_classes=C, upsample=upsample, shape=tuple(shape),
                 pixels=math.prod(shape), temperature=temperature, deterministic=bool(deterministic),
                 confidence_power=float(confidence_power), empty=empty, label_dtype=label_dtype,
-                scores=output == "scores")
+                scores=output == "scores", requested_backend=backend)

@@ -7,7 +7,7 @@ import weakref
 
 import torch
 
-from . import _checks, _plan, _process, _statefile, api, reference
+from . import _checks, _ops, _plan, _process, _statefile, reference
 from ._common import DistanceOperands
 from ._state import WEIGHT_FLOOR, Sums  # noqa: F401 (WEIGHT_FLOOR: public)
 from ._state import is_int as _is_int
@@ -166,14 +166,7 @@ class LabelCalibrator:
                           confidence_power=self.confidence_power, size=size, scale_factor=scale_factor,
                           align_corners=align_corners)
         self._check_batch(logits)
-        logits = logits.detach()
-        if api._traced(logits, valid):
-            S, W, N = api._stats_op(logits, valid, plan.temperature, self.backend, plan.deterministic,
-                                    plan.confidence_power, *plan.resize)
-            pixels = int(N.sum())
-        else:
-            S, W, N, bad = api._stats(plan, logits, valid)
-            pixels = int(api._checked_read(bad, N.sum()))
+        S, W, N, pixels = _ops.stats_step(plan, logits.detach(), valid, count=True)
         if pixels == 0:
             return self
         with self._lock:
@@ -209,7 +202,7 @@ class LabelCalibrator:
             cached = self._cached_prototypes
             if cached is None or cached[0] != self.empty:
                 if self.empty == "skip" and not self._any_weight:
-                    api._raise_all_empty()
+                    _ops.raise_all_empty()
                 cached = self._cached_prototypes = (self.empty, {})
             by_device = cached[1]
             if home not in by_device:
@@ -243,11 +236,7 @@ class LabelCalibrator:
                           scale_factor=scale_factor, align_corners=align_corners)
         self._check_batch(logits)
         operands = self._operands(logits.device)
-        logits = logits.detach()
-        if api._traced(logits):
-            return api._predict_op(logits, operands.prototypes, plan.temperature, self.backend, label_dtype,
-                                   plan.scores, *plan.resize)
-        return api._labels(plan, logits, operands)
+        return _ops.predict_step(plan, logits.detach(), operands.prototypes, operands)
 
     # ----- distributed -----------------------------------------------------------------
     def all_reduce(self, group=None) -> LabelCalibrator:

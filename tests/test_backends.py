@@ -1,12 +1,13 @@
 """The reference and the PyTorch fast path against the independent float64 NumPy oracle."""
 import numpy as np
-import oracle
 import pytest
 import torch
-from cases import DTYPES, LAYOUTS, SHAPES, exact_tie_prototypes, make_logits
 
 import fastcal
 from fastcal import _common, numba_backend, torch_ops
+
+import oracle
+from cases import DTYPES, LAYOUTS, SHAPES, exact_tie_prototypes, make_logits
 
 
 @pytest.fixture(params=["reference", "torch", "torch-ops"])

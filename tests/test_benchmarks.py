@@ -1,8 +1,9 @@
 """The benchmark suite's own machinery, on a tiny workload (the timings themselves are not tests)."""
-import oracle
 import torch
 
 from benchmarks import memory, run, workloads
+
+import oracle
 
 TINY = workloads.Workload("tiny", (2, 5, 8, 8))
 TINY_UP = workloads.Workload("tiny-up", (1, 5, 6, 8), (24, 32), align_corners=True)

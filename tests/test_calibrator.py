@@ -1,11 +1,12 @@
 """LabelCalibrator: accumulation across batches, precision, and the prototypes it yields."""
 import numpy as np
-import oracle
 import pytest
 import torch
-from cases import make_logits
 
 import fastcal
+
+import oracle
+from cases import make_logits
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])

@@ -1,9 +1,10 @@
 """The ops under ``torch.compile(fullgraph=True)``: traced without a graph break, same results."""
 import pytest
 import torch
-from cases import make_logits
 
 import fastcal
+
+from cases import make_logits
 
 
 @pytest.fixture(autouse=True)

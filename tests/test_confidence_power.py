@@ -1,10 +1,11 @@
 """``confidence_power=γ``: each pixel weighs ``conf ** γ``, on every backend, against the oracle."""
-import oracle
 import pytest
 import torch
-from cases import DTYPES, device_of, make_logits
 
 import fastcal
+
+import oracle
+from cases import DTYPES, device_of, make_logits
 
 POWERS = [0.0, 0.5, 2.0, 4.0]
 

@@ -1,10 +1,11 @@
 """The pixel count per argmax class that the stats pass keeps beside the sums (for diagnostics)."""
-import oracle
 import pytest
 import torch
-from cases import device_of, make_logits
 
 from fastcal import api
+
+import oracle
+from cases import device_of, make_logits
 
 
 def expected_counts(z, valid=None):

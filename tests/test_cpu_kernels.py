@@ -1,11 +1,12 @@
 """The fused CPU loops of fastcal.cpu_kernels, called directly, against the float64 NumPy oracle."""
 import numba
 import numpy as np
-import oracle
 import pytest
 import torch
 
 from fastcal import _upsample, cpu_kernels, numba_backend
+
+import oracle
 
 FLOAT32_ULP = 2.0**-23
 

@@ -2,13 +2,14 @@
 import json
 
 import numpy as np
-import oracle
 import pytest
 import torch
-from cases import make_logits
 
 import fastcal
 from fastcal.diagnostics import diagnose
+
+import oracle
+from cases import make_logits
 
 
 def test_figures_match_the_statistics():

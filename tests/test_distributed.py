@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from cases import make_logits
 
 import fastcal
+
+from cases import make_logits
 
 C = 7
 # shards[r] = the batch indices rank r sees, in order: uneven, and rank 2 of three sees nothing

@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import onnxruntime as ort  # the test extra installs it (with transformers): a missing one fails the file
-import oracle
 import pytest
 import torch
 import transformers
@@ -16,6 +15,8 @@ from fastcal.__main__ import main as cli
 from fastcal.export import calibrated_model, calibration_head, dynamic_shapes, export_onnx
 from fastcal.fit import fit_calibrator
 from fastcal.nn import LabelCalibration
+
+import oracle
 
 
 def fitted(C, empty="onehot", seed=0):

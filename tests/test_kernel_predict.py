@@ -1,12 +1,13 @@
 """The Triton predict kernel (interpreter) against the float64 NumPy oracle."""
-import oracle
 import pytest
 import torch
-from cases import DTYPES, KERNEL_DEVICE, LAYOUTS, exact_tie_prototypes, make_logits
 
 import fastcal
 from fastcal._common import DistanceOperands
 from fastcal.kernels.configs import TARGETS
+
+import oracle
+from cases import DTYPES, KERNEL_DEVICE, LAYOUTS, exact_tie_prototypes, make_logits
 
 SHAPES = [(2, 2, 13, 11), (1, 3, 7, 9), (2, 19, 17, 23), (1, 19, 3, 4, 5), (37, 19), (1, 150, 5, 7), (5, 1024)]
 

@@ -2,12 +2,13 @@
 prototypes and their centring (fastcal._common.centred_prototypes)."""
 import pytest
 import torch
-from cases import KERNEL_DEVICE, make_logits
 
 from fastcal import reference
 from fastcal._common import centred_prototypes
 from fastcal.kernels import prototypes
 from fastcal.kernels.predict import predict_config
+
+from cases import KERNEL_DEVICE, make_logits
 
 
 def sums_with_empty_classes(num_classes: int, empty: tuple):

@@ -1,18 +1,19 @@
 """The Triton stats kernels (interpreter) against the float64 NumPy oracle."""
 import math
 
-import oracle
 import pytest
 import torch
 import triton
 import triton.language as tl
-from cases import DTYPES, KERNEL_DEVICE, LAYOUTS, make_logits
 
 import fastcal
 from fastcal.kernels import stats
 from fastcal.kernels._layout import pixel_layout
 from fastcal.kernels._tile import tile_position
 from fastcal.kernels.configs import TARGETS
+
+import oracle
+from cases import DTYPES, KERNEL_DEVICE, LAYOUTS, make_logits
 
 # (shape, rtol-scale): odd pixel counts exercise the tile masks; C covers the fused block sizes
 # (2, 3, 19 -> 16/32) and the chunked schedule (150, 1024)

@@ -7,14 +7,15 @@ oracle's relative tolerance (``oracle.assert_labels_match``), statistics with fl
 tolerances, and the invariances exactly where float32 arithmetic is exact.
 """
 import numpy as np
-import oracle
 import pytest
 import torch
-from cases import DTYPES, KERNEL_DEVICE, make_logits
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fastcal
+
+import oracle
+from cases import DTYPES, KERNEL_DEVICE, make_logits
 
 BACKENDS = ["reference", "torch", "torch-ops", "triton"]
 # the interpreter runs a kernel launch in about a tenth of a second: fewer, smaller cases

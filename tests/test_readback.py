@@ -12,11 +12,12 @@ import sys
 
 import pytest
 import torch
-from cases import device_of, make_logits
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastcal
 from fastcal import numba_backend
+
+from cases import device_of, make_logits
 
 READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
 CONVERSIONS = ("numpy", "tolist", "cpu", "item")
@@ -135,7 +136,7 @@ def test_a_new_or_modified_prototypes_tensor_is_checked_again():
 def test_triton_launches_are_built_on_meta_tensors_without_cuda(monkeypatch):
     """A plan for meta logits (``_plan.meta_plan``) builds every launch of the Triton passes with no
     CUDA and no values: the host work of a call, ending where a kernel would start."""
-    from fastcal import _plan, api
+    from fastcal import _ops, _plan
     from fastcal._common import distance_operands
     from fastcal.kernels import _launch
 
@@ -143,11 +144,12 @@ def test_triton_launches_are_built_on_meta_tensors_without_cuda(monkeypatch):
     monkeypatch.setattr(_launch.Launch, "__call__", lambda launch: launched.append(launch.kernel.__name__))
     z = torch.empty(2, 19, 16, 24, device="meta")
     calibrate_plan = _plan.meta_plan("calibrate", z, size=(32, 48))
-    labels = api._run_calibrate(calibrate_plan, z, None)
+    labels = _ops.calibrate_step(calibrate_plan, z, None)
     assert labels.is_meta and labels.shape == (2, 32, 48) and labels.dtype == torch.int64
     assert launched == ["_stats_kernel", "_operands_kernel", "_predict_kernel"]
     predict_plan = _plan.meta_plan("predict", z, prototypes=torch.empty(19, 19, device="meta"), output="scores")
-    scores = api._labels(predict_plan, z, distance_operands(torch.eye(19, device="meta")))
+    prototypes = torch.eye(19, device="meta")
+    scores = _ops.predict_step(predict_plan, z, prototypes, distance_operands(prototypes))
     assert scores.is_meta and scores.shape == (2, 19, 16, 24)
     with pytest.raises(ValueError, match="logits: on the meta device"):  # still refused by the public calls
         fastcal.calibrate(z)

@@ -1,11 +1,12 @@
 """``output="scores"``: ``-||p - P[k]||^2`` per class from every backend, against the float64 oracle."""
 import numpy as np
-import oracle
 import pytest
 import torch
-from cases import DTYPES, LAYOUTS, device_of, make_logits
 
 import fastcal
+
+import oracle
+from cases import DTYPES, LAYOUTS, device_of, make_logits
 
 SHAPES = [(2, 2, 13, 11), (2, 19, 17, 23), (1, 3, 4, 5, 6), (37, 19), (1, 150, 5, 7), (3, 1024)]
 

@@ -6,9 +6,10 @@ import stat
 
 import pytest
 import torch
-from cases import make_logits
 
 import fastcal
+
+from cases import make_logits
 
 
 def fitted(C=5, **kwargs):

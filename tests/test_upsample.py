@@ -1,12 +1,13 @@
 """Calibration at the model's output resolution: every backend's fused bilinear upsampling against
 F.interpolate and the float64 oracle (``oracle.interpolate``, PyTorch's rule in NumPy)."""
-import oracle
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import DTYPES, device_of, make_logits
 
 import fastcal
+
+import oracle
+from cases import DTYPES, device_of, make_logits
 
 FLOAT32_EPS = 2.0**-23
 # (input H, W) and the resize: scale factors 4 and 8, a size that is no multiple of the input,
