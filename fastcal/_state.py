@@ -96,6 +96,31 @@ class Sums:
         return cls(S.to(device, copy=True), W.to(device, copy=True), N.to(device, copy=True), *counters)
 
 
+def reduced(shared: Sums, local: Sums, momentum: float | None, group=None) -> Sums:
+    """The sums every rank holds after ``LabelCalibrator.all_reduce`` (see there): each rank's
+    ``local`` sums since the last reduction, caught up with the rank that made the most updates
+    (online mode), added over the ranks, with rank 0's ``shared`` part entering once. Travels on
+    the device the group's backend needs (CUDA for nccl, CPU otherwise), comes back to
+    ``shared``'s."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("all_reduce: torch.distributed is not initialized (call init_process_group first)")
+    device = shared.device
+    if dist.get_backend(group) != "nccl":
+        wire = torch.device("cpu")
+    else:
+        wire = device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    steps = torch.tensor([local.updates], dtype=torch.int64, device=wire)
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=group)
+    lag = int(steps.item()) - local.updates
+    catch_up = 1.0 if momentum is None else (1.0 - momentum) ** lag
+    mine = local + shared if dist.get_rank(group) == 0 else local
+    payload = mine.scaled(catch_up).payload(wire)
+    dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=group)
+    return Sums.from_payload(payload.to(device), shared.S.shape[0])
+
+
 def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

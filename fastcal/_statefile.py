@@ -21,6 +21,78 @@ import zipfile
 
 import torch
 
+from ._state import Sums, is_int, is_number
+
+STATE_FORMAT = "fastcal.LabelCalibrator"
+# 3: the empty policy, class names, fastcal's version and a digest; 2: the confidence power and
+# the pixel counts per class. Versions 1 and 2 still load.
+STATE_VERSION = 3
+
+
+def state_of(calibrator, sums: Sums) -> dict:
+    """The saved form of a calibrator holding ``sums``: plain tensors, numbers and strings."""
+    from . import __version__
+
+    state = {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "fastcal_version": __version__,
+        "num_classes": calibrator.num_classes,
+        "temperature": calibrator.temperature,
+        "momentum": calibrator.momentum,
+        "confidence_power": calibrator.confidence_power,
+        "empty": calibrator.empty,
+        "class_names": None if calibrator.class_names is None else list(calibrator.class_names),
+        **sums.to_dict(),
+    }
+    return {**state, "digest": digest(state)}
+
+
+def checked_state(calibrator, state) -> tuple[Sums, tuple | None]:
+    """``state``'s sums (on the CPU) and the class names the calibrator takes with them, after every
+    check of ``LabelCalibrator.load_state_dict``; raises its ``TypeError`` / ``ValueError``."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state: expected a dict, got {type(state).__name__}")
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"state: not a {STATE_FORMAT} state (format={state.get('format')!r})")
+    version = state.get("version")
+    if not is_int(version) or version not in (1, 2, STATE_VERSION):
+        raise ValueError(f"state: version {version!r} is not supported (expected 1 to {STATE_VERSION})")
+    C = calibrator.num_classes
+    if not is_int(state.get("num_classes")) or state.get("num_classes") != C:
+        raise ValueError(f"state: num_classes={state.get('num_classes')!r}, but this calibrator has {C}")
+    # states saved before the confidence power existed were taken at the paper's power, 1; before
+    # version 3 the empty policy was not saved, and any is taken
+    for name, value, what in (("temperature", state.get("temperature"), "taken at"),
+                              ("confidence_power", state.get("confidence_power", 1.0), "taken at"),
+                              ("momentum", state.get("momentum"), "decayed with")):
+        if not (is_number(value) or (name == "momentum" and value is None)) or value != getattr(calibrator, name):
+            raise ValueError(f"state: statistics were {what} {name} {value!r}, "
+                             f"this calibrator uses {getattr(calibrator, name)}")
+    class_names = calibrator.class_names
+    if version >= 3:
+        if state.get("empty") != calibrator.empty:
+            raise ValueError(f"state: saved to predict with empty={state.get('empty')!r}, this calibrator "
+                             f"uses {calibrator.empty!r} (LabelCalibrator.from_file takes the file's)")
+        saved_names = checked_class_names(state.get("class_names"), C, "state['class_names']")
+        if saved_names is not None and class_names is not None and saved_names != class_names:
+            raise ValueError("state: class_names differ from this calibrator's")
+        class_names = class_names or saved_names
+    sums = Sums.from_dict(state, C, has_counts=version >= 2)
+    if version >= 3 and state.get("digest") != digest(state):
+        raise ValueError("state: the digest does not match the contents (the state was altered or "
+                         "the file is corrupt)")
+    return sums, class_names
+
+
+def settings_of(state, path) -> dict:
+    """The ``LabelCalibrator`` arguments a saved state describes (``LabelCalibrator.from_file``)."""
+    if not isinstance(state, dict) or not is_int(state.get("num_classes")):
+        raise ValueError(f"path: {os.fspath(path)!r} is not a fastcal state file")
+    return {"num_classes": state["num_classes"], "temperature": state.get("temperature", 1.0),
+            "momentum": state.get("momentum"), "confidence_power": state.get("confidence_power", 1.0),
+            "empty": state.get("empty", "onehot") if state.get("version") == STATE_VERSION else "onehot"}
+
 
 def digest(state: dict) -> str:
     """SHA-256 (hex) of every field of ``state`` but ``digest``, in key order."""
@@ -120,3 +192,19 @@ def _fsync_directory(directory: str) -> None:
         pass  # some file systems refuse fsync on a folder; the file itself is already on disk
     finally:
         os.close(fd)
+
+
+def checked_class_names(names, num_classes: int, what: str = "class_names"):
+    """None, or ``num_classes`` strings as a tuple."""
+    if names is None:
+        return None
+    try:
+        names = tuple(names) if not isinstance(names, str) else None
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise (ValueError if what.startswith("state") else TypeError)(
+            f"{what}: expected None or a sequence of {num_classes} strings")
+    if len(names) != num_classes:
+        raise ValueError(f"{what}: expected {num_classes} names, got {len(names)}")
+    return names

@@ -9,14 +9,11 @@ import torch
 
 from . import _checks, _ops, _plan, _process, _statefile, reference
 from ._common import DistanceOperands
-from ._state import WEIGHT_FLOOR, Sums  # noqa: F401 (WEIGHT_FLOOR: public)
+from ._state import WEIGHT_FLOOR, Sums, reduced  # noqa: F401 (WEIGHT_FLOOR: public)
 from ._state import is_int as _is_int
 from ._state import is_number as _is_number
+from ._statefile import STATE_FORMAT, STATE_VERSION  # noqa: F401  (public names)
 
-STATE_FORMAT = "fastcal.LabelCalibrator"
-# 3: the empty policy, class names, fastcal's version and a digest; 2: the confidence power and
-# the pixel counts per class. Versions 1 and 2 still load.
-STATE_VERSION = 3
 _live = weakref.WeakSet()  # every calibrator, so that a forked child can replace their locks
 
 
@@ -80,7 +77,7 @@ class LabelCalibrator:
                 raise ValueError(f"momentum: expected None or a number in (0, 1], got {momentum!r}")
             momentum = float(momentum)
         self.empty, self.backend, self.momentum = empty, backend, momentum
-        self.class_names = _checked_class_names(class_names, num_classes)
+        self.class_names = _statefile.checked_class_names(class_names, num_classes)
         self._lock = threading.RLock()
         _live.add(self)
         self.reset()
@@ -255,26 +252,8 @@ class LabelCalibrator:
         already shared. The sums travel on the device the group's backend needs (CUDA for nccl,
         CPU otherwise), whatever device a rank's sums are on, and come back to it.
         """
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("all_reduce: torch.distributed is not initialized (call init_process_group first)")
         with self._lock:  # no update may land between the payload and the new shared state
-            device = self._shared.device
-            if dist.get_backend(group) != "nccl":
-                wire = torch.device("cpu")
-            else:
-                wire = device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
-            steps = torch.tensor([self._local.updates], dtype=torch.int64, device=wire)
-            dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=group)
-            lag = int(steps.item()) - self._local.updates
-            catch_up = 1.0 if self.momentum is None else (1.0 - self.momentum) ** lag
-            mine = self._local
-            if dist.get_rank(group) == 0:  # the shared part enters the sum once, caught up with the longest rank
-                mine = mine + self._shared
-            payload = mine.scaled(catch_up).payload(wire)
-            dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=group)
-            self._set_shared(Sums.from_payload(payload.to(device), self.num_classes))
+            self._set_shared(reduced(self._shared, self._local, self.momentum, group))
         return self
 
     # ----- saved state ------------------------------------------------------------------
@@ -285,21 +264,7 @@ class LabelCalibrator:
             return self._state_dict()
 
     def _state_dict(self) -> dict:
-        from . import __version__
-
-        state = {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
-            "fastcal_version": __version__,
-            "num_classes": self.num_classes,
-            "temperature": self.temperature,
-            "momentum": self.momentum,
-            "confidence_power": self.confidence_power,
-            "empty": self.empty,
-            "class_names": None if self.class_names is None else list(self.class_names),
-            **(self._shared + self._local).to_dict(),
-        }
-        return {**state, "digest": _statefile.digest(state)}
+        return _statefile.state_of(self, self._shared + self._local)
 
     def load_state_dict(self, state: dict) -> LabelCalibrator:
         """Replace the sums with ``state``'s after checking all of it; on any error nothing changes.
@@ -311,41 +276,12 @@ class LabelCalibrator:
         of finite, non-negative sums (pixel counts may be NaN: unknown, as in version-1 states), and
         weights that are 0 (an empty class) or at least ``WEIGHT_FLOOR``, so every prototype
         ``S[k] / W[k]`` is finite; then (version 3) the digest of the whole. Class names saved with
-        the state are taken when this calibrator has none, and must match when it has."""
-        if not isinstance(state, dict):
-            raise TypeError(f"state: expected a dict, got {type(state).__name__}")
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"state: not a {STATE_FORMAT} state (format={state.get('format')!r})")
-        version = state.get("version")
-        if not _is_int(version) or version not in (1, 2, STATE_VERSION):
-            raise ValueError(f"state: version {version!r} is not supported (expected 1 to {STATE_VERSION})")
-        C = self.num_classes
-        if not _is_int(state.get("num_classes")) or state.get("num_classes") != C:
-            raise ValueError(f"state: num_classes={state.get('num_classes')!r}, but this calibrator has {C}")
-        # states saved before the confidence power existed were taken at the paper's power, 1; before
-        # version 3 the empty policy was not saved, and any is taken
-        for name, value, what in (("temperature", state.get("temperature"), "taken at"),
-                                  ("confidence_power", state.get("confidence_power", 1.0), "taken at"),
-                                  ("momentum", state.get("momentum"), "decayed with")):
-            if not (_is_number(value) or (name == "momentum" and value is None)) or value != getattr(self, name):
-                raise ValueError(f"state: statistics were {what} {name} {value!r}, "
-                                 f"this calibrator uses {getattr(self, name)}")
-        class_names = self.class_names
-        if version >= 3:
-            if state.get("empty") != self.empty:
-                raise ValueError(f"state: saved to predict with empty={state.get('empty')!r}, this calibrator "
-                                 f"uses {self.empty!r} (LabelCalibrator.from_file takes the file's)")
-            saved_names = _checked_class_names(state.get("class_names"), C, "state['class_names']")
-            if saved_names is not None and class_names is not None and saved_names != class_names:
-                raise ValueError("state: class_names differ from this calibrator's")
-            class_names = class_names or saved_names
-        sums = Sums.from_dict(state, C, has_counts=version >= 2, device=self._shared.device)
-        if version >= 3 and state.get("digest") != _statefile.digest(state):
-            raise ValueError("state: the digest does not match the contents (the state was altered or "
-                             "the file is corrupt)")
+        the state are taken when this calibrator has none, and must match when it has (see
+        :func:`fastcal._statefile.checked_state`)."""
+        sums, class_names = _statefile.checked_state(self, state)
         with self._lock:
             # an unfixed calibrator still moves to the first batch's device
-            self._set_shared(sums)
+            self._set_shared(sums.to(self._shared.device))
             self.class_names = class_names
         return self
 
@@ -367,13 +303,7 @@ class LabelCalibrator:
         momentum, confidence power, empty policy, class names) and its sums. ``empty`` overrides the
         saved policy (states before version 3 did not save one: ``"onehot"`` then)."""
         state = _statefile.read(path)
-        if not isinstance(state, dict) or not _is_int(state.get("num_classes")):
-            raise ValueError(f"path: {os.fspath(path)!r} is not a fastcal state file")
-        saved_empty = state.get("empty", "onehot") if state.get("version") == STATE_VERSION else "onehot"
-        calibrator = cls(state["num_classes"], temperature=state.get("temperature", 1.0),
-                         momentum=state.get("momentum"), confidence_power=state.get("confidence_power", 1.0),
-                         empty=saved_empty, backend=backend)
-        calibrator.load_state_dict(state)
+        calibrator = cls(**_statefile.settings_of(state, path), backend=backend).load_state_dict(state)
         if empty is not None:
             _checks.check_choice("empty", empty, _checks.EMPTY_POLICIES)
             calibrator.empty = empty
@@ -384,19 +314,3 @@ class LabelCalibrator:
         power = "" if self.confidence_power == 1.0 else f"confidence_power={self.confidence_power}, "
         return (f"LabelCalibrator(num_classes={self.num_classes}, temperature={self.temperature}, "
                 f"empty={self.empty!r}, backend={self.backend!r}, {power}{mode}, updates={self.num_updates})")
-
-
-def _checked_class_names(names, num_classes: int, what: str = "class_names"):
-    """None, or ``num_classes`` strings as a tuple."""
-    if names is None:
-        return None
-    try:
-        names = tuple(names) if not isinstance(names, str) else None
-    except TypeError:
-        names = None
-    if names is None or not all(isinstance(n, str) for n in names):
-        raise (ValueError if what.startswith("state") else TypeError)(
-            f"{what}: expected None or a sequence of {num_classes} strings")
-    if len(names) != num_classes:
-        raise ValueError(f"{what}: expected {num_classes} names, got {len(names)}")
-    return names
