@@ -61,11 +61,15 @@ def demo_table(results: dict) -> str:
         lines.append(f"{label:40s}{before:12.1%}{after:12.1%}{points(before, after):>10s}")
     lines.append("")
     lines.append(f"{'per-class IoU':18s}" + "".join(f"{c[:8]:>9s}" for c in CLASSES))
-    for name in ("target", "source"):
-        for kind in ("argmax", "calibrated"):
-            iou = results[name][kind]["iou"]
-            cells = "".join(f"{'-':>9s}" if iou[c] is None else f"{iou[c]:9.1%}" for c in CLASSES)
-            lines.append(f"{name[:6] + ' ' + kind:18s}{cells}")
+    for name, kind, label in (("target", "argmax", "target argmax"), ("target", "calibrated", "target calibrated"),
+                              ("source", "argmax", "source argmax"),
+                              ("source", "calibrated_on_source", "source cal/source"),
+                              ("source", "calibrated", "source cal/target")):
+        if kind not in results[name]:
+            continue
+        iou = results[name][kind]["iou"]
+        cells = "".join(f"{'-':>9s}" if iou[c] is None else f"{iou[c]:9.1%}" for c in CLASSES)
+        lines.append(f"{label:18s}{cells}")
     lines.append("")
     lines.append(f"training: {results['train_seconds']:.1f} s; calibration "
                  f"({results['config']['calib_images']} unlabelled target images): "
