@@ -51,8 +51,19 @@ class Target:
     predict_fused: Mapping
     predict_chunked: Mapping
     conservative: Mapping        # any launch that is not aligned NCHW
+    operands: Mapping            # the one-program launch between the passes of calibrate
     onehot_precision: str        # "tf32" (split) or "ieee"
     distance_precision: str      # "tf32x3" or "ieee"
+    # register cap handed to the compiler: left alone, ptxas caps some variants at 128 registers
+    # and spills (the AMD backend ignores it)
+    max_registers: int = 255
+    # upsampling launches gather four neighbours a pixel, mostly cache hits: no prefetch, fewer
+    # registers
+    upsample_num_stages: int = 1
+
+    def num_stages(self, chosen: Mapping, element_size: int, upsample: bool) -> int:
+        """The pipeline depth of a launch on ``chosen`` (an entry of this table)."""
+        return self.upsample_num_stages if upsample else entry(chosen, "num_stages", element_size)
 
 
 _NVIDIA = dict(
@@ -64,6 +75,7 @@ _NVIDIA = dict(
     predict_chunked=_frozen(tile_elements=2048, num_warps=4, num_stages=_frozen(**{"4": 3, "2": 5}),
                             programs_per_sm=4),
     conservative=_frozen(tile_elements=1024, num_warps=4, num_stages=1, programs_per_sm=4),
+    operands=_frozen(num_warps=_frozen(small=4, large=8), num_stages=1),  # large: 64 classes a block
     onehot_precision="tf32", distance_precision="tf32x3",
 )
 # AMD CDNA: 64-wide wavefronts (a 4-warp program is 256 lanes), 512 VGPRs per SIMD lane and 64 KiB
@@ -81,6 +93,7 @@ _AMD = dict(
     predict_chunked=_frozen(tile_elements=2048, num_warps=_frozen(**{"4": 4, "2": 2}), num_stages=2,
                             programs_per_sm=_frozen(**{"4": 4, "2": 8})),
     conservative=_frozen(tile_elements=1024, num_warps=4, num_stages=1, programs_per_sm=4),
+    operands=_frozen(num_warps=_frozen(small=4, large=8), num_stages=1),
     onehot_precision="ieee", distance_precision="ieee",
 )
 

@@ -110,10 +110,11 @@ def _predict_kernel(
 
 
 @functools.cache  # a pure function of its arguments, read on every launch
-def predict_config(num_classes: int, element_size: int = 4, aligned: bool = True, target: str = "sm_90") -> Mapping:
+def predict_config(num_classes: int, element_size: int = 4, aligned: bool = True, target: str = "sm_90",
+                   upsample: bool = False) -> Mapping:
     """Block sizes and launch options on ``target`` (a name in ``configs.TARGETS``): the stats
     pass's class blocks when they hold every class, smaller ones when the class axis is chunked;
-    persistent programs with pipelined tile loads when ``aligned``."""
+    persistent programs with pipelined tile loads when ``aligned`` and not ``upsample``."""
     table = TARGETS[target]
     fused = num_classes <= FUSED_MAX_CLASSES
     c_block = max(16, triton.next_power_of_2(num_classes)) if fused else PREDICT_CHUNK_CLASSES
@@ -121,7 +122,7 @@ def predict_config(num_classes: int, element_size: int = 4, aligned: bool = True
     return MappingProxyType({
         "FUSED": fused, "C_BLOCK": c_block, "PIX_BLOCK": entry(chosen, "tile_elements", element_size) // c_block,
         "DOT_PRECISION": table.distance_precision, "num_warps": entry(chosen, "num_warps", element_size),
-        "num_stages": entry(chosen, "num_stages", element_size), "maxnreg": 255,
+        "num_stages": table.num_stages(chosen, element_size, upsample), "maxnreg": table.max_registers,
         "programs_per_sm": entry(chosen, "programs_per_sm", element_size)})
 
 
@@ -138,7 +139,8 @@ def predict_launch(logits: torch.Tensor, operands, temperature: float, label_dty
     ``target``: the configuration table (default: the device's, ``configs.target_of``)."""
     layout = launch_layout(logits, upsample)
     target = target or target_of(logits.device).name
-    config = predict_config(layout.num_classes, logits.element_size(), layout.aligned(logits), target)
+    config = predict_config(layout.num_classes, logits.element_size(), layout.aligned(logits), target,
+                            bool(layout.upsample))
     A_pad, centre_pad, bias_pad = operands.padded(config["C_BLOCK"])
     shape = (logits.shape[0], *(upsample.size if upsample is not None else logits.shape[2:]))
     if scores:
@@ -152,8 +154,7 @@ def predict_launch(logits: torch.Tensor, operands, temperature: float, label_dty
          n_tiles, *layout.upsample_args(logits.device), math.prod(shape[1:])),
         {"FUSED": config["FUSED"], "UPSAMPLE": layout.upsample, "C_BLOCK": config["C_BLOCK"],
          "PIX_BLOCK": config["PIX_BLOCK"], "SCORES": scores, "DOT_PRECISION": config["DOT_PRECISION"]},
-        {key: config[key] for key in ("num_warps", "maxnreg")}
-        | {"num_stages": 1 if layout.upsample else config["num_stages"]})
+        {key: config[key] for key in ("num_warps", "num_stages", "maxnreg")})
     return launch, out
 
 

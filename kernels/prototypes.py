@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ._launch import Launch
+from .configs import TARGETS, target_of
 
 
 @triton.jit
@@ -59,16 +60,20 @@ def _operands_kernel(S_ptr, W_ptr, P_ptr, A_ptr, centre_ptr, bias_ptr, C, C_PAD,
     tl.store(bias_ptr + o_k, b_bias.to(tl.float32), mask=m_pad_k)
 
 
-def operands_launch(S: torch.Tensor, W: torch.Tensor, skip: bool, c_block: int):
+def operands_launch(S: torch.Tensor, W: torch.Tensor, skip: bool, c_block: int, target: str | None = None):
     """The launch, and the tensors it fills: ``(launch, P [C, C], A [C_PAD, C_PAD], c [C_PAD],
-    bias [C_PAD])`` with ``C_PAD = c_block`` (one block of the predict pass holds every class)."""
+    bias [C_PAD])`` with ``C_PAD = c_block`` (one block of the predict pass holds every class).
+    ``target``: the configuration table (default: the device's, ``configs.target_of``)."""
     C, device = W.shape[0], W.device
+    table = TARGETS[target] if target else target_of(device)
     P = torch.empty(C, C, dtype=torch.float32, device=device)
     A = torch.empty(c_block, c_block, dtype=torch.float32, device=device)
     centre = torch.empty(c_block, dtype=torch.float32, device=device)
     bias = torch.empty(c_block, dtype=torch.float32, device=device)
     launch = Launch(_operands_kernel, (1,), (S, W, P, A, centre, bias, C, c_block),
-                    {"SKIP": skip, "C_BLOCK": c_block}, {"num_warps": 8 if c_block >= 64 else 4, "num_stages": 1})
+                    {"SKIP": skip, "C_BLOCK": c_block},
+                    {"num_warps": table.operands["num_warps"]["large" if c_block >= 64 else "small"],
+                     "num_stages": table.operands["num_stages"]})
     return launch, P, A, centre, bias
 
 

@@ -183,11 +183,11 @@ def _stats_kernel(
 
 
 @functools.cache  # a pure function of its arguments, read on every launch
-def stats_config(num_classes: int, element_size: int = 4, aligned: bool = True, target: str = "sm_90") -> Mapping:
+def stats_config(num_classes: int, element_size: int = 4, aligned: bool = True, target: str = "sm_90",
+                 upsample: bool = False) -> Mapping:
     """Block sizes and launch options the launcher picks for ``num_classes`` logits of
     ``element_size`` bytes on ``target`` (a name in ``configs.TARGETS``), pipelined for ``aligned``
-    NCHW launches. maxnreg=255: left alone, ptxas caps some variants at 128 registers and spills
-    (the AMD backend ignores it)."""
+    NCHW launches that do not ``upsample``; every number comes from the target's table."""
     table = TARGETS[target]
     fused = num_classes + 2 <= FUSED_MAX_CLASSES
     # fused: two spare rows after the classes, where the kernel sums W and N with S
@@ -197,8 +197,9 @@ def stats_config(num_classes: int, element_size: int = 4, aligned: bool = True, 
         else entry(chosen, "tile_elements", element_size) // c_block
     return MappingProxyType({
         "FUSED": fused, "C_BLOCK": c_block, "PIX_BLOCK": pix_block, "DOT_PRECISION": table.onehot_precision,
-        "num_warps": entry(chosen, "num_warps", element_size), "num_stages": entry(chosen, "num_stages", element_size),
-        "maxnreg": 255, "programs_per_sm": entry(chosen, "programs_per_sm", element_size),
+        "num_warps": entry(chosen, "num_warps", element_size),
+        "num_stages": table.num_stages(chosen, element_size, upsample),
+        "maxnreg": table.max_registers, "programs_per_sm": entry(chosen, "programs_per_sm", element_size),
         "ROW_PIX_BLOCK": entry(table.row_stats, "pixels", element_size) if aligned
         else table.conservative["tile_elements"] // c_block,
         "row_num_warps": entry(table.row_stats, "num_warps", element_size),
@@ -214,7 +215,7 @@ def stats_launches(logits: torch.Tensor, temperature: float, valid: torch.Tensor
     layout = launch_layout(logits, upsample)
     C, device = layout.num_classes, logits.device
     target = target or target_of(device).name
-    config = stats_config(C, logits.element_size(), layout.aligned(logits), target)
+    config = stats_config(C, logits.element_size(), layout.aligned(logits), target, bool(layout.upsample))
     c_block, pix_block, fused = config["C_BLOCK"], config["PIX_BLOCK"], config["FUSED"]
     scale = LOG2E / temperature
     n_tiles = layout.num_tiles(pix_block)
@@ -224,8 +225,6 @@ def stats_launches(logits: torch.Tensor, temperature: float, valid: torch.Tensor
     n_blocks = triton_cdiv(C, c_block)
     n_column_blocks = triton_cdiv(C + 2, c_block)  # S's columns, then W and N
     options = {key: config[key] for key in ("num_warps", "num_stages", "maxnreg")}
-    if layout.upsample:  # four gathered neighbours a pixel, mostly cache hits: no prefetch, fewer registers
-        options["num_stages"] = 1
     tables = layout.upsample_args(device)
 
     n_programs = min(n_tiles, programs or max_programs(device, config["programs_per_sm"]))

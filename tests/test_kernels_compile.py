@@ -64,10 +64,10 @@ def dispatcher_configs(config_of, target):
     return {tuple(sorted(config.items())): config for config in configs}.values()
 
 
-def launch_options(config: dict, upsample: bool = False) -> dict:
-    """As the launchers pass them: upsampling launches are not pipelined."""
+def launch_options(config: dict, target: str, upsample: bool = False) -> dict:
+    """As the launchers pass them: upsampling launches take the table's pipeline depth for them."""
     options = {key: config[key] for key in ("num_warps", "num_stages", "maxnreg")}
-    return {**options, "num_stages": 1} if upsample else options
+    return {**options, "num_stages": TARGETS[target].upsample_num_stages} if upsample else options
 
 
 def nchw_only_upsamples(case) -> bool:
@@ -89,9 +89,9 @@ def cases():
                        "stats._stats_kernel", c["dtype"], c["layout"], target,
                        {"S_ptr": sums, "W_ptr": sums, "N_ptr": sums},
                        {**meta, "HAS_VALID": c["valid"], "PARTIALS": c["partials"], "UPSAMPLE": c["upsample"],
-                        "POWERED": c["powered"]}, launch_options(config, c["upsample"]))
+                        "POWERED": c["powered"]}, launch_options(config, target, c["upsample"]))
             if not config["FUSED"]:
-                row_options = {**launch_options(config), "num_warps": config["row_num_warps"],
+                row_options = {**launch_options(config, target), "num_warps": config["row_num_warps"],
                                "num_stages": config["row_num_stages"]}
                 for c in pairwise(nchw_only_upsamples, dtype=list(LOGIT_TYPES), layout=list(LAYOUTS),
                                   valid=[False, True], upsample=[False, True]):
@@ -111,10 +111,10 @@ def cases():
                 yield (f"predict-{tag}-{c['dtype']}-{c['layout']}-{c['out']}-up{int(c['upsample'])}",
                        "predict._predict_kernel", c["dtype"], c["layout"], target, {"out_ptr": out},
                        {**meta, "UPSAMPLE": c["upsample"], "SCORES": c["out"] == "scores"},
-                       launch_options(config, c["upsample"]))
+                       launch_options(config, target, c["upsample"]))
         # the operands between the passes of calibrate: one block of the fused predict pass, float64 sums
         for c_block, skip in itertools.product((16, 32, 64), (False, True)):
-            launch, *_ = prototypes.operands_launch(*_meta_sums(c_block), skip, c_block)
+            launch, *_ = prototypes.operands_launch(*_meta_sums(c_block), skip, c_block, target)
             yield (f"operands-{target}-C{c_block}-skip{int(skip)}", "prototypes._operands_kernel", "fp32", "none",
                    target, {"S_ptr": "*fp64", "W_ptr": "*fp64", "P_ptr": "*fp32"}, dict(launch.constexprs),
                    dict(launch.options))
