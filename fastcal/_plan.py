@@ -221,10 +221,9 @@ def _build(op, logits, valid, prototypes, temperature, backend, deterministic, c
         _checks.check_prototypes(prototypes, C, logits.device)
     if predicts:
         _checks.check_label_dtype(label_dtype, C)
-    _checks.check_choice("backend", backend, _checks.BACKENDS)
     if predicts:
         _checks.check_choice("output", output, _checks.OUTPUTS)
-    module = resolve_backend(backend, logits)
+    module = resolve_backend(backend, logits)  # checks the backend's name first
     return Plan(op=op, backend=module, num_classes=C, upsample=upsample, shape=tuple(shape),
                 pixels=math.prod(shape), temperature=temperature, deterministic=bool(deterministic),
                 confidence_power=float(confidence_power), empty=empty, label_dtype=label_dtype,

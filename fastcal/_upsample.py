@@ -86,6 +86,12 @@ def check_arguments(size, scale_factor, align_corners):
                                                lambda v: 0 < v < math.inf))  # NaN fails too
 
 
+def check_model_arguments(size, scale_factor, align_corners):
+    """:func:`check_arguments` for the options of a model's helpers (fit, wrapper, export), where
+    ``size="input"`` also means the input images' height and width, known only per batch."""
+    return check_arguments((1, 1) if size == "input" else size, scale_factor, align_corners)
+
+
 def resolve(logits: torch.Tensor, size, scale_factor, align_corners) -> Upsample | None:
     """Check the upsampling arguments against ``logits``; ``None`` when there is nothing to upsample.
 

@@ -75,7 +75,7 @@ class CalibrationHead(nn.Module):
         super().__init__()
         _checks.check_choice("output", output, OUTPUTS)
         _checks.check_choice("layout", layout, LAYOUTS)
-        _upsample.check_arguments((1, 1) if size == "input" else size, scale_factor, align_corners)
+        _upsample.check_model_arguments(size, scale_factor, align_corners)
         # the kernels' centring (skipped classes: a zero row and ||A[k]||^2 = +inf)
         A, centre, squared_norms = centred_prototypes(prototypes.detach().cpu())
         C = A.shape[0]

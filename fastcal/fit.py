@@ -46,7 +46,7 @@ def fit_calibrator(model: Callable, loader: Iterable, num_classes: int, *, devic
     own, and the keyword arguments that configure a new one (``temperature``, ``momentum``...) are
     refused rather than ignored.
     """
-    _upsample.check_arguments((1, 1) if size == "input" else size, scale_factor, align_corners)
+    _upsample.check_model_arguments(size, scale_factor, align_corners)
     for name, hook in (("images", images), ("logits", logits)):
         if hook is not None and not callable(hook):
             raise TypeError(f"{name}: expected None or a callable, got {type(hook).__name__}")

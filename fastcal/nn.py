@@ -61,7 +61,7 @@ class LabelCalibration(nn.Module):
         _checks.check_choice("output", output, _checks.OUTPUTS)
         if momentum is not None and mode != "continual":
             raise ValueError(f"momentum: only the 'continual' mode decays its statistics, got mode={mode!r}")
-        _upsample.check_arguments((1, 1) if size == "input" else size, scale_factor, align_corners)
+        _upsample.check_model_arguments(size, scale_factor, align_corners)
         if logits is not None and not callable(logits):
             raise TypeError("logits: expected None or a callable (model, images) -> logits, "
                             f"got {type(logits).__name__}")
