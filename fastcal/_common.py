@@ -144,7 +144,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
-def distance_operands(prototypes: torch.Tensor, check_values=None) -> DistanceOperands:
+def distance_operands(prototypes: torch.Tensor, check_values=None, prepare=None) -> DistanceOperands:
     """The :class:`DistanceOperands` of ``prototypes``, never stale, whatever wrote to the tensor.
 
     On the CPU the operands are kept with a copy of the values they were built from, and reused
@@ -152,9 +152,10 @@ def distance_operands(prototypes: torch.Tensor, check_values=None) -> DistanceOp
     under a microsecond for 19 classes); any change, through PyTorch or behind its back (NumPy,
     ``.data``, DLPack, the storage), prepares (and ``check_values``) them again. On other devices
     a comparison would read a number back (a synchronisation), so the operands are prepared from
-    the tensor's current values on every call (a few small launches, nothing read back), and
-    ``check_values`` (which reads back) runs when the tensor is new or its version counter has
-    moved: values written behind PyTorch's back on a GPU are used as they are, unchecked."""
+    the tensor's current values on every call (``prepare(prototypes)``, the backend's one launch,
+    or a few small launches; nothing read back), and ``check_values`` (which reads back) runs when
+    the tensor is new or its version counter has moved: values written behind PyTorch's back on a
+    GPU are used as they are, unchecked."""
     key = id(prototypes)
     entry = _operands_cache.get(key)
     known = entry is not None and entry[0]() is prototypes
@@ -167,7 +168,7 @@ def distance_operands(prototypes: torch.Tensor, check_values=None) -> DistanceOp
             check_values(prototypes)
             if version is not None:
                 _remember(key, prototypes, version, None)
-        return DistanceOperands(prototypes.detach())
+        return DistanceOperands(prototypes.detach()) if prepare is None else prepare(prototypes)
     if known and torch.equal(_bits(entry[1]), _bits(prototypes)):
         return entry[2]
     snapshot = prototypes.detach().clone()

@@ -49,7 +49,7 @@ def predict_step(plan: _plan.Plan, logits: torch.Tensor, prototypes: torch.Tenso
     if traced(logits, prototypes):
         return _predict_op(logits, prototypes.detach(), plan.temperature, plan.requested_backend,
                            plan.label_dtype, plan.scores, *plan.resize)
-    return _labels(plan, logits, checked_operands(prototypes) if operands is None else operands)
+    return _labels(plan, logits, checked_operands(prototypes, plan) if operands is None else operands)
 
 
 def calibrate_step(plan: _plan.Plan, logits: torch.Tensor, valid: torch.Tensor | None):
@@ -97,11 +97,13 @@ def traced(*tensors) -> bool:
                 and any(torch._C._get_dispatch_mode(key) is not None for key in _TRACING_MODES)))
 
 
-def checked_operands(prototypes: torch.Tensor):
+def checked_operands(prototypes: torch.Tensor, plan: _plan.Plan):
     """The distance operands of caller-given prototypes, their values checked whenever the tensor
-    holds values not seen before (not while a CUDA graph is being captured)."""
+    holds values not seen before (not while a CUDA graph is being captured); prepared by the plan's
+    backend where it has its own way (``prototype_operands``: the Triton backend's one launch)."""
     capturing = prototypes.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    return distance_operands(prototypes, None if capturing else _checks.check_prototype_values)
+    return distance_operands(prototypes, None if capturing else _checks.check_prototype_values,
+                             getattr(plan.backend, "prototype_operands", None))
 
 
 # ----- running a plan ------------------------------------------------------------------------------
@@ -169,7 +171,7 @@ def _predict_impl(logits: torch.Tensor, prototypes: torch.Tensor, temperature: f
     plan = _plan.plan("predict", logits, prototypes=prototypes, temperature=temperature, backend=backend,
                       label_dtype=label_dtype, output="scores" if scores else "labels", size=size,
                       scale_factor=scale_factor, align_corners=align_corners)
-    return _labels(plan, logits, checked_operands(prototypes))
+    return _labels(plan, logits, checked_operands(prototypes, plan))
 
 
 _predict_op = torch.library.custom_op("fastcal::predict", _predict_impl, mutates_args=())

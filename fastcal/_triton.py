@@ -47,6 +47,27 @@ def scores_pass(logits, operands, plan):
         return scores(logits, operands, plan.temperature, plan.upsample)
 
 
+def prototype_operands(prototypes: torch.Tensor):
+    """Caller-given prototypes prepared on the device in one launch of the operands kernel, nothing
+    read back: they enter as sums ``S = P`` with weights ``W = 1``, a NaN row (a class never
+    predicted) as an empty class skipped. Beyond one block of classes, as the reference prepares
+    them (a few small launches)."""
+    from ._common import DistanceOperands
+    from .kernels.configs import FUSED_MAX_CLASSES
+    from .kernels.predict import predict_config
+    from .kernels.prototypes import operands
+
+    C = prototypes.shape[0]
+    if C > FUSED_MAX_CLASSES:
+        return DistanceOperands(prototypes.detach())
+    P = prototypes.detach().double()
+    skipped = torch.isnan(P).all(dim=1)
+    c_block = predict_config(C)["C_BLOCK"]
+    with _on_device(P.device):
+        P, A, centre, bias = operands(torch.nan_to_num(P, nan=0.0), (~skipped).double(), True, c_block)
+    return DistanceOperands(P, padded={c_block: (A, centre, bias)})
+
+
 def operands_pass(S, W, plan):
     """The prototypes and the predict pass's padded operands in one launch (``kernels/prototypes.py``)
     where one block of the predict pass holds every class; else as the reference builds them."""

@@ -43,3 +43,25 @@ def test_no_class_left_with_skip_gives_no_nan_in_the_operands():
     S, W = sums_with_empty_classes(4, (0, 1, 2, 3))
     P, A, centre, bias = prototypes.operands(S, W, True, 16)
     assert bool(P.isnan().all()) and not A.any() and not centre.any() and bool((bias == float("inf")).all())
+
+
+@pytest.mark.parametrize("num_classes", [3, 19, 64, 65])
+def test_caller_prototypes_are_prepared_on_the_device_as_the_reference_prepares_them(num_classes):
+    """A GPU prepares a caller's prototypes on every call (nothing read back, never stale): one
+    launch of the operands kernel with S = P, W = 1, a NaN row an empty class skipped."""
+    from fastcal import _triton
+    from fastcal._common import DistanceOperands
+
+    P = torch.softmax(torch.randn(num_classes, num_classes) * 3, dim=1)
+    P[1] = float("nan")  # a class never predicted
+    P = P.to(KERNEL_DEVICE)
+    got, want = _triton.prototype_operands(P), DistanceOperands(P)
+    assert torch.equal(got.prototypes.isnan(), P.isnan())
+    assert torch.equal(got.prototypes.nan_to_num(), P.nan_to_num())
+    c_block = predict_config(num_classes)["C_BLOCK"]
+    (A, centre, bias), (A_ref, centre_ref, bias_ref) = got.padded(c_block), want.padded(c_block)
+    torch.testing.assert_close(centre, centre_ref, rtol=2**-23, atol=2**-30)
+    torch.testing.assert_close(A, A_ref, rtol=2**-22, atol=2**-28)
+    assert torch.equal(torch.isinf(bias), torch.isinf(bias_ref))
+    finite = torch.isfinite(bias_ref)
+    torch.testing.assert_close(bias[finite], bias_ref[finite], rtol=2**-21, atol=2**-40)
