@@ -91,7 +91,11 @@ def triton_host_work(number: int, repeat: int) -> dict:
     kernel call a no-op. The tensors are CPU tensors standing in for CUDA ones (a PyTorch operation
     on a small CPU tensor costs about what launching it on CUDA does on the host; meta tensors
     would time PyTorch's Python meta functions instead). The one read of calibrate is a CPU read
-    here, a synchronisation on CUDA."""
+    here, a synchronisation on CUDA. On CUDA a caller's prototypes are prepared on every call (one
+    launch of the operands kernel, nothing read back): "predict, prototypes prepared" times that
+    path, which CPU tensors would not take (they compare the values with a kept copy instead)."""
+    from fastcal import _ops, _plan, _triton
+
     rows = {}
     for name, shape, resize in (("predict", SHAPE, {}), ("calibrate", SHAPE, {}),
                                 ("calibrate, upsampled 4x", (1, 19, 256, 512), {"scale_factor": 4})):
@@ -102,6 +106,13 @@ def triton_host_work(number: int, repeat: int) -> dict:
         else:
             call = lambda z=z, resize=resize: fastcal.calibrate(z, backend="triton", **resize)  # noqa: E731
         rows[name] = call
+    z, P = torch.randn(SHAPE), torch.eye(SHAPE[1])
+
+    def prepared_every_call():
+        plan = _plan.plan("predict", z, prototypes=P, backend="triton")
+        return _ops.predict_step(plan, z, P, _triton.prototype_operands(P))
+
+    rows["predict, prototypes prepared"] = prepared_every_call
     with launches_replaced_by_no_op():
         return interleaved_best_us(rows, number, repeat)
 
