@@ -15,8 +15,9 @@ def parser() -> argparse.ArgumentParser:
             ("demo", demo, "train a small model on synthetic source scenes, calibrate it on a shifted "
                            "target, score both (about a minute on 2 CPU cores)"),
             ("study", study, "the paper's open questions (confidence weighting, how many images, a "
-                             "drifting stream, failure modes) with plots (about a minute on 2 CPU cores)"),
-            ("export", export, "a saved calibrator as an ONNX head (softmax, 1x1 convolution, argmax) to "
+                             "drifting stream, failure modes, the temperature, label-free signals) with plots (about "
+                             "two minutes on 2 CPU cores)"),
+            ("export", export, "a saved calibrator as an ONNX head (softmax, a matrix product, argmax) to "
                                "append to a deployed model's graph")):
         sub = commands.add_parser(name, help=summary, description=summary)
         module.add_arguments(sub)
