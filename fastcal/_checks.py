@@ -118,6 +118,25 @@ def _confidence_power_expected(confidence_power) -> str:
     return f"confidence_power: expected a number in [0, {MAX_CONFIDENCE_POWER:g}], got {confidence_power!r}"
 
 
+def check_num_classes(num_classes) -> int:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool):
+        raise TypeError(f"num_classes: expected an int >= 2, got {type(num_classes).__name__}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes: expected an int >= 2, got {num_classes!r}")
+    return num_classes
+
+
+def check_momentum(momentum) -> float | None:
+    """None (cumulative) or a number in (0, 1], as a float."""
+    if momentum is None:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, Real):
+        raise TypeError(f"momentum: expected None or a number in (0, 1], got {type(momentum).__name__}")
+    if not (0 < momentum <= 1):
+        raise ValueError(f"momentum: expected None or a number in (0, 1], got {momentum!r}")
+    return float(momentum)
+
+
 def check_valid(valid, logits: torch.Tensor, shape: tuple | None = None) -> None:
     """``valid``: None or a bool tensor of ``shape`` (default: the logits without the class dim)."""
     if valid is None:

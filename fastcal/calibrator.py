@@ -10,8 +10,6 @@ import torch
 from . import _checks, _ops, _plan, _process, _statefile, reference
 from ._common import DistanceOperands
 from ._state import WEIGHT_FLOOR, Sums, reduced  # noqa: F401 (WEIGHT_FLOOR: public)
-from ._state import is_int as _is_int
-from ._state import is_number as _is_number
 from ._statefile import STATE_FORMAT, STATE_VERSION  # noqa: F401  (public names)
 
 _live = weakref.WeakSet()  # every calibrator, so that a forked child can replace their locks
@@ -61,22 +59,12 @@ class LabelCalibrator:
     def __init__(self, num_classes: int, *, temperature: float = 1.0, empty: str = "onehot",
                  backend: str = "auto", momentum: float | None = None, confidence_power: float = 1.0,
                  class_names=None):
-        if not _is_int(num_classes):
-            raise TypeError(f"num_classes: expected an int >= 2, got {type(num_classes).__name__}")
-        if num_classes < 2:
-            raise ValueError(f"num_classes: expected an int >= 2, got {num_classes!r}")
-        self.num_classes = num_classes
+        self.num_classes = _checks.check_num_classes(num_classes)
         self.temperature = _checks.check_temperature(temperature)
         self.confidence_power = _checks.check_confidence_power(confidence_power)
         _checks.check_choice("empty", empty, _checks.EMPTY_POLICIES)
         _checks.check_choice("backend", backend, _checks.BACKENDS)
-        if momentum is not None:
-            if not _is_number(momentum):
-                raise TypeError(f"momentum: expected None or a number in (0, 1], got {type(momentum).__name__}")
-            if not (0 < momentum <= 1):
-                raise ValueError(f"momentum: expected None or a number in (0, 1], got {momentum!r}")
-            momentum = float(momentum)
-        self.empty, self.backend, self.momentum = empty, backend, momentum
+        self.empty, self.backend, self.momentum = empty, backend, _checks.check_momentum(momentum)
         self.class_names = _statefile.checked_class_names(class_names, num_classes)
         self._lock = threading.RLock()
         _live.add(self)
