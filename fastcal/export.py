@@ -15,8 +15,8 @@ Two layouts of that math, chosen with ``layout=``:
   distances are one ``MatMul`` with weights that absorb the centring and the bias: since the
   ``p`` of a pixel sums to 1, ``2 A[k] . (p - c) - ||A[k]||^2 = p . (2 A[k] - b[k] 1)`` with
   ``b[k] = 2 A[k] . c + ||A[k]||^2``. Works for logits of any rank ([N, C, *spatial]). With an
-  upsampling, the division by ``T`` happens on the small tensor (interpolation is linear), and
-  ``Resize`` runs before the classes move.
+  upsampling, the classes move and ``T`` divides on the small tensor (interpolation is linear),
+  and ``Resize`` runs channels-last.
 - ``"nchw"``: softmax over the class axis and a centred 1x1 convolution, as before; for runtimes
   that work NCHW (TensorRT). [N, C, H, W] logits only.
 
@@ -127,11 +127,15 @@ class CalibrationHead(nn.Module):
         if resize is None:
             spatial = z.shape[2:]
             z = z.flatten(2).transpose(1, 2) @ self.scale  # [N, pixels, C] / T: one fused product
-        else:  # T >= 1: / T on the small tensor (no overflow; interpolation is linear), then Resize
-            z = F.interpolate(z * (1.0 / self.temperature), mode="bilinear", align_corners=self.align_corners,
-                              **resize)
-            spatial = z.shape[2:]
-            z = z.flatten(2).transpose(1, 2)
+        else:  # T >= 1: classes last and / T on the small tensor (interpolation is linear), then Resize
+            h, w = z.shape[2:]
+            z = (z.flatten(2).transpose(1, 2) @ self.scale).reshape(N, h, w, C)
+            # NCHW for F.interpolate and back: ONNX Runtime cancels the two transposes through the
+            # Resize, which then runs channels-last on the small tensor's classes
+            z = F.interpolate(z.permute(0, 3, 1, 2), mode="bilinear", align_corners=self.align_corners,
+                              **resize).permute(0, 2, 3, 1)
+            spatial = z.shape[1:3]
+            z = z.flatten(1, 2)
         p = torch.softmax(z, dim=-1)
         scores = p @ self.weight  # 2 A[k] . (p - c) - ||A[k]||^2
         if self.output == "labels":

@@ -372,3 +372,18 @@ def test_export_command_writes_the_input_and_label_types_asked_for(tmp_path, cap
     assert cli(["export", str(tmp_path / "state.pt"), "--out", str(tmp_path / "x.onnx"), "--rank", "5",
                 "--size", "8", "8"]) == 2
     assert "--rank 4" in capsys.readouterr().err
+
+
+def test_onnx_runtime_runs_the_upsampled_channels_last_head_without_a_transpose_of_the_big_tensor(tmp_path):
+    """What makes the default head fast (docs/design.md, section 10): after ONNX Runtime's graph
+    optimisation the classes move once, fused into the small tensor's product, and Resize, Softmax,
+    MatMul and ArgMax all run channels-last: no Transpose node is left."""
+    import onnx
+
+    cal = fitted(19)
+    export_onnx(calibration_head(cal, size=(64, 96)), torch.randn(2, 19, 8, 9), tmp_path / "head.onnx")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "head.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert "Transpose" not in ops and {"Resize", "Softmax", "MatMul", "ArgMax"} <= set(ops), ops
