@@ -43,6 +43,14 @@ def meta_logits_allowed():
         _meta_allowed.value = False
 
 
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
 def check_dense(name: str, tensor: torch.Tensor) -> None:
     """A plain strided tensor: sparse, nested and other layouts are refused by name."""
     if tensor.is_nested:
@@ -119,7 +127,7 @@ def _confidence_power_expected(confidence_power) -> str:
 
 
 def check_num_classes(num_classes) -> int:
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool):
+    if not is_int(num_classes):
         raise TypeError(f"num_classes: expected an int >= 2, got {type(num_classes).__name__}")
     if num_classes < 2:
         raise ValueError(f"num_classes: expected an int >= 2, got {num_classes!r}")
@@ -130,11 +138,27 @@ def check_momentum(momentum) -> float | None:
     """None (cumulative) or a number in (0, 1], as a float."""
     if momentum is None:
         return None
-    if isinstance(momentum, bool) or not isinstance(momentum, Real):
+    if not is_number(momentum):
         raise TypeError(f"momentum: expected None or a number in (0, 1], got {type(momentum).__name__}")
     if not (0 < momentum <= 1):
         raise ValueError(f"momentum: expected None or a number in (0, 1], got {momentum!r}")
     return float(momentum)
+
+
+def check_class_names(names, num_classes: int, what: str = "class_names"):
+    """None, or ``num_classes`` strings as a tuple."""
+    if names is None:
+        return None
+    try:
+        names = tuple(names) if not isinstance(names, str) else None
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise (ValueError if what.startswith("state") else TypeError)(
+            f"{what}: expected None or a sequence of {num_classes} strings")
+    if len(names) != num_classes:
+        raise ValueError(f"{what}: expected {num_classes} names, got {len(names)}")
+    return names
 
 
 def check_valid(valid, logits: torch.Tensor, shape: tuple | None = None) -> None:

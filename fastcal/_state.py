@@ -9,9 +9,10 @@ on top (momentum, empty classes, devices, files, the lock).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Real
 
 import torch
+
+from ._checks import is_int
 
 # In online mode a class's weight never decays below this (about 1e-271): a class missing from
 # the stream keeps its last prototype at a weight that no pixel (each weighs at least 1/C) notices,
@@ -74,8 +75,8 @@ class Sums:
                 "N": self.N.detach().cpu().clone(), "num_updates": self.updates, "num_pixels": self.pixels}
 
     @classmethod
-    def from_dict(cls, state: dict, num_classes: int, *, has_counts: bool = True, device=None) -> Sums:
-        """Check and copy the sums of a saved state onto ``device``: float64 tensors holding values
+    def from_dict(cls, state: dict, num_classes: int, *, has_counts: bool = True) -> Sums:
+        """Check and copy the sums of a saved state: float64 tensors holding values
         (not meta, not requiring grad) of the right shapes, finite and non-negative, weights that
         are 0 (an empty class) or at least ``WEIGHT_FLOOR`` so every ``S[k] / W[k]`` is finite, and
         non-negative int counters. Without ``has_counts`` (version 1 files) the pixel counts are
@@ -93,7 +94,7 @@ class Sums:
         counters = [state.get("num_updates"), state.get("num_pixels")]
         if not all(is_int(c) and c >= 0 for c in counters):
             raise ValueError("state: num_updates and num_pixels must be non-negative ints")
-        return cls(S.to(device, copy=True), W.to(device, copy=True), N.to(device, copy=True), *counters)
+        return cls(S.clone(), W.clone(), N.clone(), *counters)
 
 
 def reduced(shared: Sums, local: Sums, momentum: float | None, group=None) -> Sums:
@@ -119,14 +120,6 @@ def reduced(shared: Sums, local: Sums, momentum: float | None, group=None) -> Su
     payload = mine.scaled(catch_up).payload(wire)
     dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=group)
     return Sums.from_payload(payload.to(device), shared.S.shape[0])
-
-
-def is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)
 
 
 def _check_tensor(name: str, tensor, shape: tuple, unknown_allowed: bool = False) -> None:

@@ -21,7 +21,8 @@ import zipfile
 
 import torch
 
-from ._state import Sums, is_int, is_number
+from ._checks import check_class_names, is_int, is_number
+from ._state import Sums
 
 STATE_FORMAT = "fastcal.LabelCalibrator"
 # 3: the empty policy, class names, fastcal's version and a digest; 2: the confidence power and
@@ -49,7 +50,7 @@ def state_of(calibrator, sums: Sums) -> dict:
 
 
 def checked_state(calibrator, state) -> tuple[Sums, tuple | None]:
-    """``state``'s sums (on the CPU) and the class names the calibrator takes with them, after every
+    """``state``'s sums (a copy, on the state's device) and the class names the calibrator takes with them, after every
     check of ``LabelCalibrator.load_state_dict``; raises its ``TypeError`` / ``ValueError``."""
     if not isinstance(state, dict):
         raise TypeError(f"state: expected a dict, got {type(state).__name__}")
@@ -74,7 +75,7 @@ def checked_state(calibrator, state) -> tuple[Sums, tuple | None]:
         if state.get("empty") != calibrator.empty:
             raise ValueError(f"state: saved to predict with empty={state.get('empty')!r}, this calibrator "
                              f"uses {calibrator.empty!r} (LabelCalibrator.from_file takes the file's)")
-        saved_names = checked_class_names(state.get("class_names"), C, "state['class_names']")
+        saved_names = check_class_names(state.get("class_names"), C, "state['class_names']")
         if saved_names is not None and class_names is not None and saved_names != class_names:
             raise ValueError("state: class_names differ from this calibrator's")
         class_names = class_names or saved_names
@@ -192,19 +193,3 @@ def _fsync_directory(directory: str) -> None:
         pass  # some file systems refuse fsync on a folder; the file itself is already on disk
     finally:
         os.close(fd)
-
-
-def checked_class_names(names, num_classes: int, what: str = "class_names"):
-    """None, or ``num_classes`` strings as a tuple."""
-    if names is None:
-        return None
-    try:
-        names = tuple(names) if not isinstance(names, str) else None
-    except TypeError:
-        names = None
-    if names is None or not all(isinstance(n, str) for n in names):
-        raise (ValueError if what.startswith("state") else TypeError)(
-            f"{what}: expected None or a sequence of {num_classes} strings")
-    if len(names) != num_classes:
-        raise ValueError(f"{what}: expected {num_classes} names, got {len(names)}")
-    return names

@@ -65,7 +65,7 @@ class LabelCalibrator:
         _checks.check_choice("empty", empty, _checks.EMPTY_POLICIES)
         _checks.check_choice("backend", backend, _checks.BACKENDS)
         self.empty, self.backend, self.momentum = empty, backend, _checks.check_momentum(momentum)
-        self.class_names = _statefile.checked_class_names(class_names, num_classes)
+        self.class_names = _checks.check_class_names(class_names, num_classes)
         self._lock = threading.RLock()
         _live.add(self)
         self.reset()
