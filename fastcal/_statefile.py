@@ -127,17 +127,22 @@ def read(path) -> dict:
 
 
 def write(state: dict, path) -> None:
-    """Write ``state`` atomically: a temporary file in the same folder, flushed to disk (``fsync``),
-    renamed over ``path``, then the folder flushed. A crash at any point leaves either the previous
-    file or the new one, never half a file. The file gets the mode a new file gets under the
-    process's umask (e.g. 0644 under umask 022)."""
+    """Write ``state`` atomically (see :func:`write_atomically`)."""
+    write_atomically(path, lambda f: torch.save(state, f))
+
+
+def write_atomically(path, write_to) -> None:
+    """``write_to(f)`` into a temporary file in the same folder, flushed to disk (``fsync``), renamed
+    over ``path``, then the folder flushed. A crash at any point leaves either the previous file or
+    the new one, never half a file. The file gets the mode a new file gets under the process's
+    umask (e.g. 0644 under umask 022). Used for state files and exported ONNX heads alike."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".fastcal-", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp creates 0600 whatever the umask
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write_to(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -43,13 +43,12 @@ scores are differences of squared distances), and expect ArgMax to become a TopK
 from __future__ import annotations
 
 import os
-import tempfile
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _checks, _upsample
+from . import _checks, _statefile, _upsample
 from ._common import centred_prototypes
 from .adapters import model_logits, output_size
 from .calibrator import LabelCalibrator
@@ -222,7 +221,8 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | os.PathLik
     Input ``"input"``, output ``"output"``; the class names of a head built from a named
     calibrator in the model's metadata (``class_names``, JSON). Needs the ``export`` extra (onnx,
     onnxscript). Trace with a batch of at least 2 images and sides of at least 2: a size of 1 would
-    be taken as fixed. The file is written atomically (a temporary file renamed over ``path``)."""
+    be taken as fixed. The file is written atomically, with the mode the umask gives new files
+(:func:`fastcal._statefile.write_atomically`)."""
     import json
 
     import onnx
@@ -242,17 +242,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | os.PathLik
     head = module.head if isinstance(module, CalibratedModel) else module
     if getattr(head, "class_names", None) is not None:
         onnx.helper.set_model_props(model, {"class_names": json.dumps(list(head.class_names))})
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fastcal-", suffix=".onnx")
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _statefile.write_atomically(path, lambda f: f.write(model.SerializeToString()))
 
 
 def opset_range() -> tuple[int, int]:

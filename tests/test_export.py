@@ -387,3 +387,17 @@ def test_onnx_runtime_runs_the_upsampled_channels_last_head_without_a_transpose_
     ort.InferenceSession(str(tmp_path / "head.onnx"), options, providers=["CPUExecutionProvider"])
     ops = [node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
     assert "Transpose" not in ops and {"Resize", "Softmax", "MatMul", "ArgMax"} <= set(ops), ops
+
+
+def test_an_exported_file_gets_the_mode_the_umask_gives(tmp_path):
+    """Written atomically like a state file (a temporary file renamed), and readable as any new file."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        export_onnx(calibration_head(fitted(5)), torch.randn(2, 5, 8, 8), tmp_path / "head.onnx")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "head.onnx").stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head.onnx"]  # no temporary left behind
