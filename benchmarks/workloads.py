@@ -215,15 +215,14 @@ def onnx_session(module: torch.nn.Module, example: torch.Tensor, *, threads: int
         return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def _onnx_predict(logits: torch.Tensor, prototypes: torch.Tensor, resize: dict, argmax_only: bool = False,
-                  **session_options):
+def _onnx_predict(logits: torch.Tensor, prototypes: torch.Tensor, resize: dict, argmax_only: bool = False):
     """The exported calibration head (``fastcal.export``, its default layout) in ONNX Runtime's CPU
     execution provider, on the same logits and prototypes: what a deployment runs instead of
     ``fastcal.predict``; or, ``argmax_only``, the argmax head it replaces."""
     from fastcal.export import CalibrationHead
 
     module = ArgmaxHead(resize) if argmax_only else CalibrationHead(prototypes, 1.0, **resize)
-    session = onnx_session(module, torch.zeros(2, logits.shape[1], 16, 16, dtype=logits.dtype), **session_options)
+    session = onnx_session(module, torch.zeros(2, logits.shape[1], 16, 16, dtype=logits.dtype))
     feed = {session.get_inputs()[0].name: logits.numpy()}
     return lambda: session.run(None, feed)[0]
 

@@ -87,8 +87,8 @@ def prototypes_from_stats(S, W, *, empty="onehot") -> torch.Tensor:
     if empty == "skip" and bool((W == 0).all()):
         _ops.raise_all_empty()
     P = reference.prototypes_from_stats(S, W, empty)
-    kept = (W != 0)[:, None]
-    if not bool((kept & ~(P.abs() <= _checks.MAX_PROTOTYPE_MAGNITUDE)).logical_not().all()):
+    out_of_range = (W != 0)[:, None] & ~(P.abs() <= _checks.MAX_PROTOTYPE_MAGNITUDE)  # NaN and inf too
+    if bool(out_of_range.any()):
         raise ValueError(f"S, W: a prototype S[k] / W[k] is not finite or exceeds "
                          f"{_checks.MAX_PROTOTYPE_MAGNITUDE:.4g} in magnitude (a weight W[k] far too small "
                          "for its sums S[k]); sums of confidence-weighted probabilities give [0, 1]")

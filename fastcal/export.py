@@ -301,6 +301,8 @@ def main(args) -> int:
         return refuse(f"--out {args.out!r} is the state file itself; name another file")
     if args.size and args.rank != 4:
         return refuse("--size: upsampling needs [N, C, H, W] logits (--rank 4)")
+    if args.layout == "nchw" and args.rank != 4:
+        return refuse("--layout nchw takes [N, C, H, W] logits (--rank 4); channels_last takes any rank")
     try:
         calibrator = LabelCalibrator.from_file(args.state, empty=args.empty)
         size = tuple(args.size) if args.size else None
@@ -314,8 +316,6 @@ def main(args) -> int:
             message = f"not a usable fastcal state file ({message})"
         return refuse(f"{args.state}: {message}")
     C = calibrator.num_classes
-    if args.layout == "nchw" and args.rank != 4:
-        return refuse("--layout nchw takes [N, C, H, W] logits (--rank 4); channels_last takes any rank")
     spatial = {3: "L", 4: "H, W", 5: "D, H, W"}[args.rank]
     example = torch.zeros(2, C, *[16] * (args.rank - 2), dtype=INPUT_DTYPES[args.input_dtype])
     export_onnx(head, example, args.out, opset=args.opset)

@@ -208,17 +208,15 @@ TRACKS = 0.7  # |Spearman| from which a signal is said to track the gain
 
 
 def label_free_signals(calibrator: LabelCalibrator, logits: torch.Tensor, calibrated: torch.Tensor) -> dict:
-    """What a user without labels can compute about one calibration of ``logits``."""
+    """What a user without labels can compute about one calibration of ``logits``: the purity and
+    the closest pair as the calibrator's diagnostics report them."""
     p = torch.softmax(logits.float() / calibrator.temperature, dim=1)
     scores = calibrator.predict(logits, output="scores")
-    P = calibrator.prototypes
-    kept = ~torch.isnan(P).all(dim=1)
-    distances = torch.cdist(P[kept].double(), P[kept].double())
-    distances.fill_diagonal_(float("inf"))
+    report = calibrator.diagnostics()
+    own = [c.self_probability for c in report.classes if c.self_probability is not None]
     return {"relabelled": float((calibrated != logits.argmax(1)).float().mean()),
-            "purity": float(P[kept].diagonal().mean()) if bool(kept.all()) else float(
-                torch.stack([P[k, k] for k in range(len(P)) if kept[k]]).mean()),
-            "closest prototypes": float(distances.min()),
+            "purity": float(np.mean(own)),
+            "closest prototypes": _closest(report),
             "nearest distance": float((-scores.amax(dim=1)).clamp_min(0).sqrt().mean()),
             "entropy": float(-(p * p.clamp_min(1e-12).log()).sum(dim=1).mean())}
 
