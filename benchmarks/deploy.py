@@ -101,6 +101,26 @@ INTRO = """# The exported head in ONNX Runtime
 This page is written by `python -m benchmarks.deploy --out docs/deploy.md`; rerun it to refresh
 the table. See the module docstring of `benchmarks/deploy.py` for what each row runs.
 
+**Which layout.** The default, `layout="channels_last"`, is the fastest graph found for ONNX
+Runtime's CPU provider: the classes move to the last axis once, by a matrix product that also
+divides by the temperature (the runtime fuses the transpose into it), then `Softmax`, one
+`MatMul` with the centring and bias folded into its weights, and `ArgMax`, all on the last
+axis (docs/design.md, section 10). It takes logits of any rank (3-D volumes too).
+`layout="nchw"` keeps the class axis where it is (softmax over axis 1, a centred 1x1
+convolution): take it for TensorRT, which works NCHW; in ONNX Runtime it is more than ten
+times slower (the table). TensorRT: keep the head in float32 (its scores are differences of
+squared distances, which half precision rounds away), and expect its ArgMax to become a TopK
+layer. The head computes in float32 whatever the input dtype (the cast is in the graph); ties
+go to the lowest class.
+
+**Session settings.** Keep ONNX Runtime's default thread count, one per physical core (the
+"1 thread" rows), and its graph optimisation on: the upsampled head needs it to cancel the
+transposes around its `Resize` (the "optimisation disable" rows); the levels from basic to all
+differ by less than a shared machine's noise. Turn worker spinning off
+(`session.intra_op.allow_spinning = "0"`) when anything else shares the cores: a spinning pool
+slows what runs next. fastcal reads each logit once; a graph of standard operators passes over
+them four times, which is the gap to the `fastcal` row.
+
 """
 
 
