@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import threading
 import weakref
 from collections.abc import Iterator
 
@@ -127,16 +126,7 @@ class DistanceOperands:
 
 _OPERANDS_CACHE_SIZE = 32
 _operands_cache: dict = {}  # id(prototypes) -> (weak reference, snapshot or version, operands)
-_operands_lock = threading.Lock()
-
-
-def _forget_in_child() -> None:
-    """A forked child gets a fresh lock: another thread of the parent may have held it at the fork."""
-    global _operands_lock
-    _operands_lock = threading.Lock()
-
-
-_process.after_fork_in_child(_forget_in_child)
+_operands_lock = _process.Lock()
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

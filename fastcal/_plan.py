@@ -13,17 +13,17 @@ its launchers: a steady inference loop finds its plan and does no resolution wor
 checks depend on the key alone, a key found in the cache has passed them. A call whose options
 cannot be keyed (a tensor temperature) is planned afresh each time.
 
-The CPU backends keep their own preparations (the fused loops' walks) in :attr:`Plan.walks`,
-built on first use, so they too are made once per key; the Triton launchers cache their launch
-layouts in ``kernels/_layout.py``, by shape, strides and device. Nothing here reads a tensor's values: a
+A plan is immutable. The CPU backends keep their own preparations (the fused loops' walks, the
+upsampling's row tables) beside it, by plan, built on first use and gone with it, so they too are
+made once per key; the Triton launchers cache their launch layouts in ``kernels/_layout.py``, by
+shape, strides and device. Nothing here reads a tensor's values: a
 plan can be built for meta tensors (:func:`meta_plan`), and with it the Triton launches, without
 CUDA.
 """
 from __future__ import annotations
 
 import math
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -50,7 +50,6 @@ class Plan:
     label_dtype: torch.dtype = torch.int64
     scores: bool = False
     requested_backend: str = "auto"     # the name the call gave, as the torch.library ops take it
-    walks: dict = field(default_factory=dict)  # the backend's own preparations, by pass
 
     @property
     def resize(self) -> tuple:
@@ -112,18 +111,9 @@ def resolve_backend(backend: str, logits) -> ModuleType:
 
 
 _cache: dict = {}
-_lock = threading.Lock()
-
-
-def _forget_in_child() -> None:
-    """A forked child plans afresh: its backends differ (no fused loops there) and the parent's
-    lock may have been held at the fork."""
-    global _lock
-    _cache.clear()
-    _lock = threading.Lock()
-
-
-_process.after_fork_in_child(_forget_in_child)
+_lock = _process.Lock()
+# a forked child plans afresh: its backends differ (no fused loops there)
+_process.after_fork_in_child(_cache.clear)
 
 
 def plan(op: str, logits, *, valid=None, prototypes=None, temperature=1.0, backend="auto", deterministic=None,

@@ -10,14 +10,19 @@ process (``multiprocessing``'s "spawn" or "forkserver"), as for any OpenMP code.
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 
 _forked = False
 _fork_hooks: list = []  # called in the child, after ``_forked`` is set
+_locks = weakref.WeakSet()  # every Lock, renewed in a forked child
 
 
 def _after_fork_in_child() -> None:
     global _forked
     _forked = True
+    for lock in list(_locks):
+        lock._renew()
     for hook in _fork_hooks:
         hook()
 
@@ -32,5 +37,29 @@ def forked_child() -> bool:
 
 
 def after_fork_in_child(hook) -> None:
-    """Call ``hook()`` in every child forked from now on (e.g. to replace a lock another thread held)."""
+    """Call ``hook()`` in every child forked from now on (e.g. to forget what the parent planned)."""
     _fork_hooks.append(hook)
+
+
+class Lock:
+    """A ``threading.Lock`` (an ``RLock`` with ``reentrant``) that a forked child gets afresh, since
+    another thread of the parent may have held it at the fork and never lets go in the child; a
+    copy or an unpickled object gets a new one too, so objects holding one copy and pickle as they
+    are."""
+
+    def __init__(self, reentrant: bool = False):
+        self._reentrant = reentrant
+        self._renew()
+        _locks.add(self)
+
+    def _renew(self) -> None:
+        self._lock = threading.RLock() if self._reentrant else threading.Lock()
+
+    def __enter__(self):
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self._lock.__exit__(*exc)
+
+    def __reduce__(self):
+        return type(self), (self._reentrant,)

@@ -3,8 +3,10 @@
 ``Sums`` holds, in float64, ``S`` [C, C] (``sum w * p`` per argmax class), ``W`` [C] (``sum w``),
 ``N`` [C] (pixels per class) and two counters (batches and pixels added). It is immutable: every
 operation returns a new value, so a reader holding one never sees half an update, and
-``torch.inference_mode`` tensors never need an in-place change. ``LabelCalibrator`` is the policy
-on top (momentum, empty classes, devices, files, the lock).
+``torch.inference_mode`` tensors never need an in-place change. ``Stream`` is what a calibrator
+holds: the sums every rank shares and those this rank added since, one immutable value too, which
+the calibrator replaces under its lock and reads without it. ``LabelCalibrator`` is the policy on
+top (momentum, empty classes, devices, files, the lock).
 """
 from __future__ import annotations
 
@@ -95,6 +97,55 @@ class Sums:
         if not all(is_int(c) and c >= 0 for c in counters):
             raise ValueError("state: num_updates and num_pixels must be non-negative ints")
         return cls(S.clone(), W.clone(), N.clone(), *counters)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """The sums every rank shares (after a reduction, a load or a reset) and ``local``, those this
+    rank added since; ``fixed``: whether a batch has fixed their device; ``any_weight``: whether any
+    class has weight, known on the host, so that predicting with ``empty="skip"`` need not read
+    ``W`` back to refuse a calibrator with nothing to predict."""
+    shared: Sums
+    local: Sums
+    fixed: bool = False
+    any_weight: bool = False
+
+    @classmethod
+    def of(cls, shared: Sums, fixed: bool = False, any_weight: bool | None = None) -> Stream:
+        """``shared`` with nothing local on top."""
+        any_weight = bool((shared.W > 0).any()) if any_weight is None else any_weight
+        return cls(shared, Sums.zeros(shared.S.shape[0], shared.device), fixed, any_weight)
+
+    @property
+    def total(self) -> Sums:
+        return self.shared + self.local
+
+    @property
+    def device(self) -> torch.device:
+        return self.shared.device
+
+    @property
+    def updates(self) -> int:
+        return self.shared.updates + self.local.updates
+
+    @property
+    def pixels(self) -> int:
+        return self.shared.pixels + self.local.pixels
+
+    def added(self, batch: Sums, momentum: float | None) -> Stream:
+        """One step of the stream: the sums so far decayed (online mode), then the batch's added; the
+        first batch moves the sums to its device and fixes it."""
+        shared, local = self.shared, self.local
+        if not self.fixed:
+            shared, local = shared.to(batch.device), local.to(batch.device)
+        if momentum is not None and self.updates:
+            factors = (shared + local).decay_factors(momentum)
+            shared, local = shared.scaled(factors), local.scaled(factors)
+        return Stream(shared, local + batch, True, True)
+
+    def reduced(self, momentum: float | None, group=None) -> Stream:
+        """The stream every rank holds after ``LabelCalibrator.all_reduce``: see :func:`reduced`."""
+        return Stream.of(reduced(self.shared, self.local, momentum, group), self.fixed)
 
 
 def reduced(shared: Sums, local: Sums, momentum: float | None, group=None) -> Sums:

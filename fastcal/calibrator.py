@@ -2,26 +2,13 @@
 from __future__ import annotations
 
 import os
-import threading
-import weakref
 
 import torch
 
 from . import _checks, _ops, _plan, _process, _statefile, reference
 from ._common import DistanceOperands
-from ._state import WEIGHT_FLOOR, Sums, reduced  # noqa: F401 (WEIGHT_FLOOR: public)
+from ._state import WEIGHT_FLOOR, Stream, Sums  # noqa: F401 (WEIGHT_FLOOR: public)
 from ._statefile import STATE_FORMAT, STATE_VERSION  # noqa: F401  (public names)
-
-_live = weakref.WeakSet()  # every calibrator, so that a forked child can replace their locks
-
-
-def _new_locks_in_child() -> None:
-    """Another thread may have held a calibrator's lock at the fork; in the child it never lets go."""
-    for calibrator in list(_live):
-        calibrator._lock = threading.RLock()
-
-
-_process.after_fork_in_child(_new_locks_in_child)
 
 
 class LabelCalibrator:
@@ -66,80 +53,48 @@ class LabelCalibrator:
         _checks.check_choice("backend", backend, _checks.BACKENDS)
         self.empty, self.backend, self.momentum = empty, backend, _checks.check_momentum(momentum)
         self.class_names = _checks.check_class_names(class_names, num_classes)
-        self._lock = threading.RLock()
-        _live.add(self)
-        self.reset()
-
-    def __getstate__(self) -> dict:  # copy.deepcopy and pickle: a lock is neither
-        state = self.__dict__.copy()
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.RLock()
-        _live.add(self)
+        self._lock = _process.Lock()  # every change of ``_stream``; reads take the value as it is
+        self._stream = Stream.of(Sums.zeros(self.num_classes))
+        self._prepared = None  # (stream, empty policy, {device: DistanceOperands}) for predict
 
     def reset(self) -> None:
         """Forget every statistic; the next batch may come on any device."""
         with self._lock:
-            device = self._shared.device if hasattr(self, "_shared") else None
-            self._set_shared(Sums.zeros(self.num_classes, device), any_weight=False)
-            self._device_fixed = False
-
-    def _set_shared(self, sums: Sums, any_weight: bool | None = None) -> None:
-        """Make ``sums`` the state every rank shares (after a reduction, a load or a reset), with
-        nothing local on top."""
-        self._shared = sums
-        self._local = Sums.zeros(self.num_classes, sums.device)
-        self._cached_prototypes = None
-        # whether any class has weight, kept on the host so that predicting with empty="skip" need
-        # not read W back to refuse a calibrator with nothing to predict
-        self._any_weight = bool((sums.W > 0).any()) if any_weight is None else any_weight
-
-    @property
-    def _sums(self) -> Sums:
-        with self._lock:
-            return self._shared + self._local
+            self._stream = Stream.of(Sums.zeros(self.num_classes, self._stream.device))
 
     @property
     def S(self) -> torch.Tensor:
         """[C, C] float64 sums ``sum w * p`` per argmax class, ``w = conf ** confidence_power``."""
-        return self._sums.S
+        return self._stream.total.S
 
     @property
     def W(self) -> torch.Tensor:
         """[C] float64 sums ``sum w`` per argmax class, ``w = conf ** confidence_power``."""
-        return self._sums.W
+        return self._stream.total.W
 
     @property
     def counts(self) -> torch.Tensor:
         """[C] float64 pixels counted per argmax class (decayed like ``W`` in online mode; NaN when
         loaded from a version-1 state, which did not keep them)."""
-        return self._sums.N
+        return self._stream.total.N
 
     @property
     def num_updates(self) -> int:
         """Batches added (summed over ranks by :meth:`all_reduce`); empty batches do not count."""
-        with self._lock:
-            return self._shared.updates + self._local.updates
+        return self._stream.updates
 
     @property
     def num_pixels(self) -> int:
         """Valid pixels added (summed over ranks by :meth:`all_reduce`)."""
-        with self._lock:
-            return self._shared.pixels + self._local.pixels
+        return self._stream.pixels
 
-    def _check_batch(self, logits: torch.Tensor) -> None:
+    def _check_batch(self, logits: torch.Tensor, stream: Stream) -> None:
         """What the plan cannot know: this calibrator's class count and device (the logits
         themselves were checked by the plan)."""
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"logits: expected C={self.num_classes} classes on dim 1, got {logits.shape[1]}")
-        self._check_device(logits.device)
-
-    def _check_device(self, device) -> None:
-        if self._device_fixed and device != self._shared.device:
-            raise ValueError(f"logits: on {device}, but this calibrator's sums are on {self._shared.device}")
+        if stream.fixed and logits.device != stream.device:
+            raise ValueError(f"logits: on {logits.device}, but this calibrator's sums are on {stream.device}")
 
     def update(self, logits: torch.Tensor, valid: torch.Tensor | None = None, *, size=None, scale_factor=None,
                align_corners=False) -> LabelCalibrator:
@@ -150,26 +105,14 @@ class LabelCalibrator:
         plan = _plan.plan("stats", logits, valid=valid, temperature=self.temperature, backend=self.backend,
                           confidence_power=self.confidence_power, size=size, scale_factor=scale_factor,
                           align_corners=align_corners)
-        self._check_batch(logits)
+        self._check_batch(logits, self._stream)
         S, W, N, pixels = _ops.stats_step(plan, logits.detach(), valid, count=True)
         if pixels == 0:
             return self
         with self._lock:
-            self._add(Sums(S, W, N, 1, pixels))
+            self._check_batch(logits, self._stream)  # again: another thread may have fixed the device since
+            self._stream = self._stream.added(Sums(S, W, N, 1, pixels), self.momentum)
         return self
-
-    def _add(self, batch: Sums) -> None:
-        """One step of the stream (under the lock): decay, then add the batch's sums."""
-        self._check_device(batch.device)  # again: another thread may have fixed it since the batch was checked
-        if not self._device_fixed:
-            self._shared, self._local = self._shared.to(batch.device), self._local.to(batch.device)
-            self._device_fixed = True
-        if self.momentum is not None and self.num_updates:
-            factors = (self._shared + self._local).decay_factors(self.momentum)
-            self._shared, self._local = self._shared.scaled(factors), self._local.scaled(factors)
-        self._local = self._local + batch
-        self._cached_prototypes = None
-        self._any_weight = True
 
     @property
     def prototypes(self) -> torch.Tensor:
@@ -181,20 +124,20 @@ class LabelCalibrator:
         once per state of the sums, empty policy and device, and trusted: the sums are this
         calibrator's own, checked when they were loaded, so nothing is read back (empty classes
         are resolved on the device)."""
-        with self._lock:
-            home = self._shared.device
-            device = home if device is None else torch.device(device)
-            cached = self._cached_prototypes
-            if cached is None or cached[0] != self.empty:
-                if self.empty == "skip" and not self._any_weight:
-                    _ops.raise_all_empty()
-                cached = self._cached_prototypes = (self.empty, {})
-            by_device = cached[1]
-            if home not in by_device:
-                by_device[home] = DistanceOperands(reference.prototypes_from_stats(self.S, self.W, self.empty))
-            if device not in by_device:
-                by_device[device] = DistanceOperands(by_device[home].prototypes.to(device))
-            return by_device[device]
+        stream, empty = self._stream, self.empty
+        device = stream.device if device is None else torch.device(device)
+        prepared = self._prepared
+        if prepared is None or prepared[0] is not stream or prepared[1] != empty:
+            if empty == "skip" and not stream.any_weight:
+                _ops.raise_all_empty()
+            prepared = self._prepared = (stream, empty, {})
+        by_device = prepared[2]
+        if stream.device not in by_device:
+            total = stream.total
+            by_device[stream.device] = DistanceOperands(reference.prototypes_from_stats(total.S, total.W, empty))
+        if device not in by_device:
+            by_device[device] = DistanceOperands(by_device[stream.device].prototypes.to(device))
+        return by_device[device]
 
     def diagnostics(self, class_names=None, *, min_pixels: float = 1000, min_distance: float = 0.2):
         """Per class: pixels, weight, the prototype's own probability, its nearest other prototype,
@@ -219,7 +162,7 @@ class LabelCalibrator:
         plan = _plan.plan("own-predict", logits, temperature=self.temperature,
                           backend=self.backend, label_dtype=label_dtype, output=output, size=size,
                           scale_factor=scale_factor, align_corners=align_corners)
-        self._check_batch(logits)
+        self._check_batch(logits, self._stream)
         operands = self._operands(logits.device)
         return _ops.predict_step(plan, logits.detach(), operands.prototypes, operands)
 
@@ -241,18 +184,14 @@ class LabelCalibrator:
         CPU otherwise), whatever device a rank's sums are on, and come back to it.
         """
         with self._lock:  # no update may land between the payload and the new shared state
-            self._set_shared(reduced(self._shared, self._local, self.momentum, group))
+            self._stream = self._stream.reduced(self.momentum, group)
         return self
 
     # ----- saved state ------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Plain tensors, numbers and strings: loadable with ``torch.load(weights_only=True)``; a
         snapshot of one state, whatever other threads do meanwhile."""
-        with self._lock:
-            return self._state_dict()
-
-    def _state_dict(self) -> dict:
-        return _statefile.state_of(self, self._shared + self._local)
+        return _statefile.state_of(self, self._stream.total)
 
     def load_state_dict(self, state: dict) -> LabelCalibrator:
         """Replace the sums with ``state``'s after checking all of it; on any error nothing changes.
@@ -269,7 +208,7 @@ class LabelCalibrator:
         sums, class_names = _statefile.checked_state(self, state)
         with self._lock:
             # an unfixed calibrator still moves to the first batch's device
-            self._set_shared(sums.to(self._shared.device))
+            self._stream = Stream.of(sums.to(self._stream.device), self._stream.fixed)
             self.class_names = class_names
         return self
 

@@ -46,7 +46,6 @@ each source row it needs once along x, and keeps two).
 from __future__ import annotations
 
 import sys
-import threading
 import time
 
 import numpy as np
@@ -100,16 +99,8 @@ def _parallel_loop(fn, parallel=True):
 # ----- calling the loops safely ---------------------------------------------------------------
 # One call at a time: Numba's workqueue threading layer (its fallback without OpenMP or TBB) aborts
 # the process on concurrent calls, and each call already keeps every core busy.
-_lock = threading.Lock()
+_lock = _process.Lock()
 _LOGIT_TYPES = {"float32": "float32", "uint16": "float16", "int16": "bfloat16"}
-
-
-def _new_lock_in_child() -> None:
-    global _lock
-    _lock = threading.Lock()  # another thread may have held it at the fork
-
-
-_process.after_fork_in_child(_new_lock_in_child)
 
 
 class _CompileNotice(event.Listener):

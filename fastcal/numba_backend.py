@@ -6,7 +6,7 @@ NCHW batches (float32, float16 or bfloat16) with images of at least ``DIRECT_MIN
 pixels, or of at most ``SMALL_BATCH_IMAGES`` images, are read in place; any other layout is
 copied a chunk at a time (``_common.CHUNK_ELEMENTS`` logits) into a float32 ``[C, n]`` buffer
 first. How a pass covers the pixels (:class:`_Walk`) is planned once per plan (see
-:mod:`fastcal._plan`). Distances use the expanded form, centred on the mean prototype
+:mod:`fastcal._plan`) and kept here, beside it. Distances use the expanded form, centred on the mean prototype
 ``c`` for precision (see :func:`fastcal._common.centred_prototypes`): summed in the fused
 loops up to ``cpu_kernels.NEAREST_MAX_CLASSES`` classes, else one GEMM per chunk.
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -118,11 +119,17 @@ class _Walk:
             yield select, host_array(z.view(1, C, n)), 0, 0, n
 
 
+_walks = weakref.WeakKeyDictionary()  # plan -> {pass: _Walk}, gone with the plan
+
+
 def _walk(plan, logits, name: str, **options) -> _Walk:
     """The plan's walk for pass ``name``, planned on first use."""
-    walk = plan.walks.get(name)
+    walks = _walks.get(plan)
+    if walks is None:
+        walks = _walks[plan] = {}
+    walk = walks.get(name)
     if walk is None:
-        walk = plan.walks[name] = _Walk(logits, plan.upsample, **options)
+        walk = walks[name] = _Walk(logits, plan.upsample, **options)
     return walk
 
 
@@ -150,7 +157,7 @@ def _column_bands(x0: torch.Tensor, wx: torch.Tensor, band: int, tile: int):
     column of each tile [T] and the weights of its ``band`` source columns for each of its
     output columns [T, band, tile]. Empty when a tile spans more than ``band`` source columns."""
     x0, wx = x0.view(-1, tile), wx.view(-1, tile)
-    first = x0[:, 0]
+    first = x0[:, 0].contiguous()  # a column view would type the loops' argument as strided ('A')
     if int((x0[:, -1] - first).max()) + 2 > band:
         return np.zeros(0, np.int64), np.zeros((0, band, tile), np.float32)
     weights = torch.zeros(x0.shape[0], band, tile)

@@ -14,6 +14,7 @@ The CPU path where the fused loops of :mod:`fastcal.numba_backend` cannot go: mo
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -102,13 +103,14 @@ def _fork_safe(function):
     return wrapper
 
 
-def _upsampled_chunks(logits: torch.Tensor, upsample, walks: dict):
+def _upsampled_chunks(logits: torch.Tensor, plan):
     """As :func:`_chunks` for the upsampling: ``(index, z)`` with ``z`` [C, n] float32, the bilinear
     values of a band of output rows of one image. Along x, ``F.interpolate`` of the band's source
     rows (their own rows kept: the mapping along y is then the identity, along x the global one);
     along y, a blend of the two source rows of each output row."""
     N, C = logits.shape[:2]
-    first_rows, last_rows, y0, y1, wy = _row_tables(logits, upsample, walks)
+    upsample = plan.upsample
+    first_rows, last_rows, y0, y1, wy = _row_tables(logits, plan)
     height, width = upsample.size
     rows = max(1, _common.CHUNK_ELEMENTS // (C * width))
     for g in range(N):
@@ -123,14 +125,17 @@ def _upsampled_chunks(logits: torch.Tensor, upsample, walks: dict):
             yield (g, band), torch.lerp(top, bottom, wy[band][:, None]).reshape(C, -1)
 
 
-def _row_tables(logits, upsample, walks: dict):
+_row_tables_of = weakref.WeakKeyDictionary()  # plan -> its row tables, gone with the plan
+
+
+def _row_tables(logits, plan):
     """The output rows' two source rows and weights, from the shapes alone: built on the host
-    once per plan (``walks``), with their device copies."""
-    tables = walks.get("torch-ops rows")
+    once per plan, with their device copies."""
+    tables = _row_tables_of.get(plan)
     if tables is None:
-        (y0, y1, wy), _ = upsample.axes(tuple(logits.shape[2:]))
+        (y0, y1, wy), _ = plan.upsample.axes(tuple(logits.shape[2:]))
         device = logits.device
-        tables = walks["torch-ops rows"] = (y0.tolist(), y1.tolist(), y0.to(device), y1.to(device), wy.to(device))
+        tables = _row_tables_of[plan] = (y0.tolist(), y1.tolist(), y0.to(device), y1.to(device), wy.to(device))
     return tables
 
 
@@ -144,8 +149,7 @@ def stats_pass(logits: torch.Tensor, valid: torch.Tensor | None, plan):
     N = torch.zeros(C, dtype=torch.float64, device=logits.device)
     nonfinite = torch.zeros((), dtype=torch.int64, device=logits.device)
     buffers = _Buffers(C, logits.device)
-    upsample = plan.upsample
-    for index, z in _chunks(logits) if upsample is None else _upsampled_chunks(logits, upsample, plan.walks):
+    for index, z in _chunks(logits) if plan.upsample is None else _upsampled_chunks(logits, plan):
         e, cls, use = _shifted_exp(z, plan.temperature, buffers, with_argmax=True)
         conf = e.sum(dim=0).reciprocal_()
         if valid is not None:
@@ -185,8 +189,7 @@ def _distances(logits, operands, plan):
     A_times_minus_2, centre, _ = _operands(operands)
     A_times_minus_2, centre = A_times_minus_2.to(logits.device), centre.to(logits.device)
     buffers = _Buffers(logits.shape[1], logits.device)
-    upsample = plan.upsample
-    for index, z in _chunks(logits) if upsample is None else _upsampled_chunks(logits, upsample, plan.walks):
+    for index, z in _chunks(logits) if plan.upsample is None else _upsampled_chunks(logits, plan):
         d = _shifted_exp(z, plan.temperature, buffers, with_argmax=False)
         d.div_(d.sum(dim=0)).sub_(centre[:, None])
         yield indexed(index), d, torch.mm(A_times_minus_2, d, out=buffers.view(buffers.scratch, d.shape[1]))

@@ -173,3 +173,26 @@ def test_prototypes_of_every_floating_dtype(backend, dtype):
     z = make_logits((2, 5, 6, 6))
     P = torch.softmax(torch.randn(5, 5) * 3, dim=1).to(dtype)
     assert torch.equal(fastcal.predict(z, P, backend=backend), fastcal.predict(z, P.float(), backend="reference"))
+
+
+def test_the_cpu_backends_prepare_once_per_plan_and_forget_with_it(monkeypatch):
+    """The fused loops' walks and the upsampling's row tables are kept beside the plan (which is
+    immutable), built on its first call, and dropped when the plan leaves the cache."""
+    import gc
+
+    from fastcal import _plan
+
+    z = make_logits((1, 5, 16, 16))
+    P = fastcal.prototypes_from_stats(*fastcal.prototype_stats(z))
+    made = []
+    walk = numba_backend._Walk
+    monkeypatch.setattr(numba_backend, "_Walk", lambda *a, **k: made.append(1) or walk(*a, **k))
+    first = fastcal.predict(z, P, backend="numba")
+    for _ in range(3):
+        assert torch.equal(fastcal.predict(z, P, backend="numba"), first)
+        fastcal.predict(z, P, backend="torch-ops", size=(20, 24))
+    assert len(made) == 1
+    assert len(numba_backend._walks) >= 1 and len(torch_ops._row_tables_of) >= 1
+    _plan._cache.clear()
+    gc.collect()
+    assert len(numba_backend._walks) == 0 and len(torch_ops._row_tables_of) == 0
