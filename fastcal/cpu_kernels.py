@@ -254,7 +254,9 @@ def _block_exp(z_image, start, count, inv_temperature, z_max, e, e_start, e_sum)
                 e_sum[i] += v
 
 
-@njit(inline="always", fastmath=_FAST)
+# not inlined: one call per block, compiled once per source type for the variants of the stats
+# loop (inlined, each variant compiled it again: a quarter of the loop's compile time)
+@njit(fastmath=_FAST)
 def _stats_block(src, src_start, count, inv_temperature, power, valid, valid_start, masked, scratch, S_u, W_u, N_u):
     """Add the block's ``S[cls] += w * p``, ``W[cls] += w`` with ``w = conf ** power``, and ``N[cls] += 1``
     (pixels ``src_start ..`` of ``src`` [C, L]) into ``S_u``, ``W_u``, ``N_u`` through float32 block

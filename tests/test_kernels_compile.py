@@ -1,24 +1,28 @@
 """Every kernel, at every configuration the dispatcher can pick, compiles for every target of
-``kernels/configs.py`` (sm_80, sm_90, gfx942, gfx90a) without a GPU, with no register spills:
+``kernels/configs.py`` (sm_90, gfx942, sm_80, gfx90a) without a GPU, with no register spills:
 for NVIDIA the cubin spills nothing and fits in 255 registers (cuobjdump); for AMD the code
 object's metadata shows no VGPR spilled and no scratch memory, and at most 512 VGPRs (with
 AGPRs). A few AMD variants park scalar registers in VGPR lanes (``.sgpr_spill_count``), which
 costs no memory traffic.
 
 Each target and each launch configuration (class block, pixel block, warps, stages, dot
-precision) is compiled; the remaining choices (logit dtype, memory layout, mask, partial sums,
-upsampling, confidence power) are covered pairwise: every pair of values of two choices is
-compiled together at least once for each configuration and target; the predict kernel's output
-(int64, int32 or uint8 labels, or float32 scores), which changes only its final store, is
-cycled through those cases so that each appears for each configuration and target. Compile time
-grows with the product of the choices; registers depend on the configuration and, within it,
-on a choice or two at a time.
+precision) is compiled. The remaining choices (logit dtype, memory layout, mask, partial sums,
+upsampling, confidence power) are covered pairwise on the two primary targets, H100/H200 (sm_90)
+and MI300 (gfx942): every pair of values of two choices is compiled together at least once for
+each configuration; the predict kernel's output (int64, int32 or uint8 labels, or float32 scores),
+which changes only its final store, is cycled through those cases so that each appears for each
+configuration. The secondary targets, A100 (sm_80) and MI250 (gfx90a), share the primary targets'
+tables: there every value of every choice, the output included, is compiled at least once per
+configuration. ``FASTCAL_AOT_SWEEP=pairwise`` covers every target pairwise (about 1.7 times the
+compiles). Registers depend on the configuration and, within it, on a choice or two at a time;
+compile time grows with the number of cases.
 """
 from __future__ import annotations
 
 import itertools
 import multiprocessing
 import os
+import random
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
@@ -34,26 +38,37 @@ SCALARS = ["C", "L", "O1", "O2", "so0", "so1", "so2", "s_l", "s_c", "n_tiles", "
 CLASS_COUNTS = range(2, 1025)  # above 64 classes the configuration no longer changes
 ELEMENT_SIZES = {"fp32": 4, "fp16": 2, "bf16": 2}
 OUTPUTS = ["i64", "scores", "i32", "u8"]
+PRIMARY_TARGETS = ("sm_90", "gfx942")  # the others share their tables
+# 2: every pair of choices on every target; 1: every value on the secondary targets (the default)
+COVERING_TRIES = 200  # shuffled greedy orders tried after the product order
+SECONDARY_STRENGTH = 2 if os.environ.get("FASTCAL_AOT_SWEEP") == "pairwise" else 1
 
 
-def pairwise(allowed=lambda case: True, **choices) -> list[dict]:
-    """A few cases (dicts of one value per choice, ``allowed`` ones only) holding every pair of
-    values of two choices that some allowed case holds: greedily, the case covering the most
-    pairs not yet covered, first in product order on ties (the same list on every run)."""
+def covering(allowed=lambda case: True, strength=2, **choices) -> list[dict]:
+    """A few cases (dicts of one value per choice, ``allowed`` ones only) holding every combination
+    of values of ``strength`` choices (2: every pair; 1: every value) that some allowed case holds.
+    Greedy, the case covering the most combinations not yet covered first, over the product order
+    and a few fixed shuffles of it; the shortest list wins (the same list on every run)."""
     names = list(choices)
     every = [dict(zip(names, values)) for values in itertools.product(*choices.values())]
     every = [case for case in every if allowed(case)]
+    held = [{tuple((name, case[name]) for name in group) for group in itertools.combinations(names, strength)}
+            for case in every]
+    shuffle = random.Random(0)
+    best = None
+    for order in [range(len(every))] + [shuffle.sample(range(len(every)), len(every)) for _ in range(COVERING_TRIES)]:
+        needed, chosen = set().union(*held), []
+        while needed:
+            pick = max(order, key=lambda i: len(held[i] & needed))
+            chosen.append(every[pick])
+            needed -= held[pick]
+        if best is None or len(chosen) < len(best):
+            best = chosen
+    return best
 
-    def pairs(case):
-        return {(a, case[a], b, case[b]) for a, b in itertools.combinations(names, 2)}
 
-    needed = set().union(*(pairs(case) for case in every))
-    chosen = []
-    while needed:
-        best = max(every, key=lambda case: len(pairs(case) & needed))
-        chosen.append(best)
-        needed -= pairs(best)
-    return chosen
+def strength(target: str) -> int:
+    return 2 if target in PRIMARY_TARGETS else SECONDARY_STRENGTH
 
 
 def dispatcher_configs(config_of, target):
@@ -81,8 +96,9 @@ def cases():
             meta = {"C_BLOCK": config["C_BLOCK"], "PIX_BLOCK": config["PIX_BLOCK"], "FUSED": config["FUSED"],
                     "DOT_PRECISION": config["DOT_PRECISION"]}
             tag = f"{target}-C{config['C_BLOCK']}{'' if config['FUSED'] else '-chunked'}-w{config['num_warps']}"
-            for c in pairwise(nchw_only_upsamples, dtype=list(LOGIT_TYPES), layout=list(LAYOUTS), valid=[False, True],
-                              partials=[False, True], upsample=[False, True], powered=[False, True]):
+            for c in covering(nchw_only_upsamples, strength(target), dtype=list(LOGIT_TYPES), layout=list(LAYOUTS),
+                              valid=[False, True], partials=[False, True], upsample=[False, True],
+                              powered=[False, True]):
                 sums = "*fp32" if c["partials"] else "*fp64"
                 yield (f"stats-{tag}-{c['dtype']}-{c['layout']}-valid{int(c['valid'])}-partials{int(c['partials'])}"
                        f"-up{int(c['upsample'])}-powered{int(c['powered'])}",
@@ -93,8 +109,8 @@ def cases():
             if not config["FUSED"]:
                 row_options = {**launch_options(config, target), "num_warps": config["row_num_warps"],
                                "num_stages": config["row_num_stages"]}
-                for c in pairwise(nchw_only_upsamples, dtype=list(LOGIT_TYPES), layout=list(LAYOUTS),
-                                  valid=[False, True], upsample=[False, True]):
+                for c in covering(nchw_only_upsamples, strength(target), dtype=list(LOGIT_TYPES),
+                                  layout=list(LAYOUTS), valid=[False, True], upsample=[False, True]):
                     yield (f"row_stats-{tag}-{c['dtype']}-{c['layout']}-valid{int(c['valid'])}-up{int(c['upsample'])}",
                            "stats._row_stats_kernel", c["dtype"], c["layout"], target, {},
                            {"C_BLOCK": config["C_BLOCK"], "PIX_BLOCK": config["ROW_PIX_BLOCK"],
@@ -103,10 +119,12 @@ def cases():
             meta = {"C_BLOCK": config["C_BLOCK"], "PIX_BLOCK": config["PIX_BLOCK"], "FUSED": config["FUSED"],
                     "DOT_PRECISION": config["DOT_PRECISION"]}
             tag = f"{target}-C{config['C_BLOCK']}{'' if config['FUSED'] else '-chunked'}"
-            # the output (a label type, or the scores) changes the final store only: cycled through the cases
-            for i, c in enumerate(pairwise(nchw_only_upsamples, dtype=list(LOGIT_TYPES), layout=list(LAYOUTS),
-                                           upsample=[False, True])):
-                c["out"] = OUTPUTS[i % len(OUTPUTS)]
+            # the output (a label type, or the scores) changes the final store only: cycled through the
+            # pairwise cases, one more choice in the others
+            outputs = {} if strength(target) == 2 else {"out": OUTPUTS}
+            for i, c in enumerate(covering(nchw_only_upsamples, strength(target), dtype=list(LOGIT_TYPES),
+                                           layout=list(LAYOUTS), upsample=[False, True], **outputs)):
+                c = {"out": OUTPUTS[i % len(OUTPUTS)], **c}
                 out = "*fp32" if c["out"] == "scores" else f"*{c['out']}"
                 yield (f"predict-{tag}-{c['dtype']}-{c['layout']}-{c['out']}-up{int(c['upsample'])}",
                        "predict._predict_kernel", c["dtype"], c["layout"], target, {"out_ptr": out},
@@ -181,14 +199,18 @@ def test_every_target_and_configuration_is_compiled():
             assert any(n.startswith(f"{prefix}{target}-") for n in names), (prefix, target)
 
 
-def test_pairwise_covers_every_pair():
-    chosen = pairwise(nchw_only_upsamples, dtype=list(LOGIT_TYPES), layout=list(LAYOUTS), upsample=[False, True],
+def test_covering_covers_every_pair_and_every_value():
+    chosen = covering(nchw_only_upsamples, dtype=list(LOGIT_TYPES), layout=list(LAYOUTS), upsample=[False, True],
                       valid=[False, True])
     for a, b in itertools.combinations(["dtype", "layout", "upsample", "valid"], 2):
         possible = {(x[a], x[b]) for x in [dict(zip(["dtype", "layout", "upsample", "valid"], v)) for v in
                     itertools.product(LOGIT_TYPES, LAYOUTS, [False, True], [False, True])] if nchw_only_upsamples(x)}
         assert {(x[a], x[b]) for x in chosen} == possible
     assert not any(x["upsample"] and x["layout"] != "nchw" for x in chosen)
+    singles = covering(nchw_only_upsamples, 1, dtype=list(LOGIT_TYPES), layout=list(LAYOUTS), out=OUTPUTS)
+    assert len(singles) == len(OUTPUTS)
+    for name, values in (("dtype", LOGIT_TYPES), ("layout", LAYOUTS), ("out", OUTPUTS)):
+        assert {x[name] for x in singles} == set(values)
 
 
 @pytest.mark.parametrize("name", [c[0] for c in ALL_CASES])
