@@ -9,7 +9,7 @@ from fastcal.kernels.configs import TARGETS
 import oracle
 from cases import DTYPES, KERNEL_DEVICE, LAYOUTS, exact_tie_prototypes, make_logits
 
-SHAPES = [(2, 2, 13, 11), (1, 3, 7, 9), (2, 19, 17, 23), (1, 19, 3, 4, 5), (37, 19), (1, 150, 5, 7), (5, 1024)]
+SHAPES = [(2, 2, 13, 11), (1, 3, 7, 9), (2, 19, 17, 23), (1, 19, 3, 4, 5), (37, 19), (1, 150, 5, 7), (5, 300)]
 
 
 def fitted_prototypes(z, empty="onehot"):
