@@ -54,13 +54,13 @@ class LabelCalibrator:
         self.empty, self.backend, self.momentum = empty, backend, _checks.check_momentum(momentum)
         self.class_names = _checks.check_class_names(class_names, num_classes)
         self._lock = _process.Lock()  # every change of ``_stream``; reads take the value as it is
-        self._stream = Stream.of(Sums.zeros(self.num_classes))
+        self._stream = Stream.of(Sums.zeros(self.num_classes), any_weight=False)
         self._prepared = None  # (stream, empty policy, {device: DistanceOperands}) for predict
 
     def reset(self) -> None:
         """Forget every statistic; the next batch may come on any device."""
         with self._lock:
-            self._stream = Stream.of(Sums.zeros(self.num_classes, self._stream.device))
+            self._stream = Stream.of(Sums.zeros(self.num_classes, self._stream.device), any_weight=False)
 
     @property
     def S(self) -> torch.Tensor:

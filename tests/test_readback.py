@@ -68,6 +68,8 @@ CALLS = {
     "upsampled predict": lambda z, P, cal: fastcal.predict(z, P, backend=cal.backend, size=(9, 11)),
     "LabelCalibrator.predict": lambda z, P, cal: cal.predict(z),
     "LabelCalibrator.predict upsampled": lambda z, P, cal: cal.predict(z, size=(9, 11)),
+    "LabelCalibrator.reset": lambda z, P, cal: cal.reset(),
+    "a new LabelCalibrator": lambda z, P, cal: fastcal.LabelCalibrator(5, backend=cal.backend),
 }
 ONE_READ = {
     "calibrate": lambda z, P, cal: fastcal.calibrate(z, backend=cal.backend),
