@@ -14,8 +14,8 @@ checks depend on the key alone, a key found in the cache has passed them. A call
 cannot be keyed (a tensor temperature) is planned afresh each time.
 
 A plan is immutable. The CPU backends keep their own preparations (the fused loops' walks, the
-upsampling's row tables) beside it, by plan, built on first use and gone with it, so they too are
-made once per key; the Triton launchers cache their launch layouts in ``kernels/_layout.py``, by
+upsampling's row tables) beside it (:func:`prepared`), built on first use and gone with it, so
+they too are made once per key; the Triton launchers cache their launch layouts in ``kernels/_layout.py``, by
 shape, strides and device. Nothing here reads a tensor's values: a
 plan can be built for meta tensors (:func:`meta_plan`), and with it the Triton launches, without
 CUDA.
@@ -23,6 +23,7 @@ CUDA.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -108,6 +109,20 @@ def resolve_backend(backend: str, logits) -> ModuleType:
 
     _triton.require(logits.device)
     return _triton
+
+
+_prepared = weakref.WeakKeyDictionary()  # plan -> {key: what a backend built for it}
+
+
+def prepared(plan: Plan, key, build):
+    """What a backend prepares once per plan (the fused loops' walks, the upsampling's row tables):
+    ``build()`` on the first use of ``key``, then kept beside the immutable plan, gone with it."""
+    built = _prepared.get(plan)
+    if built is None:
+        built = _prepared[plan] = {}
+    if key not in built:
+        built[key] = build()
+    return built[key]
 
 
 _cache: dict = {}

@@ -42,18 +42,16 @@ def after_fork_in_child(hook) -> None:
 
 
 class Lock:
-    """A ``threading.Lock`` (an ``RLock`` with ``reentrant``) that a forked child gets afresh, since
-    another thread of the parent may have held it at the fork and never lets go in the child; a
-    copy or an unpickled object gets a new one too, so objects holding one copy and pickle as they
-    are."""
+    """A ``threading.Lock`` that a forked child gets afresh, since another thread of the parent may
+    have held it at the fork and never lets go in the child; a copy or an unpickled object gets a
+    new one too, so objects holding one copy and pickle as they are."""
 
-    def __init__(self, reentrant: bool = False):
-        self._reentrant = reentrant
+    def __init__(self):
         self._renew()
         _locks.add(self)
 
     def _renew(self) -> None:
-        self._lock = threading.RLock() if self._reentrant else threading.Lock()
+        self._lock = threading.Lock()
 
     def __enter__(self):
         return self._lock.__enter__()
@@ -62,4 +60,4 @@ class Lock:
         return self._lock.__exit__(*exc)
 
     def __reduce__(self):
-        return type(self), (self._reentrant,)
+        return type(self), ()

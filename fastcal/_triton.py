@@ -54,33 +54,33 @@ def prototype_operands(prototypes: torch.Tensor):
     them (a few small launches)."""
     from ._common import DistanceOperands
     from .kernels.configs import FUSED_MAX_CLASSES
-    from .kernels.predict import predict_config
-    from .kernels.prototypes import operands
 
-    C = prototypes.shape[0]
-    if C > FUSED_MAX_CLASSES:
+    if prototypes.shape[0] > FUSED_MAX_CLASSES:
         return DistanceOperands(prototypes.detach())
     P = prototypes.detach().double()
     skipped = torch.isnan(P).all(dim=1)
-    c_block = predict_config(C)["C_BLOCK"]
-    with _on_device(P.device):
-        P, A, centre, bias = operands(torch.nan_to_num(P, nan=0.0), (~skipped).double(), True, c_block)
-    return DistanceOperands(P, padded={c_block: (A, centre, bias)})
+    return _fused_operands(torch.nan_to_num(P, nan=0.0), (~skipped).double(), True)
 
 
 def operands_pass(S, W, plan):
     """The prototypes and the predict pass's padded operands in one launch (``kernels/prototypes.py``)
     where one block of the predict pass holds every class; else as the reference builds them."""
     from . import reference
-    from ._common import DistanceOperands
     from .kernels.configs import FUSED_MAX_CLASSES
+
+    if W.shape[0] > FUSED_MAX_CLASSES:
+        return reference.operands_pass(S, W, plan)
+    return _fused_operands(S, W, plan.empty == "skip")
+
+
+def _fused_operands(S, W, skip: bool):
+    """One launch of the operands kernel: the prototypes ``S[k] / W[k]`` and the predict pass's
+    operands, padded to the class block that holds every class."""
+    from ._common import DistanceOperands
     from .kernels.predict import predict_config
     from .kernels.prototypes import operands
 
-    C = W.shape[0]
-    if C > FUSED_MAX_CLASSES:
-        return reference.operands_pass(S, W, plan)
-    c_block = predict_config(C)["C_BLOCK"]
+    c_block = predict_config(W.shape[0])["C_BLOCK"]
     with _on_device(W.device):
-        P, A, centre, bias = operands(S, W, plan.empty == "skip", c_block)
+        P, A, centre, bias = operands(S, W, skip, c_block)
     return DistanceOperands(P, padded={c_block: (A, centre, bias)})

@@ -88,9 +88,10 @@ class LabelCalibrator:
         """Valid pixels added (summed over ranks by :meth:`all_reduce`)."""
         return self._stream.pixels
 
-    def _check_batch(self, logits: torch.Tensor, stream: Stream) -> None:
+    def _check_batch(self, logits: torch.Tensor) -> None:
         """What the plan cannot know: this calibrator's class count and device (the logits
         themselves were checked by the plan)."""
+        stream = self._stream
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"logits: expected C={self.num_classes} classes on dim 1, got {logits.shape[1]}")
         if stream.fixed and logits.device != stream.device:
@@ -105,12 +106,12 @@ class LabelCalibrator:
         plan = _plan.plan("stats", logits, valid=valid, temperature=self.temperature, backend=self.backend,
                           confidence_power=self.confidence_power, size=size, scale_factor=scale_factor,
                           align_corners=align_corners)
-        self._check_batch(logits, self._stream)
+        self._check_batch(logits)
         S, W, N, pixels = _ops.stats_step(plan, logits.detach(), valid, count=True)
         if pixels == 0:
             return self
         with self._lock:
-            self._check_batch(logits, self._stream)  # again: another thread may have fixed the device since
+            self._check_batch(logits)  # again: another thread may have fixed the device since
             self._stream = self._stream.added(Sums(S, W, N, 1, pixels), self.momentum)
         return self
 
@@ -162,7 +163,7 @@ class LabelCalibrator:
         plan = _plan.plan("own-predict", logits, temperature=self.temperature,
                           backend=self.backend, label_dtype=label_dtype, output=output, size=size,
                           scale_factor=scale_factor, align_corners=align_corners)
-        self._check_batch(logits, self._stream)
+        self._check_batch(logits)
         operands = self._operands(logits.device)
         return _ops.predict_step(plan, logits.detach(), operands.prototypes, operands)
 

@@ -222,7 +222,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | os.PathLik
     calibrator in the model's metadata (``class_names``, JSON). Needs the ``export`` extra (onnx,
     onnxscript). Trace with a batch of at least 2 images and sides of at least 2: a size of 1 would
     be taken as fixed. The file is written atomically, with the mode the umask gives new files
-(:func:`fastcal._statefile.write_atomically`)."""
+    (:func:`fastcal._statefile.write_atomically`)."""
     import json
 
     import onnx

@@ -6,7 +6,7 @@ NCHW batches (float32, float16 or bfloat16) with images of at least ``DIRECT_MIN
 pixels, or of at most ``SMALL_BATCH_IMAGES`` images, are read in place; any other layout is
 copied a chunk at a time (``_common.CHUNK_ELEMENTS`` logits) into a float32 ``[C, n]`` buffer
 first. How a pass covers the pixels (:class:`_Walk`) is planned once per plan (see
-:mod:`fastcal._plan`) and kept here, beside it. Distances use the expanded form, centred on the mean prototype
+:func:`fastcal._plan.prepared`). Distances use the expanded form, centred on the mean prototype
 ``c`` for precision (see :func:`fastcal._common.centred_prototypes`): summed in the fused
 loops up to ``cpu_kernels.NEAREST_MAX_CLASSES`` classes, else one GEMM per chunk.
 
@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 
 import numpy as np
 import torch
 
-from . import _common
+from . import _common, _plan
 from ._common import chunk_index, indexed
 
 DIRECT_MIN_PIXELS = 4096  # an NCHW batch is read in place when its images are this large
@@ -119,18 +118,9 @@ class _Walk:
             yield select, host_array(z.view(1, C, n)), 0, 0, n
 
 
-_walks = weakref.WeakKeyDictionary()  # plan -> {pass: _Walk}, gone with the plan
-
-
 def _walk(plan, logits, name: str, **options) -> _Walk:
-    """The plan's walk for pass ``name``, planned on first use."""
-    walks = _walks.get(plan)
-    if walks is None:
-        walks = _walks[plan] = {}
-    walk = walks.get(name)
-    if walk is None:
-        walk = walks[name] = _Walk(logits, plan.upsample, **options)
-    return walk
+    """The plan's walk for pass ``name``, planned on first use (:func:`fastcal._plan.prepared`)."""
+    return _plan.prepared(plan, ("walk", name), lambda: _Walk(logits, plan.upsample, **options))
 
 
 def _image_ranges(N: int, C: int, L: int, pixels: int) -> list:

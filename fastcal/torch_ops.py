@@ -14,12 +14,11 @@ The CPU path where the fused loops of :mod:`fastcal.numba_backend` cannot go: mo
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 import torch.nn.functional as F
 
-from . import _common, _process
+from . import _common, _plan, _process
 from ._common import chunk_index, indexed
 
 
@@ -125,18 +124,15 @@ def _upsampled_chunks(logits: torch.Tensor, plan):
             yield (g, band), torch.lerp(top, bottom, wy[band][:, None]).reshape(C, -1)
 
 
-_row_tables_of = weakref.WeakKeyDictionary()  # plan -> its row tables, gone with the plan
-
-
 def _row_tables(logits, plan):
     """The output rows' two source rows and weights, from the shapes alone: built on the host
-    once per plan, with their device copies."""
-    tables = _row_tables_of.get(plan)
-    if tables is None:
+    once per plan (:func:`fastcal._plan.prepared`), with their device copies."""
+    def build():
         (y0, y1, wy), _ = plan.upsample.axes(tuple(logits.shape[2:]))
         device = logits.device
-        tables = _row_tables_of[plan] = (y0.tolist(), y1.tolist(), y0.to(device), y1.to(device), wy.to(device))
-    return tables
+        return y0.tolist(), y1.tolist(), y0.to(device), y1.to(device), wy.to(device)
+
+    return _plan.prepared(plan, "torch-ops rows", build)
 
 
 @_fork_safe

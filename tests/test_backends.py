@@ -192,7 +192,8 @@ def test_the_cpu_backends_prepare_once_per_plan_and_forget_with_it(monkeypatch):
         assert torch.equal(fastcal.predict(z, P, backend="numba"), first)
         fastcal.predict(z, P, backend="torch-ops", size=(20, 24))
     assert len(made) == 1
-    assert len(numba_backend._walks) >= 1 and len(torch_ops._row_tables_of) >= 1
+    keys = {key for built in _plan._prepared.values() for key in built}
+    assert ("walk", "predict") in keys and "torch-ops rows" in keys
     _plan._cache.clear()
     gc.collect()
-    assert len(numba_backend._walks) == 0 and len(torch_ops._row_tables_of) == 0
+    assert len(_plan._prepared) == 0
