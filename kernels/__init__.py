@@ -1,1 +1,0 @@
-"""Fused Triton kernels of fastcal (installed as ``fastcal.kernels``)."""
