@@ -1,10 +1,14 @@
 """What this process may do with threads: whether it is a child forked from one that imported fastcal.
 
 GNU OpenMP's thread pools (PyTorch's and the Numba loops') do not survive ``fork()``: a parallel
-region in the child waits forever for threads that exist only in the parent. The hook is
-registered when ``fastcal`` is imported, before any op runs, so that a child forked after the
-parent ran any multi-threaded PyTorch operation (with or without a fastcal call) knows it is one
-and runs on one thread. A program that imports fastcal only after forking must do so in a fresh
+region in the child waits forever for threads that exist only in the parent, and any PyTorch
+operation above its grain size (an add of two 182 x 182 tensors) opens one. The hook is registered
+when ``fastcal`` is imported, before any op runs, so that a child forked after the parent ran any
+multi-threaded PyTorch operation (with or without a fastcal call) knows it is one and sets
+PyTorch to one thread, as PyTorch's own DataLoader workers do: every operation of the child then
+runs inline, fastcal's (every op, every backend, any class count) and the program's own. A child
+that knows its parent never ran a parallel region may raise the count again with
+``torch.set_num_threads``. A program that imports fastcal only after forking must do so in a fresh
 process (``multiprocessing``'s "spawn" or "forkserver"), as for any OpenMP code.
 """
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+
+import torch
 
 _forked = False
 _fork_hooks: list = []  # called in the child, after ``_forked`` is set
@@ -21,6 +27,7 @@ _locks = weakref.WeakSet()  # every Lock, renewed in a forked child
 def _after_fork_in_child() -> None:
     global _forked
     _forked = True
+    torch.set_num_threads(1)
     for lock in list(_locks):
         lock._renew()
     for hook in _fork_hooks:

@@ -8,17 +8,15 @@ centred on the mean prototype ``c`` for precision (:func:`fastcal._common.centre
 one GEMM per chunk.
 
 The CPU path where the fused loops of :mod:`fastcal.numba_backend` cannot go: more than
-``cpu_kernels.MAX_CLASSES`` classes, a forked child (there on one thread: see
+``cpu_kernels.MAX_CLASSES`` classes, a forked child (where PyTorch runs on one thread: see
 :mod:`fastcal._process`), or tensors on a device that Triton does not serve.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
-from . import _common, _plan, _process
+from . import _common, _plan
 from ._common import chunk_index, indexed
 
 
@@ -84,24 +82,6 @@ def _shifted_exp(z: torch.Tensor, temperature: float, buffers: _Buffers, with_ar
     return (e, cls, finite) if with_argmax else e
 
 
-def _fork_safe(function):
-    """Run ``function`` on one thread in a forked child (see :mod:`fastcal._process`),
-    as PyTorch's DataLoader workers do: a parallel region there would wait forever for the parent's
-    OpenMP threads. The caller's thread count is restored afterwards."""
-    @functools.wraps(function)
-    def wrapper(logits, *args, **kwargs):
-        if logits.device.type != "cpu" or not _process.forked_child():
-            return function(logits, *args, **kwargs)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return function(logits, *args, **kwargs)
-        finally:
-            torch.set_num_threads(threads)
-
-    return wrapper
-
-
 def _upsampled_chunks(logits: torch.Tensor, plan):
     """As :func:`_chunks` for the upsampling: ``(index, z)`` with ``z`` [C, n] float32, the bilinear
     values of a band of output rows of one image. Along x, ``F.interpolate`` of the band's source
@@ -135,7 +115,6 @@ def _row_tables(logits, plan):
     return _plan.prepared(plan, "torch-ops rows", build)
 
 
-@_fork_safe
 def stats_pass(logits: torch.Tensor, valid: torch.Tensor | None, plan):
     """``(S, W, N, nonfinite)``: the sums, the pixel count per argmax class (float64) and the
     number of valid pixels with a non-finite logit (a 0-dim tensor, on the device)."""
@@ -191,7 +170,6 @@ def _distances(logits, operands, plan):
         yield indexed(index), d, torch.mm(A_times_minus_2, d, out=buffers.view(buffers.scratch, d.shape[1]))
 
 
-@_fork_safe
 def predict_pass(logits: torch.Tensor, operands, plan):
     """The argmin of ``bias - 2 A (p - c)`` with one GEMM a chunk."""
     labels = plan.output(logits.device)
@@ -205,7 +183,6 @@ def predict_pass(logits: torch.Tensor, operands, plan):
     return labels
 
 
-@_fork_safe
 def scores_pass(logits: torch.Tensor, operands, plan):
     """``-(bias - 2 A d + ||d||^2) = -||p - P[k]||^2`` a chunk at a time, written into the float32
     [N, C, *spatial] output (``-inf`` for a skipped class)."""

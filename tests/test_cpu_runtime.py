@@ -65,7 +65,6 @@ def test_a_child_forked_after_the_loops_ran_still_calibrates():
     pools, the loops' and PyTorch's, do not survive fork(), and a parallel region there hangs."""
     result = run_python("""
     check()  # the parent starts the loops' threads and PyTorch's
-    threads = torch.get_num_threads()
     pid = os.fork()
     if pid == 0:
         import faulthandler
@@ -74,8 +73,7 @@ def test_a_child_forked_after_the_loops_ran_still_calibrates():
             assert not numba_backend.can_run(z)  # the child takes the PyTorch operations
             S, W = fastcal.prototype_stats(z)
             labels = fastcal.predict(z, P)
-            assert torch.get_num_threads() == threads  # the caller's setting is back
-            torch.set_num_threads(1)  # the oracle's own PyTorch operations need it here too
+            assert torch.get_num_threads() == 1  # set at the fork, for the program's operations too
             oracle.assert_stats_close(S, W, *oracle.stats(z))
             oracle.assert_labels_match(labels, z, P)
         except BaseException as error:
@@ -132,6 +130,47 @@ def test_forked_data_loader_workers_calibrate():
     for batch in batches:
         assert torch.equal(batch, expected)
     """)
+    assert_ok(result)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX-only")
+def test_every_op_of_a_forked_child_finishes_at_every_class_count():
+    """Past PyTorch's grain size (C x C > 32768: 182 classes) even fastcal's small C x C operations
+    (adding sums, preparing prototypes) would open a parallel region; the child runs them on one
+    thread, on every CPU backend, from 2 to 1024 classes."""
+    result = run_python("""
+    from fastcal.export import calibration_head
+    cases = []
+    for C in (2, 181, 182, 300, 1024):
+        logits = torch.randn(2, C, 4, 5) * 3
+        for backend in ("reference", "torch", "torch-ops"):
+            if backend == "torch" and C > 256:
+                continue  # the fused loops take at most 256 classes; "torch" is "torch-ops" there
+            cal = fastcal.LabelCalibrator(C, backend=backend).update(logits)  # the parent's pools start
+            cal.predict(logits)
+            cases.append((C, backend, logits))
+    torch.randn(1000, 1000).sum()
+    pid = os.fork()
+    if pid == 0:
+        import faulthandler
+        faulthandler.dump_traceback_later(200, exit=True)  # a hang fails the test instead of blocking it
+        try:
+            for C, backend, logits in cases:
+                cal = fastcal.LabelCalibrator(C, backend=backend).update(logits).update(logits)
+                P = cal.prototypes
+                labels = fastcal.predict(logits, P.clone(), backend=backend)
+                assert torch.equal(labels, cal.predict(logits))
+                assert torch.equal(fastcal.calibrate(logits, backend=backend), labels)
+                fastcal.prototypes_from_stats(*fastcal.prototype_stats(logits, backend=backend))
+                calibration_head(cal)
+                cal.diagnostics()
+        except BaseException as error:
+            print("child:", repr(error), file=sys.stderr)
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, f"child status {status}"
+    """, timeout=280)
     assert_ok(result)
 
 
