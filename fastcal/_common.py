@@ -138,7 +138,7 @@ def distance_operands(prototypes: torch.Tensor, check_values=None, prepare=None)
     """The :class:`DistanceOperands` of ``prototypes``, never stale, whatever wrote to the tensor.
 
     On the CPU the operands are kept with a copy of the values they were built from, and reused
-    while the tensor is alive and holds the same bits (``C * C`` values compared per call: about
+    while the tensor is alive and holds the same bits in the same dtype (``C * C`` values compared per call: about
     4 us of host work with 19 classes, 20 us with 150); any change, through PyTorch or behind its back (NumPy,
     ``.data``, DLPack, the storage), prepares (and ``check_values``) them again. On other devices
     a comparison would read a number back (a synchronisation), so the operands are prepared from
@@ -159,7 +159,8 @@ def distance_operands(prototypes: torch.Tensor, check_values=None, prepare=None)
             if version is not None:
                 _remember(key, prototypes, version, None)
         return DistanceOperands(prototypes.detach()) if prepare is None else prepare(prototypes)
-    if known and torch.equal(_bits(entry[1]), _bits(prototypes)):
+    # the same bits mean the same values only in the same dtype: `.data` can retype a tensor in place
+    if known and entry[1].dtype == prototypes.dtype and torch.equal(_bits(entry[1]), _bits(prototypes)):
         return entry[2]
     snapshot = prototypes.detach().clone()
     if check_values is not None:

@@ -28,12 +28,14 @@ temperatures where every prototype is within about 1e-6 of uniform the ``"nchw"`
 exact one. Scores (``-||p - P[k]||^2``) agree to 1e-5.
 
 The max logit is subtracted before dividing by a temperature below 1, as the kernels do, so no
-finite logit overflows ``z / T``. The head computes in float32 whatever the logits' dtype (the cast
-is in the graph). Empty classes follow the calibrator's ``empty`` policy: one-hot prototypes
-(``"onehot"``) or never chosen (``"skip"``: ``-inf`` scores). Ties go to the lowest class (ONNX
-ArgMax's default, ``select_last_index=0``). ``label_dtype`` (int64, int32 or uint8 when the
-classes fit) is the labels' type, as in :func:`fastcal.predict`. The head holds a copy of the
-prototypes: later updates of the calibrator do not change it.
+finite logit overflows ``z / T``. A logit of ``-inf`` (a class masked out) has probability 0, as
+in :func:`fastcal.predict`, in both layouts, while the pixel has a finite logit. The head computes
+in float32 whatever the logits' dtype (the cast is in the graph). Empty classes follow the
+calibrator's ``empty`` policy: one-hot prototypes (``"onehot"``) or never chosen (``"skip"``:
+``-inf`` scores). Ties go to the lowest class (ONNX ArgMax's default, ``select_last_index=0``).
+``label_dtype`` (int64, int32 or uint8 when the classes fit) is the labels' type, as in
+:func:`fastcal.predict`. The head holds a copy of the prototypes: later updates of the calibrator
+do not change it.
 
 :func:`calibration_head` builds the head as a ``torch.nn.Module``; :func:`calibrated_model` puts a
 model in front of it, so one export holds both; :func:`export_onnx` exports either with dynamic
@@ -62,6 +64,7 @@ LABEL_DTYPES = {"int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8
 # 1) loses to every kept class (prototypes are at most 2^40: kept scores stay far above -2^100),
 # and unlike -inf it never meets a 0 probability (0 * -inf is NaN).
 _SKIPPED = -(2.0**100)
+_LOWEST = torch.finfo(torch.float32).min
 
 
 class CalibrationHead(nn.Module):
@@ -119,7 +122,10 @@ class CalibrationHead(nn.Module):
             z = z - z.amax(dim=1, keepdim=True)
         if self.layout == "nchw":
             return self._nchw(z)
-        return self._channels_last(z, resize)
+        # the product with I / T meets every logit with the zeros of I: 0 * -inf would be NaN in every
+        # class, so -inf (a masked-out class, or z - max z beyond float32) becomes the lowest float,
+        # whose probability is 0 all the same
+        return self._channels_last(z.clamp(min=_LOWEST), resize)
 
     def _channels_last(self, z: torch.Tensor, resize) -> torch.Tensor:
         N, C = z.shape[:2]
@@ -305,16 +311,18 @@ def main(args) -> int:
         return refuse("--layout nchw takes [N, C, H, W] logits (--rank 4); channels_last takes any rank")
     try:
         calibrator = LabelCalibrator.from_file(args.state, empty=args.empty)
-        size = tuple(args.size) if args.size else None
-        head = calibration_head(calibrator, output=args.output, size=size, align_corners=args.align_corners,
-                                layout=args.layout, label_dtype=LABEL_DTYPES[args.label_dtype])
     except FileNotFoundError:
         return refuse(f"{args.state}: no such file")
-    except ValueError as error:  # a torn, altered or foreign file, or nothing to predict
-        message = str(error)
-        if "not a readable fastcal state file" not in message:
-            message = f"not a usable fastcal state file ({message})"
-        return refuse(f"{args.state}: {message}")
+    except ValueError as error:  # a torn, altered or foreign file (from_file says which, and why)
+        return refuse(str(error))
+    size = tuple(args.size) if args.size else None
+    try:
+        head = calibration_head(calibrator, output=args.output, size=size, align_corners=args.align_corners,
+                                layout=args.layout, label_dtype=LABEL_DTYPES[args.label_dtype])
+    except ValueError as error:  # an option the state cannot take, or nothing to predict
+        if str(error).startswith("label_dtype"):
+            return refuse(f"--label-dtype {args.label_dtype}: {error} (use int32)")
+        return refuse(f"{args.state}: {error}")
     C = calibrator.num_classes
     spatial = {3: "L", 4: "H, W", 5: "D, H, W"}[args.rank]
     example = torch.zeros(2, C, *[16] * (args.rank - 2), dtype=INPUT_DTYPES[args.input_dtype])

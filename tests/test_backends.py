@@ -29,6 +29,20 @@ def test_stats_and_labels_match_oracle(backend, dtype, shape):
     oracle.assert_labels_match(fastcal.predict(z, P, backend=backend), z, P)
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+@pytest.mark.parametrize("num_classes", [6, 300])
+def test_minus_inf_logits_have_probability_zero(backend, num_classes, temperature):
+    """A class masked out with -inf has probability 0, as the softmax gives, and finite logits
+    whose differences overflow float32 keep their labels."""
+    z = make_logits((2, num_classes, 6, 7))
+    P = fastcal.prototypes_from_stats(*fastcal.prototype_stats(z))
+    z[:, 0] = float("-inf")
+    z[1, 3, :2] = float("-inf")
+    z[0, 1, 0] = 3e38
+    z[0, 2, 0] = -3e38
+    oracle.assert_labels_match(fastcal.predict(z, P, temperature=temperature, backend=backend), z, P, temperature)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_any_strides(backend, layout):
     z = make_logits((2, 6, 11, 13), layout=layout)
@@ -151,6 +165,17 @@ def test_prototypes_written_behind_pytorchs_back_are_never_stale(backend, write,
         fastcal.predict(z, P, backend=backend, output=output)
     with pytest.raises(ValueError, match="finite"):
         fastcal.calibrate(z, P, backend=backend, output=output)
+
+
+def test_prototypes_retyped_in_place_are_never_stale(backend):
+    """The same bits in another dtype are other values: ``.data`` can retype a tensor in place."""
+    z = make_logits((2, 8, 4, 8))
+    P = torch.softmax(torch.randn(8, 8) * 3, dim=1).half()
+    fastcal.predict(z, P, backend=backend)
+    P.data = P.data.view(torch.bfloat16)
+    assert P.dtype == torch.bfloat16
+    assert torch.equal(fastcal.predict(z, P, backend=backend),
+                       fastcal.predict(z, P.detach().clone(), backend="reference"))
 
 
 def test_unchanged_prototypes_are_prepared_once(monkeypatch):

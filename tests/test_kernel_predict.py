@@ -35,6 +35,19 @@ def test_any_strides(layout, num_classes):
     oracle.assert_labels_match(fastcal.predict(z, P, temperature=1.3, backend="triton"), z, P, 1.3)
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+@pytest.mark.parametrize("num_classes", [6, 150])
+def test_minus_inf_logits_have_probability_zero(num_classes, temperature):
+    """A class masked out with -inf, and finite logits whose differences overflow float32."""
+    z = make_logits((2, num_classes, 6, 7), device=KERNEL_DEVICE)
+    P = fitted_prototypes(z)
+    z[:, 0] = float("-inf")
+    z[1, 3, :2] = float("-inf")
+    z[0, 1, 0] = 3e38
+    z[0, 2, 0] = -3e38
+    oracle.assert_labels_match(fastcal.predict(z, P, temperature=temperature, backend="triton"), z, P, temperature)
+
+
 @pytest.mark.parametrize("num_classes", [6, 150])
 def test_skip_policy_never_predicts_empty_classes(num_classes):
     z = make_logits((2, num_classes, 8, 8), device=KERNEL_DEVICE)
