@@ -21,13 +21,32 @@ import zipfile
 
 import torch
 
+from . import _checks
 from ._checks import check_class_names, is_int, is_number
 from ._state import Sums
 
 STATE_FORMAT = "fastcal.LabelCalibrator"
-# 3: the empty policy, class names, fastcal's version and a digest; 2: the confidence power and
-# the pixel counts per class. Versions 1 and 2 still load.
+# Each version adds fields; a reader takes every version up to its own and reads each field from
+# the version that introduced it (FIELDS_SINCE), so a format bump never strands an older file.
 STATE_VERSION = 3
+FIELDS_SINCE = {
+    2: ("confidence_power", "N"),                                  # the confidence power, pixel counts
+    3: ("empty", "class_names", "fastcal_version", "digest"),      # empty policy, names, integrity
+}
+
+
+def since(field: str) -> int:
+    """The state version that introduced ``field`` (1: every version has it)."""
+    return next((version for version, fields in FIELDS_SINCE.items() if field in fields), 1)
+
+
+def checked_version(state: dict, where: str = "state") -> int:
+    """The version of a state of this format: an int from 1 to :data:`STATE_VERSION`."""
+    version = state.get("version")
+    if not is_int(version) or not 1 <= version <= STATE_VERSION:
+        newer = " (saved by a newer fastcal: upgrade to read it)" if is_int(version) and version > 0 else ""
+        raise ValueError(f"{where}: version {version!r} is not supported (expected 1 to {STATE_VERSION}){newer}")
+    return version
 
 
 def state_of(calibrator, sums: Sums) -> dict:
@@ -56,9 +75,7 @@ def checked_state(calibrator, state) -> tuple[Sums, tuple | None]:
         raise TypeError(f"state: expected a dict, got {type(state).__name__}")
     if state.get("format") != STATE_FORMAT:
         raise ValueError(f"state: not a {STATE_FORMAT} state (format={state.get('format')!r})")
-    version = state.get("version")
-    if not is_int(version) or version not in (1, 2, STATE_VERSION):
-        raise ValueError(f"state: version {version!r} is not supported (expected 1 to {STATE_VERSION})")
+    version = checked_version(state)
     C = calibrator.num_classes
     if not is_int(state.get("num_classes")) or state.get("num_classes") != C:
         raise ValueError(f"state: num_classes={state.get('num_classes')!r}, but this calibrator has {C}")
@@ -71,7 +88,7 @@ def checked_state(calibrator, state) -> tuple[Sums, tuple | None]:
             raise ValueError(f"state: statistics were {what} {name} {value!r}, "
                              f"this calibrator uses {getattr(calibrator, name)}")
     class_names = calibrator.class_names
-    if version >= 3:
+    if version >= since("empty"):
         if state.get("empty") != calibrator.empty:
             raise ValueError(f"state: saved to predict with empty={state.get('empty')!r}, this calibrator "
                              f"uses {calibrator.empty!r} (LabelCalibrator.from_file takes the file's)")
@@ -79,20 +96,40 @@ def checked_state(calibrator, state) -> tuple[Sums, tuple | None]:
         if saved_names is not None and class_names is not None and saved_names != class_names:
             raise ValueError("state: class_names differ from this calibrator's")
         class_names = class_names or saved_names
-    sums = Sums.from_dict(state, C, has_counts=version >= 2)
-    if version >= 3 and state.get("digest") != digest(state):
+    sums = Sums.from_dict(state, C, has_counts=version >= since("N"))
+    if version >= since("digest") and state.get("digest") != digest(state):
         raise ValueError("state: the digest does not match the contents (the state was altered or "
                          "the file is corrupt)")
     return sums, class_names
 
 
 def settings_of(state, path) -> dict:
-    """The ``LabelCalibrator`` arguments a saved state describes (``LabelCalibrator.from_file``)."""
-    if not isinstance(state, dict) or not is_int(state.get("num_classes")):
-        raise ValueError(f"path: {os.fspath(path)!r} is not a fastcal state file")
-    return {"num_classes": state["num_classes"], "temperature": state.get("temperature", 1.0),
-            "momentum": state.get("momentum"), "confidence_power": state.get("confidence_power", 1.0),
-            "empty": state.get("empty", "onehot") if state.get("version") == STATE_VERSION else "onehot"}
+    """The ``LabelCalibrator`` arguments a saved state describes (``LabelCalibrator.from_file``),
+    each checked, and the sums' shapes checked against the class count, before anything is built
+    from them: a foreign or altered file raises ``ValueError`` and allocates nothing."""
+    where = f"path: {os.fspath(path)!r}"
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{where} is not a fastcal state file")
+    version = checked_version(state, where)
+    C = state.get("num_classes")
+    if not is_int(C) or C < 2:
+        raise ValueError(f"{where}: num_classes={C!r} is not an int >= 2")
+    for name, shape in (("S", (C, C)), ("W", (C,))):
+        tensor = state.get(name)
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+            found = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"{where}: {name} should be {list(shape)} for num_classes={C}, got {found}")
+    settings = {"num_classes": C, "temperature": state.get("temperature"), "momentum": state.get("momentum"),
+                "confidence_power": state.get("confidence_power", 1.0) if version >= since("confidence_power") else 1.0,
+                "empty": state.get("empty") if version >= since("empty") else "onehot"}
+    try:
+        _checks.check_temperature(settings["temperature"])
+        _checks.check_momentum(settings["momentum"])
+        _checks.check_confidence_power(settings["confidence_power"])
+        _checks.check_choice("empty", settings["empty"], _checks.EMPTY_POLICIES)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: not a usable fastcal state file ({error})") from None
+    return settings
 
 
 def digest(state: dict) -> str:
@@ -135,8 +172,13 @@ def write_atomically(path, write_to) -> None:
     """``write_to(f)`` into a temporary file in the same folder, flushed to disk (``fsync``), renamed
     over ``path``, then the folder flushed. A crash at any point leaves either the previous file or
     the new one, never half a file. The file gets the mode a new file gets under the process's
-    umask (e.g. 0644 under umask 022). Used for state files and exported ONNX heads alike."""
+    umask (e.g. 0644 under umask 022). Used for state files and exported ONNX heads alike.
+
+    A ``path`` that is a symbolic link is written through: the file it points to (at the end of a
+    chain of links) is replaced, atomically, by a file written beside it, and the link stays."""
     path = os.fspath(path)
+    if os.path.islink(path):
+        path = os.path.realpath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".fastcal-", suffix=".tmp")
     try:

@@ -161,6 +161,56 @@ def test_save_replaces_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]  # no temporary left behind
 
 
+def test_a_file_of_todays_version_loads_once_the_format_moves_on(tmp_path, monkeypatch):
+    """Readers take every version up to their own and read each field from the version that
+    introduced it: a bump of the format strands no file saved today."""
+    from fastcal import _statefile
+
+    cal = fitted(temperature=2.0, empty="skip", class_names=list("abcde"), confidence_power=0.5)
+    cal.save(tmp_path / "today.pt")
+    monkeypatch.setattr(_statefile, "STATE_VERSION", _statefile.STATE_VERSION + 1)
+    loaded = fastcal.LabelCalibrator.from_file(tmp_path / "today.pt")
+    assert same_state(loaded, cal)
+    assert (loaded.temperature, loaded.empty, loaded.confidence_power, loaded.class_names) == (
+        2.0, "skip", 0.5, tuple("abcde"))
+    assert same_state(fastcal.LabelCalibrator(5, temperature=2.0, empty="skip", confidence_power=0.5)
+                      .load(tmp_path / "today.pt"), cal)
+    with pytest.raises(ValueError, match="saved by a newer fastcal"):
+        fastcal.LabelCalibrator(5).load_state_dict({**cal.state_dict(), "version": _statefile.STATE_VERSION + 1})
+
+
+def test_save_through_a_symlink_replaces_the_file_it_points_to(tmp_path):
+    target, link = tmp_path / "real" / "state.pt", tmp_path / "link.pt"
+    target.parent.mkdir()
+    fitted().save(target)
+    link.symlink_to(target)
+    cal = fitted()
+    cal.update(make_logits((1, 5, 4, 4)))
+    cal.save(link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert fastcal.LabelCalibrator(5).load(target).num_updates == 4
+    assert sorted(p.name for p in target.parent.iterdir()) == ["state.pt"]  # written beside the target
+
+
+@pytest.mark.parametrize("state, message", [
+    ({"num_classes": 4, "temperature": "hot"}, "not a fastcal state file"),
+    ({"format": "fastcal.LabelCalibrator", "version": 3, "num_classes": 4, "temperature": "hot",
+      "S": torch.zeros(4, 4, dtype=torch.float64), "W": torch.zeros(4, dtype=torch.float64)}, "temperature"),
+    ({"format": "fastcal.LabelCalibrator", "version": 3, "num_classes": 10**6}, r"S should be \[1000000, 1000000\]"),
+    ({"format": "fastcal.LabelCalibrator", "version": 3, "num_classes": 10000,
+      "S": torch.zeros(2, 2, dtype=torch.float64), "W": torch.zeros(2, dtype=torch.float64)}, "S should be"),
+    ({"format": "fastcal.LabelCalibrator", "version": 3, "num_classes": "4"}, "num_classes='4'"),
+])
+def test_foreign_state_files_are_refused_before_anything_is_built(tmp_path, state, message, monkeypatch):
+    torch.save(state, tmp_path / "foreign.pt")
+    built = []
+    real = fastcal.LabelCalibrator.__init__
+    monkeypatch.setattr(fastcal.LabelCalibrator, "__init__", lambda *a, **k: (built.append(1), real(*a, **k))[1])
+    with pytest.raises(ValueError, match=message):
+        fastcal.LabelCalibrator.from_file(tmp_path / "foreign.pt")
+    assert not built
+
+
 def test_momentum_decays_history_by_the_documented_rule():
     a, b = make_logits((1, 4, 5, 5)), make_logits((1, 4, 5, 5))
     cal = fastcal.LabelCalibrator(4, momentum=0.25).update(a).update(b)
