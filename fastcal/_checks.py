@@ -162,18 +162,20 @@ def check_class_names(names, num_classes: int, what: str = "class_names"):
 
 
 def check_valid(valid, logits: torch.Tensor, shape: tuple | None = None) -> None:
-    """``valid``: None or a bool tensor of ``shape`` (default: the logits without the class dim)."""
+    """``valid``: None or a bool tensor of ``shape`` (default: the logits without the class dim),
+    as :func:`fastcal.adapters.mask_of` makes it from the forms users hold."""
     if valid is None:
         return
     if not isinstance(valid, torch.Tensor):
-        raise TypeError(f"valid: expected a bool tensor or None, got {type(valid).__name__}")
+        raise TypeError(f"valid: expected None or a mask tensor, got {type(valid).__name__}")
     check_dense("valid", valid)
     if valid.dtype != torch.bool:
-        raise TypeError(f"valid: expected dtype torch.bool, got {valid.dtype}")
+        raise TypeError(f"valid: expected dtype torch.bool, or an integer or floating 0/1 mask, got {valid.dtype}")
     expected = tuple(shape) if shape is not None else (logits.shape[0], *logits.shape[2:])
     if tuple(valid.shape) != expected:
         what = "the output size" if shape is not None else "logits without the class dim"
-        raise ValueError(f"valid: expected shape {expected} ({what}), got {tuple(valid.shape)}")
+        raise ValueError(f"valid: expected shape {expected} ({what}), {expected[1:]} (one mask for every "
+                         f"image) or {(expected[0], 1, *expected[1:])}, got {tuple(valid.shape)}")
     if valid.device != logits.device:
         raise ValueError(f"valid: on {valid.device}, but logits are on {logits.device}")
 

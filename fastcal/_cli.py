@@ -54,6 +54,8 @@ def output_folder(text: str) -> str:
 def output_file(text: str) -> str:
     """A file the command can write: its folder exists and takes a new file, and the path is not
     a folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file name, got ''")
     if os.path.isdir(text) or text.endswith(("/", os.sep)):
         raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
     folder = os.path.dirname(os.path.abspath(text))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks, _ops, _plan, reference
+from .adapters import logits_of, mask_of
 
 
 # ----- prototype_stats --------------------------------------------------------------------------
@@ -45,6 +46,8 @@ def stats_and_counts(logits, *, temperature=1.0, valid=None, backend="auto", det
                      confidence_power=1.0, size=None, scale_factor=None, align_corners=False):
     """:func:`prototype_stats`, and ``N`` [C] float64: the number of pixels counted per argmax class
     (what :class:`LabelCalibrator` keeps for its diagnostics)."""
+    logits = logits_of(logits)
+    valid = mask_of(valid, logits)
     plan = _plan.plan("stats", logits, valid=valid, temperature=temperature, backend=backend,
                       deterministic=deterministic, confidence_power=confidence_power, size=size,
                       scale_factor=scale_factor, align_corners=align_corners)
@@ -101,8 +104,12 @@ def predict(logits, prototypes, *, temperature=1.0, backend="auto", label_dtype=
     """Labels ``argmin_k ||p(x) - P[k]||^2`` (lowest k on ties) as [N, *spatial].
 
     A NaN row of ``prototypes`` marks a class that is never predicted. Every
-    pixel gets a label; the label of a pixel with non-finite logits is
-    unspecified. ``label_dtype`` may be int64 (default), int32 or uint8.
+    pixel gets a label. A logit of ``-inf`` gives its class probability 0, as the softmax does,
+    while the pixel has a finite logit (a class masked out by the model: the label still follows
+    the nearest prototype; a NaN row forbids a class); the label of a pixel with a NaN or
+    ``+inf`` logit, or only ``-inf`` ones, is unspecified, and so is any non-finite logit with
+    ``size`` / ``scale_factor`` (interpolation meets it with zero weights). ``label_dtype`` may be
+    int64 (default), int32 or uint8.
     ``output="scores"`` returns instead the float32 scores ``-||p(x) - P[k]||^2`` as
     [N, C, *spatial] (``-inf`` for a NaN row), whose argmax over classes is the label (up to
     rounding where two distances agree to about 1e-6 of their size).
@@ -115,6 +122,7 @@ def predict(logits, prototypes, *, temperature=1.0, backend="auto", label_dtype=
     one synchronisation); later calls with the same, unmodified tensor read nothing back and
     prepare nothing. While a CUDA graph is being captured the check is skipped.
     """
+    logits = logits_of(logits)
     plan = _plan.plan("predict", logits, prototypes=prototypes, temperature=temperature, backend=backend,
                       label_dtype=label_dtype, output=output, size=size, scale_factor=scale_factor,
                       align_corners=align_corners)
@@ -143,6 +151,8 @@ def calibrate(logits, prototypes=None, *, temperature=1.0, valid=None, empty="on
     device.
     """
     op = "calibrate" if prototypes is None else "calibrate-with-prototypes"
+    logits = logits_of(logits)
+    valid = mask_of(valid, logits)
     plan = _plan.plan(op, logits, valid=valid, prototypes=prototypes, temperature=temperature, backend=backend,
                       deterministic=deterministic, confidence_power=confidence_power, empty=empty,
                       label_dtype=label_dtype, output=output, size=size, scale_factor=scale_factor,

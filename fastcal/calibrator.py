@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -9,6 +10,7 @@ from . import _checks, _ops, _plan, _process, _statefile, reference
 from ._common import DistanceOperands
 from ._state import WEIGHT_FLOOR, Stream, Sums  # noqa: F401 (WEIGHT_FLOOR: public)
 from ._statefile import STATE_FORMAT, STATE_VERSION  # noqa: F401  (public names)
+from .adapters import logits_of, mask_of
 
 
 class LabelCalibrator:
@@ -56,6 +58,7 @@ class LabelCalibrator:
         self._lock = _process.Lock()  # every change of ``_stream``; reads take the value as it is
         self._stream = Stream.of(Sums.zeros(self.num_classes), any_weight=False)
         self._prepared = None  # (stream, empty policy, {device: DistanceOperands}) for predict
+        self._warned_unfitted = False
 
     def reset(self) -> None:
         """Forget every statistic; the next batch may come on any device."""
@@ -102,7 +105,14 @@ class LabelCalibrator:
         """Add a batch's statistics. Raises, changing nothing, on bad input or non-finite logits.
 
         ``size`` / ``scale_factor`` / ``align_corners``: the statistics of the bilinearly upsampled
-        logits (``valid`` at the output size), as in :func:`fastcal.prototype_stats`."""
+        logits (``valid`` at the output size), as in :func:`fastcal.prototype_stats`.
+
+        ``logits``: a tensor [N, C, *spatial], or a model's output holding one (``{"out": ...}``,
+        ``.logits``). ``valid``: None, or a mask in any of the forms of
+        :data:`fastcal.adapters.MASK_FORMS` (bool or 0/1 integer or floating; [N, *spatial],
+        [*spatial] for every image, or [N, 1, *spatial])."""
+        logits = logits_of(logits)
+        valid = mask_of(valid, logits)
         plan = _plan.plan("stats", logits, valid=valid, temperature=self.temperature, backend=self.backend,
                           confidence_power=self.confidence_power, size=size, scale_factor=scale_factor,
                           align_corners=align_corners)
@@ -159,7 +169,18 @@ class LabelCalibrator:
                 scale_factor=None, align_corners=False) -> torch.Tensor:
         """Calibrated labels [N, *spatial] with the current prototypes, or their float32 scores
         [N, C, *spatial] with ``output="scores"`` (of the bilinearly upsampled logits with ``size`` /
-        ``scale_factor``, as in :func:`fastcal.predict`)."""
+        ``scale_factor``, as in :func:`fastcal.predict`). ``logits`` may be a model's output holding
+        them (``{"out": ...}``, ``.logits``).
+
+        Without statistics (no update yet, or only empty batches) every class has its one-hot
+        prototype under ``empty="onehot"``, so the labels are the argmax: a ``RuntimeWarning`` says
+        so, once per calibrator."""
+        logits = logits_of(logits)
+        if not self._stream.any_weight and self.empty == "onehot" and not self._warned_unfitted:
+            self._warned_unfitted = True
+            warnings.warn("LabelCalibrator.predict: no statistics yet (no update, or only empty batches), so "
+                          "every prototype is one-hot and the labels are the argmax; update() with target "
+                          "logits first", RuntimeWarning, stacklevel=2)
         plan = _plan.plan("own-predict", logits, temperature=self.temperature,
                           backend=self.backend, label_dtype=label_dtype, output=output, size=size,
                           scale_factor=scale_factor, align_corners=align_corners)

@@ -7,7 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _upsample
-from .adapters import batch_images, batch_valid, check_valid_source, model_device, model_logits, output_size
+from .adapters import batch_images, batch_valid, check_valid_source, model_device, model_logits, output_size, to_device
 from .calibrator import LabelCalibrator
 
 
@@ -28,7 +28,9 @@ def fit_calibrator(model: Callable, loader: Iterable, num_classes: int, *, devic
 
     Hooks for other batch layouts and inference calls (mmsegmentation, MONAI; see the README):
 
-    - ``images(batch) -> tensor``: the model input in a batch (default: as described above);
+    - ``images(batch) -> inputs``: the model input in a batch (default: as described above): a
+      tensor, or tensors in lists, tuples or dicts (each moved to ``device``; other items pass as
+      they are);
     - ``logits(model, batch) -> logits``: the whole inference step (a data preprocessor, sliding-
       window inference...), in place of ``model(images(batch))``; its result may be any of the
       output forms above. ``size="input"`` then needs ``images`` to know the images' size.
@@ -68,10 +70,10 @@ def fit_calibrator(model: Callable, loader: Iterable, num_classes: int, *, devic
             for batch in tqdm(loader, desc="calibrating", unit="batch", disable=not progress or None,
                               leave=False):
                 if logits is None:
-                    inputs = _to(device, (images or batch_images)(batch))
+                    inputs = to_device((images or batch_images)(batch), device)
                     output = model(inputs)
                 else:
-                    inputs = (images or batch_images)(batch) if size == "input" else None
+                    inputs = _input_images(batch, images) if size == "input" else None
                     output = logits(model, batch)
                 z = model_logits(output)
                 calibrator.update(z, batch_valid(valid, batch, z), size=output_size(size, inputs),
@@ -82,5 +84,13 @@ def fit_calibrator(model: Callable, loader: Iterable, num_classes: int, *, devic
     return calibrator
 
 
-def _to(device, tensor: torch.Tensor) -> torch.Tensor:
-    return tensor if device is None else tensor.to(device)
+def _input_images(batch, images):
+    """The images whose size ``size="input"`` means, beside a ``logits=`` hook."""
+    if images is not None:
+        return images(batch)
+    try:
+        return batch_images(batch)
+    except TypeError:
+        raise ValueError("size='input' with a logits= hook: the output size is the images' size, and this "
+                         f"batch ({type(batch).__name__}) holds no image tensor where fastcal looks; give "
+                         "images=lambda batch: ... returning the images the logits hook feeds the model") from None

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import _checks, _upsample, api
-from .adapters import batch_images, model_device, model_logits, output_size
+from .adapters import batch_images, batch_valid, model_device, model_logits, output_size, to_device
 from .calibrator import LabelCalibrator
 from .fit import fit_calibrator
 
@@ -43,7 +43,9 @@ class LabelCalibration(nn.Module):
     ``logits(model, images) -> logits`` replaces ``model(images)`` in ``forward`` and :meth:`fit`
     (a data preprocessor, sliding-window inference: see :func:`fastcal.fit.fit_calibrator`);
     ``forward(images, valid=None)`` masks pixels out of the statistics it adds (continual and
-    episodic modes; every pixel still gets a label), at the logits' or the output resolution.
+    episodic modes; every pixel still gets a label), at the logits' or the output resolution:
+    ``valid`` takes the forms :meth:`fit` takes (a mask tensor in any of
+    :data:`fastcal.adapters.MASK_FORMS`, or ``valid(images) -> mask``).
 
     ``state_dict()`` holds the model's tensors and, under ``"_extra_state"``, the calibrator's
     statistics and those of the last fit, so a saved wrapper resumes where it was.
@@ -85,8 +87,9 @@ class LabelCalibration(nn.Module):
         return model_logits(output), {**self.resize, "size": output_size(self.resize["size"], images)}
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, valid=None) -> torch.Tensor:
         logits, resize = self._logits(images)
+        valid = batch_valid(valid, images, logits)
         if self.mode == "episodic":
             c = self.calibrator
             if logits.shape[1:2] != (c.num_classes,):
@@ -100,33 +103,47 @@ class LabelCalibration(nn.Module):
             _checks.check_valid(valid, logits, _upsample.output_shape(
                 logits, _upsample.resolve(logits, resize["size"], resize["scale_factor"], resize["align_corners"])))
         elif self.calibrator.num_updates == 0:
-            raise RuntimeError("LabelCalibration(mode='offline'): call fit(loader) before predicting")
+            raise RuntimeError("LabelCalibration(mode='offline'): no statistics to predict with; call "
+                               "fit(loader) with a loader of target images before predicting")
         return self.calibrator.predict(logits, output=self.output, **resize)
 
     def fit(self, loader, *, progress: bool = True, valid=None, images=None) -> LabelCalibration:
         """Statistics of the model's logits over every batch of ``loader`` (unlabelled images, moved
         to the device of the model's parameters: see :func:`fastcal.fit.fit_calibrator`, whose
         ``valid`` and ``images`` this takes; the wrapper's ``logits`` hook gets each batch's
-        images), replacing any earlier ones; a progress bar on stderr with ``progress`` (tqdm)."""
+        images), replacing any earlier ones; a progress bar on stderr with ``progress`` (tqdm).
+
+        All or nothing: a loader or model that raises part-way, an interrupt, or a loader that gives
+        no pixel to count (``ValueError``) leaves the statistics as they were before the call."""
         if self.mode == "episodic":
             raise ValueError("fit: the 'episodic' mode keeps no statistics between batches")
         hook = None
         if self.logits_hook is not None:
             pick, device = images or batch_images, model_device(self.model)
-            hook = lambda model, batch: self.logits_hook(  # noqa: E731
-                model, pick(batch) if device is None else pick(batch).to(device))
+            hook = lambda model, batch: self.logits_hook(model, to_device(pick(batch), device))  # noqa: E731
+        before = self.calibrator.state_dict()
         self.calibrator.reset()
-        fit_calibrator(self.model, loader, self.calibrator.num_classes, calibrator=self.calibrator,
-                       progress=progress, valid=valid, images=images, logits=hook, **self.resize)
+        try:
+            fit_calibrator(self.model, loader, self.calibrator.num_classes, calibrator=self.calibrator,
+                           progress=progress, valid=valid, images=images, logits=hook, **self.resize)
+            if self.calibrator.num_updates == 0:
+                raise ValueError("fit: the loader gave no pixel to count (no batch, or every pixel masked out "
+                                 "by valid); the statistics are kept as they were")
+        except BaseException:
+            self._restore(before)
+            raise
         self._fitted = self.calibrator.state_dict()
         return self
 
     def reset(self) -> LabelCalibration:
         """Back to the statistics of the last :meth:`fit`, or to none."""
-        self.calibrator.reset()
-        if self._fitted["num_updates"]:
-            self.calibrator.load_state_dict(self._fitted)
+        self._restore(self._fitted)
         return self
+
+    def _restore(self, state: dict) -> None:
+        self.calibrator.reset()
+        if state["num_updates"]:
+            self.calibrator.load_state_dict(state)
 
     def get_extra_state(self) -> dict:
         return {"calibrator": self.calibrator.state_dict(), "fitted": self._fitted, "mode": self.mode}

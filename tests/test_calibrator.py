@@ -159,3 +159,17 @@ def test_a_calibrator_copies_and_pickles_with_its_lock():
         assert torch.equal(twin.S, cal.S) and twin._lock is not cal._lock
         twin.update(torch.randn(1, 4, 3, 3))
         assert twin.num_updates == 2 and cal.num_updates == 1
+
+
+def test_predicting_without_statistics_warns_once_that_it_is_the_argmax():
+    import warnings
+
+    z = make_logits((1, 4, 5, 6))
+    cal = fastcal.LabelCalibrator(4)
+    with pytest.warns(RuntimeWarning, match="labels are the argmax"):
+        labels = cal.predict(z)
+    assert torch.equal(labels, z.argmax(dim=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cal.predict(z)  # once per calibrator
+        fastcal.LabelCalibrator(4).update(z).predict(z)  # a fitted one never warns

@@ -308,6 +308,56 @@ def test_the_head_agrees_where_predict_is_defined(tmp_path, temperature, scale):
     assert torch.isfinite(scores).all()
 
 
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_a_class_masked_out_with_minus_inf_has_probability_zero_in_every_head(tmp_path, temperature):
+    """-inf logits (a class a model masks out) and finite logits spread beyond float32 (z - max z
+    overflows at T < 1) give the calibrator's labels in both layouts, in PyTorch and ONNX Runtime."""
+    torch.manual_seed(2)
+    z = torch.randn(2, 5, 12, 13) * 3
+    cal = fastcal.LabelCalibrator(5, temperature=temperature).update(z)
+    masked = z.clone()
+    masked[:, 0] = float("-inf")  # class 0 forbidden everywhere
+    masked[0, 2, :4] = float("-inf")  # and class 2 in a few rows
+    spread = torch.tensor([-3e38, 3e38, 0.0, -1e38, 2e38]).view(1, 5, 1, 1).expand(2, 5, 3, 4).contiguous()
+    for logits in (masked, spread):
+        expected = cal.predict(logits)
+        oracle.assert_labels_match(expected, logits.double(), cal.prototypes, temperature)
+        for layout in LAYOUTS:
+            head = calibration_head(cal, layout=layout)
+            assert torch.equal(head(logits), expected)
+            export_onnx(head, logits, tmp_path / "head.onnx")
+            assert torch.equal(run_onnx(tmp_path / "head.onnx", logits), expected)
+
+
+def test_export_command_messages_name_the_real_cause(tmp_path, capsys):
+    fitted(300).save(tmp_path / "wide.pt")
+    assert cli(["export", str(tmp_path / "wide.pt"), "--out", str(tmp_path / "h.onnx"), "--label-dtype", "uint8"]) == 2
+    err = capsys.readouterr().err
+    assert "--label-dtype uint8" in err and "256 classes" in err and "not a usable" not in err
+    with pytest.raises(SystemExit) as error:
+        cli(["export", str(tmp_path / "wide.pt"), "--out", ""])
+    assert error.value.code == 2
+    assert "expected a file name" in capsys.readouterr().err
+    for state, message in (({"num_classes": 4, "temperature": "hot"}, "not a fastcal state file"),
+                           ({"format": "fastcal.LabelCalibrator", "version": 3, "num_classes": 10**6},
+                            "S should be")):
+        torch.save(state, tmp_path / "foreign.pt")
+        assert cli(["export", str(tmp_path / "foreign.pt"), "--out", str(tmp_path / "h.onnx")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "h.onnx").exists()
+
+
+def test_export_command_writes_through_a_symlink(tmp_path, capsys):
+    fitted(5).save(tmp_path / "state.pt")
+    (tmp_path / "real.onnx").write_bytes(b"old")
+    (tmp_path / "link.onnx").symlink_to(tmp_path / "real.onnx")
+    assert cli(["export", str(tmp_path / "state.pt"), "--out", str(tmp_path / "link.onnx")]) == 0
+    assert (tmp_path / "link.onnx").is_symlink() and (tmp_path / "real.onnx").read_bytes() != b"old"
+    z = torch.randn(2, 5, 6, 7)
+    assert run_onnx(tmp_path / "link.onnx", z).shape == (2, 6, 7)
+
+
 def test_export_command_takes_the_saved_empty_policy_and_refuses_what_it_cannot_honour(tmp_path, capsys):
     cal = fitted(19, "skip")
     cal.save(tmp_path / "state.pt")

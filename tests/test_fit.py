@@ -167,7 +167,7 @@ def test_every_form_of_valid_gives_the_same_sums_and_masked_pixels_change_nothin
     garbage = [{**b, "image": torch.where(fov, b["image"], torch.full_like(b["image"], 1e4))} for b in batches]
     assert_same_sums(fit_calibrator(model, garbage, C, valid="mask", progress=False), expected)
     with pytest.raises(TypeError, match="valid"):
-        fit_calibrator(model, batches, C, valid=fov.int(), progress=False)
+        fit_calibrator(model, batches, C, valid=fov.to(torch.complex64), progress=False)
     with pytest.raises(ValueError, match="no field 'nope'"):
         fit_calibrator(model, batches, C, valid="nope", progress=False)
 
@@ -214,3 +214,115 @@ def test_the_device_follows_the_model_and_a_plain_callable_leaves_images_where_t
     fit_calibrator(lambda x: (seen.append(x.device), torch.randn(x.shape[0], C, 4, 4))[1],
                    [torch.randn(1, 3, 4, 4)], C, progress=False)
     assert seen == [torch.device("cpu")]
+
+
+# ----- one form of masks and model outputs at every entry point ----------------------------------
+def mask_forms(valid):
+    """The same [N, H, W] mask as every form the entry points take."""
+    N = valid.shape[0]
+    first = valid[0]
+    shared = first.expand(N, *first.shape)  # forms without the batch dim need one mask for all
+    return [(shared, first), (valid, valid.unsqueeze(1)), (valid, valid.to(torch.uint8)),
+            (valid, valid.float()), (valid, valid.unsqueeze(1).double())]
+
+
+def test_every_entry_point_takes_every_form_of_a_mask():
+    torch.manual_seed(0)
+    model = PixelModel().eval()
+    images = torch.randn(2, 3, 10, 12)
+    with torch.no_grad():
+        logits = model(images)
+    for mask, form in mask_forms(torch.rand(2, 10, 12) > 0.4):
+        expected = fastcal.LabelCalibrator(C).update(logits, mask)
+        assert_same_sums(fastcal.LabelCalibrator(C).update(logits, form), expected)
+        S, W = fastcal.prototype_stats(logits, valid=form)
+        torch.testing.assert_close(S, expected.S) and torch.testing.assert_close(W, expected.W)
+        assert torch.equal(fastcal.calibrate(logits, valid=form), fastcal.calibrate(logits, valid=mask))
+        assert_same_sums(fit_calibrator(model, [images], C, valid=form, progress=False), expected)
+        for valid in (form, lambda batch, form=form: form):
+            continual = LabelCalibration(model, C)
+            labels = continual(images, valid=valid)
+            assert_same_sums(continual.calibrator, expected)
+            assert torch.equal(labels, expected.predict(logits))
+        offline = LabelCalibration(model, C, mode="offline").fit([images], valid=form, progress=False)
+        assert_same_sums(offline.calibrator, expected)
+    with pytest.raises(ValueError, match=r"valid: expected shape \(2, 10, 12\)"):
+        fastcal.LabelCalibrator(C).update(logits, torch.ones(2, 2, 10, 12))
+    with pytest.raises(TypeError, match="valid"):
+        fastcal.LabelCalibrator(C).update(logits, torch.ones(2, 10, 12, dtype=torch.complex64))
+
+
+def test_every_entry_point_takes_every_form_of_model_output():
+    z = torch.randn(2, C, 6, 7) * 3
+    expected = fastcal.LabelCalibrator(C).update(z)
+    for output in ({"out": z}, SimpleNamespace(logits=z)):
+        cal = fastcal.LabelCalibrator(C).update(output)
+        assert_same_sums(cal, expected)
+        assert torch.equal(cal.predict(output), expected.predict(z))
+        assert torch.equal(fastcal.calibrate(output), fastcal.calibrate(z))
+        torch.testing.assert_close(fastcal.prototype_stats(output), fastcal.prototype_stats(z))
+        assert torch.equal(fastcal.predict(output, cal.prototypes), cal.predict(z))
+    with pytest.raises(TypeError, match="logits"):
+        fastcal.LabelCalibrator(C).update({"logits": z})
+
+
+def test_an_images_hook_may_give_lists_and_dicts_of_images():
+    from collections import namedtuple
+
+    from fastcal.adapters import to_device
+
+    torch.manual_seed(0)
+    model = PixelModel().eval()
+    batches = [{"views": [torch.randn(2, 3, 6, 7), torch.randn(2, 3, 6, 7)], "id": 3} for _ in range(2)]
+
+    def two_views(views):
+        return model(views[0]) + model(views[1])
+
+    cal = fit_calibrator(two_views, batches, C, images=lambda batch: batch["views"], progress=False)
+    expected = fastcal.LabelCalibrator(C)
+    with torch.no_grad():
+        for batch in batches:
+            expected.update(two_views(batch["views"]))
+    assert_same_sums(cal, expected)
+    Pair = namedtuple("Pair", "image meta")
+    moved = to_device({"a": [torch.ones(2), (torch.ones(1), "name")], "b": Pair(torch.ones(3), 7)}, "meta")
+    assert moved["a"][0].is_meta and moved["a"][1][0].is_meta and moved["a"][1][1] == "name"
+    assert isinstance(moved["b"], Pair) and moved["b"].image.is_meta and moved["b"].meta == 7
+
+
+def test_a_failed_fit_changes_nothing():
+    torch.manual_seed(0)
+    model = PixelModel().eval()
+    images = [torch.randn(2, 3, 6, 8) for _ in range(3)]
+
+    def broken_loader():
+        yield images[0]
+        raise OSError("the disk went away")
+
+    for mode in ("offline", "continual"):
+        wrapper = LabelCalibration(model, C, mode=mode).fit(images, progress=False)
+        if mode == "continual":
+            wrapper(images[1])  # an update after the fit is kept too
+        before = wrapper.calibrator.state_dict()
+        labels = wrapper(images[2]) if mode == "offline" else None
+        with pytest.raises(OSError, match="disk"):
+            wrapper.fit(broken_loader(), progress=False)
+        assert torch.equal(wrapper.calibrator.S, before["S"])
+        assert wrapper.calibrator.num_updates == before["num_updates"]
+        if labels is not None:
+            assert torch.equal(wrapper(images[2]), labels)
+        with pytest.raises(ValueError, match="gave no pixel to count"):
+            wrapper.fit([], progress=False)
+        assert torch.equal(wrapper.calibrator.S, before["S"])
+    with pytest.raises(RuntimeError, match="call fit\\(loader\\)"):
+        LabelCalibration(model, C, mode="offline")(images[0])
+
+
+def test_size_input_beside_a_logits_hook_asks_for_the_images():
+    model = PixelModel().eval()
+    batches = [SimpleNamespace(pixels=torch.randn(1, 3, 6, 8))]
+    with pytest.raises(ValueError, match="give images="):
+        fit_calibrator(model, batches, C, logits=lambda m, b: m(b.pixels), size="input", progress=False)
+    cal = fit_calibrator(model, batches, C, logits=lambda m, b: m(b.pixels), size="input",
+                         images=lambda b: b.pixels, progress=False)
+    assert cal.num_pixels == 48
