@@ -88,24 +88,28 @@ MAX_TEMPERATURE = float(torch.finfo(torch.float32).max)
 
 
 def check_temperature(temperature) -> float:
-    """A positive number in float32's normal range, as a float. Under ``torch.compile(dynamic=True)``
-    a number may be symbolic: the range is then checked by comparisons alone (no f-string, no
-    ``math`` call on it), which the tracer turns into guards."""
+    """A positive number in float32's normal range, or ``math.inf`` (the limit, see
+    :mod:`fastcal._space`), as a float. A finite number is never taken as the limit: an integer
+    beyond float's range is refused. Under ``torch.compile(dynamic=True)`` a number may be symbolic:
+    the range is then checked by comparisons alone (no f-string, no ``math`` call on it), which the
+    tracer turns into guards."""
     if isinstance(temperature, bool) or not isinstance(temperature, (Real, torch.Tensor)):
-        raise TypeError(f"temperature: expected a positive finite number, got {temperature!r}")
+        raise TypeError(f"temperature: expected a positive number or math.inf, got {temperature!r}")
     if isinstance(temperature, torch.Tensor):
         check_dense("temperature", temperature)
         if temperature.numel() != 1 or not temperature.dtype.is_floating_point:
-            raise TypeError(f"temperature: expected a positive finite number, got {temperature!r}")
+            raise TypeError(f"temperature: expected a positive number or math.inf, got {temperature!r}")
         temperature = temperature.item()
     try:
         temperature = float(temperature)
-    except OverflowError:  # an int beyond float64's range
-        temperature = math.inf
-    if not (MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):  # NaN and infinities fail too
+    except OverflowError:  # an int beyond float64's range: finite, so not the limit
+        temperature = math.nan
+    if temperature == math.inf:
+        return temperature
+    if not (MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):  # NaN and -inf fail too
         raise ValueError(
-            f"temperature: expected a positive finite number in float32's normal range "
-            f"[{MIN_TEMPERATURE:.7g}, {MAX_TEMPERATURE:.7g}], got {temperature!r}"
+            f"temperature: expected a positive number in float32's normal range "
+            f"[{MIN_TEMPERATURE:.7g}, {MAX_TEMPERATURE:.7g}], or math.inf (the limit), got {temperature!r}"
         )
     return temperature
 

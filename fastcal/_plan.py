@@ -29,7 +29,7 @@ from types import ModuleType
 
 import torch
 
-from . import _checks, _process, _upsample
+from . import _checks, _process, _space, _upsample
 
 CACHE_SIZE = 64
 # "own-predict": a calibrator predicting with its own prototypes, which need no check
@@ -71,9 +71,9 @@ class Plan:
         return torch.empty(self.shape, dtype=self.label_dtype, device=device)
 
 
-def resolve_backend(backend: str, logits) -> ModuleType:
+def resolve_backend(backend: str, logits, limit: bool = False) -> ModuleType:
     """The one dispatch point: the module implementing the passes for ``backend`` on ``logits``
-    (its device and class count).
+    (its device and class count) at a finite temperature or the ``limit`` ``T = inf``.
 
     - ``"triton"``: :mod:`fastcal._triton`, CUDA tensors (NVIDIA, or AMD through ROCm).
     - ``"numba"``: :mod:`fastcal.numba_backend`, the fused CPU loops (CPU tensors, at most
@@ -81,11 +81,15 @@ def resolve_backend(backend: str, logits) -> ModuleType:
     - ``"torch-ops"``: :mod:`fastcal.torch_ops`, PyTorch operations a chunk at a time, any device.
     - ``"torch"``: the CPU fast path, ``"numba"`` where it can run, else ``"torch-ops"``.
     - ``"reference"``: :mod:`fastcal.reference`, the paper's math on the whole batch.
-    - ``"auto"``: ``"triton"`` for CUDA tensors, else ``"torch"``.
+    - ``"auto"``: ``"triton"`` for CUDA tensors, else ``"torch"``; at the limit, ``"torch-ops"`` for
+      CUDA tensors (the Triton kernels take finite temperatures).
     """
     _checks.check_choice("backend", backend, _checks.BACKENDS)
     if backend == "auto":
-        backend = "triton" if logits.device.type == "cuda" else "torch"
+        backend = ("torch-ops" if limit else "triton") if logits.device.type == "cuda" else "torch"
+    if backend == "triton" and limit:
+        raise ValueError("backend='triton': the Triton kernels take finite temperatures; at temperature=math.inf "
+                         "use backend='auto' (torch-ops on CUDA) or 'torch-ops'")
     if backend in ("torch", "numba"):
         from . import numba_backend
 
@@ -228,7 +232,7 @@ def _build(op, logits, valid, prototypes, temperature, backend, deterministic, c
         _checks.check_label_dtype(label_dtype, C)
     if predicts:
         _checks.check_choice("output", output, _checks.OUTPUTS)
-    module = resolve_backend(backend, logits)  # checks the backend's name first
+    module = resolve_backend(backend, logits, _space.is_limit(temperature))  # checks the backend's name first
     return Plan(op=op, backend=module, num_classes=C, upsample=upsample, shape=tuple(shape),
                 pixels=math.prod(shape), temperature=temperature, deterministic=bool(deterministic),
                 confidence_power=float(confidence_power), empty=empty, label_dtype=label_dtype,

@@ -77,17 +77,18 @@ class Sums:
                 "N": self.N.detach().cpu().clone(), "num_updates": self.updates, "num_pixels": self.pixels}
 
     @classmethod
-    def from_dict(cls, state: dict, num_classes: int, *, has_counts: bool = True) -> Sums:
+    def from_dict(cls, state: dict, num_classes: int, *, has_counts: bool = True, signed: bool = False) -> Sums:
         """Check and copy the sums of a saved state: float64 tensors holding values
         (not meta, not requiring grad) of the right shapes, finite and non-negative, weights that
         are 0 (an empty class) or at least ``WEIGHT_FLOOR`` so every ``S[k] / W[k]`` is finite, and
         non-negative int counters. Without ``has_counts`` (version 1 files) the pixel counts are
-        unknown: NaN, which a state saved after loading one keeps (NaN counts are accepted)."""
+        unknown: NaN, which a state saved after loading one keeps (NaN counts are accepted). ``signed``:
+        ``S`` holds sums of centred logits (the limit ``T = inf``), which may be negative."""
         C = num_classes
         S, W = state.get("S"), state.get("W")
         N = state.get("N") if has_counts else torch.full((C,), float("nan"), dtype=torch.float64)
         for name, tensor, shape in (("S", S, (C, C)), ("W", W, (C,))) + ((("N", N, (C,)),) if has_counts else ()):
-            _check_tensor(name, tensor, shape, unknown_allowed=name == "N")
+            _check_tensor(name, tensor, shape, unknown_allowed=name == "N", signed=signed and name == "S")
         if ((W > 0) & (W < WEIGHT_FLOOR)).any():
             raise ValueError(f"state['W']: a weight is 0 (an empty class) or at least {WEIGHT_FLOOR:.3g}, "
                              "below that a prototype S[k] / W[k] overflows")
@@ -173,8 +174,9 @@ def reduced(shared: Sums, local: Sums, momentum: float | None, group=None) -> Su
     return Sums.from_payload(payload.to(device), shared.S.shape[0])
 
 
-def _check_tensor(name: str, tensor, shape: tuple, unknown_allowed: bool = False) -> None:
-    """``unknown_allowed``: NaN entries (an unknown value) pass the range check."""
+def _check_tensor(name: str, tensor, shape: tuple, unknown_allowed: bool = False, signed: bool = False) -> None:
+    """``unknown_allowed``: NaN entries (an unknown value) pass the range check; ``signed``: negative
+    entries do."""
     if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float64:
         raise ValueError(f"state[{name!r}]: expected a float64 tensor")
     if tensor.is_nested or tensor.layout != torch.strided:
@@ -186,5 +188,5 @@ def _check_tensor(name: str, tensor, shape: tuple, unknown_allowed: bool = False
     if tensor.requires_grad:
         raise ValueError(f"state[{name!r}]: requires grad; the sums carry no gradient (pass it detached)")
     known = tensor[~torch.isnan(tensor)] if unknown_allowed else tensor
-    if not torch.isfinite(known).all() or (known < 0).any():
+    if not torch.isfinite(known).all() or (not signed and (known < 0).any()):
         raise ValueError(f"state[{name!r}]: sums must be finite and non-negative")

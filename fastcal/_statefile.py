@@ -21,7 +21,7 @@ import zipfile
 
 import torch
 
-from . import _checks
+from . import _checks, _space
 from ._checks import check_class_names, is_int, is_number
 from ._state import Sums
 
@@ -96,7 +96,7 @@ def checked_state(calibrator, state) -> tuple[Sums, tuple | None]:
         if saved_names is not None and class_names is not None and saved_names != class_names:
             raise ValueError("state: class_names differ from this calibrator's")
         class_names = class_names or saved_names
-    sums = Sums.from_dict(state, C, has_counts=version >= since("N"))
+    sums = Sums.from_dict(state, C, has_counts=version >= since("N"), signed=_space.is_limit(calibrator.temperature))
     if version >= since("digest") and state.get("digest") != digest(state):
         raise ValueError("state: the digest does not match the contents (the state was altered or "
                          "the file is corrupt)")

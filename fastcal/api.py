@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, _ops, _plan, reference
+from . import _checks, _ops, _plan, _space, reference
 from .adapters import logits_of, mask_of
 
 
@@ -56,7 +56,9 @@ def stats_and_counts(logits, *, temperature=1.0, valid=None, backend="auto", det
 
 
 # ----- prototypes -------------------------------------------------------------------------------
-def check_stats(S, W) -> None:
+def check_stats(S, W, *, signed: bool = False) -> None:
+    """Sums as :func:`prototype_stats` returns them: finite, ``W >= 0``, and ``S >= 0`` but at the
+    limit (``signed``: sums of centred logits)."""
     if not isinstance(S, torch.Tensor) or not isinstance(W, torch.Tensor):
         raise TypeError("S, W: expected torch tensors")
     _checks.check_dense("S", S)
@@ -69,27 +71,31 @@ def check_stats(S, W) -> None:
         raise ValueError(f"S, W: on different devices ({S.device} and {W.device})")
     if not (torch.isfinite(S).all() and torch.isfinite(W).all()):
         raise ValueError("S, W: sums must be finite")
-    if (S < 0).any() or (W < 0).any():
+    if (W < 0).any() or (not signed and (S < 0).any()):
         raise ValueError("S, W: sums of confidence-weighted probabilities cannot be negative")
 
 
-def prototypes_from_stats(S, W, *, empty="onehot") -> torch.Tensor:
+def prototypes_from_stats(S, W, *, empty="onehot", temperature=1.0) -> torch.Tensor:
     """Prototypes ``P[k] = S[k] / W[k]`` as float32 [C, C].
 
     An empty class (``W[k] == 0``) gets the one-hot vector ``e_k`` with
     ``empty="onehot"``, or a row of NaN with ``empty="skip"``, which
     :func:`predict` never chooses. With ``"skip"`` and no statistics at all
-    there is nothing to predict, and ``ValueError`` is raised. The sums are checked (finite,
-    non-negative), which reads them (on CUDA, one synchronisation), and so are the prototypes:
+    there is nothing to predict, and ``ValueError`` is raised. ``temperature``: the one the
+    statistics were taken at; it matters only at the limit ``math.inf``, where ``S`` holds sums of
+    centred logits (negative entries allowed) and an empty class is never chosen while any class
+    has weight (a NaN row; with none, ``"onehot"`` gives the argmax: see :mod:`fastcal._space`).
+    The sums are checked (finite, non-negative), which reads them (on CUDA, one synchronisation), and so are the prototypes:
     ``ValueError`` where ``S[k] / W[k]`` overflows float32 (a weight far too small for its sums,
     e.g. ``W[k] = 1e-300``) or exceeds the magnitude :func:`predict` accepts (sums of probability
     vectors never do: ``S[k] / W[k]`` lies in [0, 1]).
     """
-    check_stats(S, W)
+    temperature = _checks.check_temperature(temperature)
+    check_stats(S, W, signed=_space.is_limit(temperature))
     _checks.check_choice("empty", empty, _checks.EMPTY_POLICIES)
     if empty == "skip" and bool((W == 0).all()):
         _ops.raise_all_empty()
-    P = reference.prototypes_from_stats(S, W, empty)
+    P = reference.prototypes_from_stats(S, W, empty, temperature)
     out_of_range = (W != 0)[:, None] & ~(P.abs() <= _checks.MAX_PROTOTYPE_MAGNITUDE)  # NaN and inf too
     if bool(out_of_range.any()):
         raise ValueError(f"S, W: a prototype S[k] / W[k] is not finite or exceeds "

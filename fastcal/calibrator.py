@@ -145,7 +145,8 @@ class LabelCalibrator:
         by_device = prepared[2]
         if stream.device not in by_device:
             total = stream.total
-            by_device[stream.device] = DistanceOperands(reference.prototypes_from_stats(total.S, total.W, empty))
+            by_device[stream.device] = DistanceOperands(
+                reference.prototypes_from_stats(total.S, total.W, empty, self.temperature))
         if device not in by_device:
             by_device[device] = DistanceOperands(by_device[stream.device].prototypes.to(device))
         return by_device[device]
@@ -157,7 +158,7 @@ class LabelCalibrator:
         from .diagnostics import diagnose
 
         names = self.class_names if class_names is None else class_names
-        return diagnose(self.S, self.W, self.counts, self.empty, names,
+        return diagnose(self.S, self.W, self.counts, self.empty, names, temperature=self.temperature,
                         min_pixels=min_pixels, min_distance=min_distance)
 
     @property

@@ -239,14 +239,24 @@ def _block_plain_max(z_image, start, count, z_max):
 @njit(inline="always", fastmath=_FAST)
 def _block_exp(z_image, start, count, inv_temperature, z_max, e, e_start, e_sum):
     """``e[k, e_start + i] = exp((z[k, start + i] - max) / T)`` and, when ``e_sum`` has room,
-    ``e_sum[i] = sum_k e[k, e_start + i]``."""
+    ``e_sum[i] = sum_k e[k, e_start + i]``. At the limit (``inv_temperature == 0``, see
+    ``fastcal._space``) ``e = z - max``, with no exponential: the pixels' vectors are then ``e``
+    centred on its mean (by the callers)."""
     with_sum = e_sum.shape[0] > 0
+    limit = inv_temperature == np.float32(0.0)
     if with_sum:
         for i in range(count):
             e_sum[i] = 0.0
     for k in range(z_image.shape[0]):
         row = z_image[k, start:start + count]
         e_k = e[k, e_start:e_start + count]
+        if limit:
+            for i in range(count):
+                v = _to_float32(row[i]) - z_max[i]
+                e_k[i] = v
+                if with_sum:
+                    e_sum[i] += v
+            continue
         for i in range(count):
             v = _exp_nonpositive((_to_float32(row[i]) - z_max[i]) * inv_temperature)
             e_k[i] = v
@@ -260,9 +270,12 @@ def _block_exp(z_image, start, count, inv_temperature, z_max, e, e_start, e_sum)
 def _stats_block(src, src_start, count, inv_temperature, power, valid, valid_start, masked, scratch, S_u, W_u, N_u):
     """Add the block's ``S[cls] += w * p``, ``W[cls] += w`` with ``w = conf ** power``, and ``N[cls] += 1``
     (pixels ``src_start ..`` of ``src`` [C, L]) into ``S_u``, ``W_u``, ``N_u`` through float32 block
-    sums; returns the non-finite valid pixels."""
+    sums; returns the non-finite valid pixels. At the limit (``inv_temperature == 0``) ``p`` is the
+    centred logits and ``w = 1``."""
     z_max, cls, nonfinite, e_sum, e, S_block, W_block, N_block = scratch
     C = src.shape[0]
+    limit = inv_temperature == np.float32(0.0)
+    inv_classes = np.float32(1.0) / np.float32(C)
     _block_max(src, src_start, count, z_max, cls, nonfinite)
     _block_exp(src, src_start, count, inv_temperature, z_max, e, 0, e_sum)
     S_block[:] = 0.0
@@ -274,6 +287,14 @@ def _stats_block(src, src_start, count, inv_temperature, power, valid, valid_sta
             continue
         if nonfinite[i] != 0.0:
             bad += 1
+            continue
+        if limit:  # v = e - mean e, w = 1
+            k = cls[i]
+            mean = e_sum[i] * inv_classes
+            W_block[k] += np.float32(1.0)
+            N_block[k] += np.float32(1.0)
+            for j in range(C):
+                S_block[k, j] += e[j, i] - mean
             continue
         conf = np.float32(1.0) / e_sum[i]
         w = conf if power == np.float32(1.0) else conf ** power
@@ -300,11 +321,22 @@ def _stats_scratch(C):
 
 @njit(inline="always", fastmath=_FAST)
 def _centred_block(src, src_start, count, inv_temperature, centre, d, d_start):
-    """``d[k, d_start + i] = p_k - centre[k]`` for the block's pixels ``src_start ..`` of ``src``."""
+    """``d[k, d_start + i] = p_k - centre[k]`` for the block's pixels ``src_start ..`` of ``src`` (at
+    the limit, ``inv_temperature == 0``: ``p`` is the centred logits)."""
     z_max = np.empty(BLOCK, np.float32)
     e_sum = np.empty(BLOCK, np.float32)
     _block_plain_max(src, src_start, count, z_max)
     _block_exp(src, src_start, count, inv_temperature, z_max, d, d_start, e_sum)
+    if inv_temperature == np.float32(0.0):
+        inv_classes = np.float32(1.0) / np.float32(src.shape[0])
+        for i in range(count):
+            e_sum[i] = e_sum[i] * inv_classes  # the mean
+        for k in range(src.shape[0]):
+            d_k = d[k, d_start:d_start + count]
+            c_k = centre[k]
+            for i in range(count):
+                d_k[i] = d_k[i] - e_sum[i] - c_k
+        return
     for i in range(count):
         e_sum[i] = np.float32(1.0) / e_sum[i]
     for k in range(src.shape[0]):
@@ -611,16 +643,22 @@ def _serial_loop(fn):
 
 
 @_serial_loop
-def prototypes_from_sums(S, W, skip, P):
+def prototypes_from_sums(S, W, skip, limit, P):
     """``P[k] = S[k] / W[k]`` rounded to float32 (as ``fastcal.reference.prototypes_from_stats``); an
-    empty class (``W[k] == 0``) gets ``e_k``, or NaN with ``skip``."""
+    empty class (``W[k] == 0``) gets ``e_k``, or NaN with ``skip``; at the ``limit`` NaN while any
+    class has weight, else ``e_k - 1/C`` (see ``fastcal._space.empty_rows``)."""
     C = W.shape[0]
+    any_weight = False
+    for k in range(C):
+        any_weight = any_weight or W[k] != 0.0
     for k in range(C):
         for j in range(C):
             if W[k] != 0.0:
                 P[k, j] = np.float32(S[k, j] / W[k])
-            elif skip:
+            elif skip or (limit and any_weight):
                 P[k, j] = np.float32(np.nan)
+            elif limit:
+                P[k, j] = np.float32((1.0 if j == k else 0.0) - 1.0 / C)
             else:
                 P[k, j] = np.float32(1.0 if j == k else 0.0)
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import reference
+from . import _space, reference
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class ClassReport:
     pixels: float | None            # pixels counted (decayed in online mode); None when unknown
     weight: float                   # W[k]
     empty: bool                     # never the argmax in the data seen
-    self_probability: float | None  # P[k][k]; None for a skipped class
+    self_probability: float | None  # P[k][k]; None for a skipped class, and at the limit T = inf
     nearest: int | None             # the nearest other prototype (None: no other prototype)
     distance: float | None          # Euclidean distance to it
     predictable: bool
@@ -76,26 +76,30 @@ class Diagnostics:
 
 
 def diagnose(S: torch.Tensor, W: torch.Tensor, N: torch.Tensor, empty: str, class_names=None, *,
-             min_pixels: float = 1000, min_distance: float = 0.2) -> Diagnostics:
+             min_pixels: float = 1000, min_distance: float = 0.2, temperature: float = 1.0) -> Diagnostics:
     """The per-class report and its warnings: classes with fewer than ``min_pixels`` pixels (or
     none), prototypes closer than ``min_distance``, classes never predicted, and classes whose
     certain pixels are relabelled.
 
     Defaults: 1000 pixels is a small object in one image; two one-hot prototypes are sqrt(2) apart
     and 0.2 is under a seventh of that (on the demo's target the closest pair is about 0.5 apart).
+    At the limit ``temperature=math.inf`` the prototypes are means of centred logits, not
+    probabilities: no class has an own probability, and distances are in logit units.
     """
     S, W, N = S.detach().double().cpu(), W.detach().double().cpu(), N.detach().double().cpu()
     C = W.shape[0]
     names = [str(n) for n in class_names] if class_names is not None else [f"class {k}" for k in range(C)]
     if len(names) != C:
         raise ValueError(f"class_names: expected {C} names, got {len(names)}")
-    P = reference.prototypes_from_stats(S, W, empty).double()
+    limit = _space.is_limit(temperature)
+    P = reference.prototypes_from_stats(S, W, empty, temperature).double()
     skipped = torch.isnan(P).all(dim=1)
     distance = torch.cdist(torch.nan_to_num(P, nan=0.0), torch.nan_to_num(P, nan=0.0))
     distance[skipped] = math.inf
     distance[:, skipped] = math.inf
     distance.fill_diagonal_(math.inf)
-    certain_labels = reference.predict(torch.eye(C, dtype=torch.float32)[:, :, None] * 1e4, P.float(), 1.0)[:, 0]
+    certain_labels = reference.predict(torch.eye(C, dtype=torch.float32)[:, :, None] * 1e4, P.float(),
+                                       temperature)[:, 0]
 
     classes, warnings = [], []
     for k in range(C):
@@ -104,7 +108,7 @@ def diagnose(S: torch.Tensor, W: torch.Tensor, N: torch.Tensor, empty: str, clas
         duplicate_of = [j for j in range(k) if not skipped[j] and torch.equal(P[j], P[k])]
         report = ClassReport(
             index=k, name=names[k], pixels=pixels, weight=float(W[k]), empty=bool(W[k] == 0),
-            self_probability=None if skipped[k] else float(P[k, k]),
+            self_probability=None if skipped[k] or limit else float(P[k, k]),
             nearest=nearest, distance=None if nearest is None else float(distance[k, nearest]),
             predictable=not bool(skipped[k]) and not duplicate_of,
             keeps_certain=None if skipped[k] else int(certain_labels[k]) == k,
@@ -113,7 +117,7 @@ def diagnose(S: torch.Tensor, W: torch.Tensor, N: torch.Tensor, empty: str, clas
         if report.empty:
             warnings.append(
                 f"{names[k]}: never the argmax in the data seen; " + (
-                    "it is never predicted (empty='skip')" if skipped[k] else
+                    "it is never predicted (empty='skip', or the limit T = inf)" if skipped[k] else
                     "it keeps the one-hot prototype, so only pixels more certain of it than any seen get it"))
         elif pixels is not None and pixels < min_pixels:
             warnings.append(f"{names[k]}: only {pixels:.0f} pixels behind its prototype (fewer than {min_pixels:g}); "

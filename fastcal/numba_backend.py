@@ -27,7 +27,7 @@ import math
 import numpy as np
 import torch
 
-from . import _common, _plan
+from . import _common, _plan, _space
 from ._common import chunk_index, indexed
 
 DIRECT_MIN_PIXELS = 4096  # an NCHW batch is read in place when its images are this large
@@ -186,7 +186,7 @@ def stats_pass(logits: torch.Tensor, valid: torch.Tensor | None, plan):
         valid = valid.contiguous().view(torch.uint8)
     # the stats loops' fixed work units keep the sums independent of the thread count
     walk = _walk(plan, logits, "stats", thread_runs=False)
-    inv_temperature, power = np.float32(1.0 / plan.temperature), np.float32(plan.confidence_power)
+    inv_temperature, power = np.float32(_space.inverse(plan.temperature)), np.float32(plan.confidence_power)
     for select, z, g, start, n in walk.pieces(logits):
         mask = all_valid if valid is None else host_array(select(valid))
         nonfinite += int(cpu_kernels.run(cpu_kernels.stats_chunk, z, g, start, n, inv_temperature, power, mask,
@@ -205,7 +205,7 @@ def _fused_distances(logits, operands, plan):
     C = logits.shape[1]
     A_times_minus_2, centre, _ = _host_operands(operands)
     A_times_minus_2 = torch.from_numpy(A_times_minus_2)
-    inv_temperature = np.float32(1.0 / plan.temperature)
+    inv_temperature = np.float32(_space.inverse(plan.temperature))
     # chunk-sized calls: d and the distances fill the chunk buffers
     walk = _walk(plan, logits, "distances", pixels=_common.CHUNK_ELEMENTS // C)
     size = C * min(_common.CHUNK_ELEMENTS // C, plan.pixels)
@@ -234,7 +234,8 @@ def operands_pass(S: torch.Tensor, W: torch.Tensor, plan):
 
     C = W.shape[0]
     P = np.empty((C, C), np.float32)
-    _cpu_kernels().prototypes_from_sums(host_array(S), host_array(W), plan.empty == "skip", P)
+    _cpu_kernels().prototypes_from_sums(host_array(S), host_array(W), plan.empty == "skip",
+                                        _space.is_limit(plan.temperature), P)
     return DistanceOperands(torch.from_numpy(P), derived={"cpu": _centred_on_host(P)})
 
 
@@ -253,7 +254,7 @@ def _fused_predict(logits, operands, plan, labels):
     cpu_kernels = _cpu_kernels()
 
     A_times_minus_2, centre, bias = _host_operands(operands)
-    inv_temperature = np.float32(1.0 / plan.temperature)
+    inv_temperature = np.float32(_space.inverse(plan.temperature))
     walk = _walk(plan, logits, "predict")
     for select, z, g, start, n in walk.pieces(logits):
         cpu_kernels.run(cpu_kernels.predict_chunk, z, g, start, n, inv_temperature, centre, A_times_minus_2, bias,

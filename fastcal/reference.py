@@ -12,11 +12,16 @@ needs several times the memory of the logits.
     P[k]    = S[k] / W[k]
     label(x) = argmin_k ||p(x) - P[k]||^2       lowest k on ties
     score(x)_k = -||p(x) - P[k]||^2
+
+At ``T = math.inf`` (the limit) ``p(x)`` is the centred logits ``z - mean z`` and ``w(x) = 1``
+(:mod:`fastcal._space`); the rest reads the same.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import _space
 
 
 def upsampled(logits: torch.Tensor, upsample) -> torch.Tensor:
@@ -25,16 +30,12 @@ def upsampled(logits: torch.Tensor, upsample) -> torch.Tensor:
     return F.interpolate(logits.float(), mode="bilinear", align_corners=upsample.align_corners, **resize)
 
 
-def soft_labels(logits: torch.Tensor, temperature: float):
-    """Per pixel, class last: ``p`` [..., C], ``cls`` [...] and ``conf`` [...], in float32.
-
-    The max logit is subtracted before dividing by ``T`` (softmax does not change), so that
-    no finite float32 logit and no temperature in the accepted range overflows ``z / T``."""
+def soft_labels(logits: torch.Tensor, temperature: float, confidence_power: float = 1.0):
+    """Per pixel, class last: ``p`` [..., C], ``cls`` [...] and the weight ``w = conf ** power``
+    [...], in float32 (at the limit: the centred logits and 1; see :func:`fastcal._space.pixel_vectors`)."""
     z = logits.movedim(1, -1).float()
-    p = torch.softmax((z - z.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
-    cls = z.argmax(dim=-1)
-    conf = p.amax(dim=-1)
-    return p, cls, conf
+    p, weight = _space.pixel_vectors(z, temperature, confidence_power)
+    return p, z.argmax(dim=-1), weight
 
 
 def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None = None,
@@ -49,11 +50,11 @@ def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tenso
     if upsample is not None:
         logits = upsampled(logits, upsample)
     num_classes = logits.shape[1]
-    p, cls, conf = soft_labels(logits, temperature)
+    p, cls, weight = soft_labels(logits, temperature, confidence_power)
     finite = torch.isfinite(logits.movedim(1, -1).float()).all(dim=-1)
     used = finite if valid is None else valid & finite
     zero = torch.zeros((), device=p.device)
-    weight = torch.where(used, conf ** confidence_power, zero).double()
+    weight = torch.where(used, weight, zero).double()
     p = torch.where(used[..., None], p, zero).double()  # a non-finite pixel's p is NaN
     cls = cls.reshape(-1)
     S = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=logits.device)
@@ -65,16 +66,12 @@ def prototype_stats(logits: torch.Tensor, temperature: float, valid: torch.Tenso
     return S, W, N, nonfinite.sum()
 
 
-def prototypes_from_stats(S: torch.Tensor, W: torch.Tensor, empty: str) -> torch.Tensor:
-    """``P[k] = S[k] / W[k]``; an empty class gets ``e_k`` ("onehot") or a NaN row ("skip")."""
-    num_classes = W.shape[0]
+def prototypes_from_stats(S: torch.Tensor, W: torch.Tensor, empty: str, temperature: float = 1.0) -> torch.Tensor:
+    """``P[k] = S[k] / W[k]``; an empty class gets ``e_k`` ("onehot") or a NaN row ("skip"); at the
+    limit a NaN row while any class has weight (see :func:`fastcal._space.empty_rows`)."""
     is_empty = (W == 0)[:, None]
     P = S.double() / torch.where(is_empty, 1.0, W.double()[:, None])
-    if empty == "onehot":
-        fill = torch.eye(num_classes, dtype=torch.float64, device=S.device)
-    else:
-        fill = torch.full((), float("nan"), dtype=torch.float64, device=S.device)
-    return torch.where(is_empty, fill, P).float()
+    return torch.where(is_empty, _space.empty_rows(W, empty, temperature), P).float()
 
 
 def _distance_blocks(logits: torch.Tensor, prototypes: torch.Tensor, temperature: float, upsample):
@@ -137,4 +134,4 @@ def scores_pass(logits, operands, plan):
 def operands_pass(S, W, plan):
     from ._common import DistanceOperands
 
-    return DistanceOperands(prototypes_from_stats(S, W, plan.empty))
+    return DistanceOperands(prototypes_from_stats(S, W, plan.empty, plan.temperature))

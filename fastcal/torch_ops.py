@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _common, _plan
+from . import _common, _plan, _space
 from ._common import chunk_index, indexed
 
 
@@ -66,7 +66,8 @@ def _first_zero(gap: torch.Tensor, out: torch.Tensor, buffers: _Buffers) -> torc
 
 def _shifted_exp(z: torch.Tensor, temperature: float, buffers: _Buffers, with_argmax: bool):
     """``e = exp((z - max z) / T)`` in a scratch buffer (the max entry is exactly 1), and with
-    ``with_argmax`` the argmax and whether every logit of the pixel is finite."""
+    ``with_argmax`` the argmax and whether every logit of the pixel is finite. At the limit
+    ``T = inf`` (:mod:`fastcal._space`) ``e = z - max z``: no exponential."""
     n = z.shape[1]
     # float64 is read as float32, like everywhere: beyond its range is inf
     if z.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -76,10 +77,24 @@ def _shifted_exp(z: torch.Tensor, temperature: float, buffers: _Buffers, with_ar
     if with_argmax:
         finite = torch.isfinite(z).all(dim=0)  # per pixel, on the device: nothing read back
         cls = _first_zero(e, buffers.view(buffers.scratch, n), buffers)
+    if _space.is_limit(temperature):
+        return (e, cls, finite) if with_argmax else e
     if temperature != 1.0:
         e.mul_(1.0 / temperature)
     e.exp_()
     return (e, cls, finite) if with_argmax else e
+
+
+def _vectors_in_place(e: torch.Tensor, plan) -> torch.Tensor:
+    """Turn :func:`_shifted_exp`'s ``e`` into the pixels' vectors ``v`` (:mod:`fastcal._space`), in
+    place, and return the weights ``w`` [n]: ``p = e / sum e`` and ``conf ** power`` (``conf = 1 /
+    sum e``), or at the limit the centred logits and 1."""
+    if _space.is_limit(plan.temperature):
+        e.sub_(e.mean(dim=0))
+        return torch.ones_like(e[0])
+    conf = e.sum(dim=0).reciprocal_()
+    e.mul_(conf)
+    return conf if plan.confidence_power == 1.0 else conf.pow(plan.confidence_power)
 
 
 def _upsampled_chunks(logits: torch.Tensor, plan):
@@ -126,16 +141,15 @@ def stats_pass(logits: torch.Tensor, valid: torch.Tensor | None, plan):
     buffers = _Buffers(C, logits.device)
     for index, z in _chunks(logits) if plan.upsample is None else _upsampled_chunks(logits, plan):
         e, cls, use = _shifted_exp(z, plan.temperature, buffers, with_argmax=True)
-        conf = e.sum(dim=0).reciprocal_()
+        weight = _vectors_in_place(e, plan)
         if valid is not None:
             in_mask = valid[index].reshape(-1)
             nonfinite += (in_mask & ~use).sum()
             use &= in_mask
         else:
             nonfinite += (~use).sum()
-        weight = conf if plan.confidence_power == 1.0 else conf.pow(plan.confidence_power)
-        weight = torch.where(use, weight, torch.zeros((), device=conf.device))
-        e.mul_(weight * conf)  # weight * p = weight * conf * e
+        weight = torch.where(use, weight, torch.zeros((), device=weight.device))
+        e.mul_(weight)  # w * v
         e.masked_fill_(~use, 0.0)  # NaN or inf at masked pixels must not leak into the sums
         # float64 from the first add: a chunk holds up to a million pixels of one class, whose
         # float32 running sum would drift by ~1e-5
@@ -159,14 +173,16 @@ def _operands(operands):
 
 
 def _distances(logits, operands, plan):
-    """Yield ``(select, d, distance)`` per chunk (:func:`chunk_index`): ``d = p - c`` [C, n] and
+    """Yield ``(select, d, distance)`` per chunk (:func:`chunk_index`): ``d = v - c`` [C, n] (``v``
+    the pixels' vectors: ``p``, or the centred logits at the limit) and
     ``distance = -2 A d`` [C, n], in buffers the next chunk reuses."""
     A_times_minus_2, centre, _ = _operands(operands)
     A_times_minus_2, centre = A_times_minus_2.to(logits.device), centre.to(logits.device)
     buffers = _Buffers(logits.shape[1], logits.device)
     for index, z in _chunks(logits) if plan.upsample is None else _upsampled_chunks(logits, plan):
         d = _shifted_exp(z, plan.temperature, buffers, with_argmax=False)
-        d.div_(d.sum(dim=0)).sub_(centre[:, None])
+        _vectors_in_place(d, plan)
+        d.sub_(centre[:, None])
         yield indexed(index), d, torch.mm(A_times_minus_2, d, out=buffers.view(buffers.scratch, d.shape[1]))
 
 

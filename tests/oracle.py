@@ -21,6 +21,10 @@ def pixels_by_class(logits: torch.Tensor) -> np.ndarray:
 
 
 def soft_labels(z: np.ndarray, temperature: float = 1.0):
+    """``(p, cls, conf)``; at the limit ``temperature = inf`` the centred logits and a confidence of
+    1 (every pixel weighs the same, whatever the confidence power)."""
+    if temperature == np.inf:
+        return z - z.mean(axis=1, keepdims=True), z.argmax(axis=1), np.ones(len(z))
     shifted = (z - z.max(axis=1, keepdims=True)) / temperature
     e = np.exp(shifted)
     p = e / e.sum(axis=1, keepdims=True)
@@ -41,11 +45,18 @@ def stats(logits: torch.Tensor, temperature: float = 1.0, valid: torch.Tensor | 
     return S, W
 
 
-def prototypes(S: np.ndarray, W: np.ndarray, empty: str = "onehot") -> np.ndarray:
+def prototypes(S: np.ndarray, W: np.ndarray, empty: str = "onehot", temperature: float = 1.0) -> np.ndarray:
+    """At the limit an empty class is infinitely far (NaN) while any class has weight; with none,
+    ``"onehot"`` gives the argmax through the centred one-hot rows."""
     P = np.empty_like(S)
-    for k in range(len(W)):
+    C = len(W)
+    for k in range(C):
         if W[k] > 0:
             P[k] = S[k] / W[k]
+        elif temperature == np.inf and empty == "onehot" and not (W > 0).any():
+            P[k] = np.eye(C)[k] - 1.0 / C
+        elif temperature == np.inf:
+            P[k] = np.nan
         elif empty == "onehot":
             P[k] = np.eye(len(W))[k]
         else:
@@ -84,14 +95,24 @@ def assert_labels_match(labels: torch.Tensor, logits: torch.Tensor, P, temperatu
     excess = d[np.arange(len(got)), got] - d.min(axis=1)
     tolerance = distance_tolerance(logits, d, temperature)
     if logit_error:
-        p, _, _ = soft_labels(pixels_by_class(logits), temperature)
-        finite = np.where(np.isfinite(d), d, 0.0).max(axis=1)
-        tolerance = tolerance + 8 * np.sqrt((p * p).sum(axis=1) * finite) * logit_error / temperature
+        tolerance = tolerance + _logit_reach(logits, d, temperature, logit_error)
     wrong = ~(excess <= tolerance)  # a skipped class (inf) is wrong
     assert not wrong.any(), (
         f"{wrong.sum()} of {got.size} labels are farther than the tolerance from the nearest prototype "
         f"(worst excess {excess[wrong].max():.3g})"
     )
+
+
+def _logit_reach(logits, d, temperature, logit_error):
+    """How far an error of ``logit_error`` in the logits moves the distances: ``p`` moves by up to
+    ``2 ||p|| logit_error / T``; at the limit (taking the error relative to the logits' size) the
+    centred logits move by up to ``2 sqrt(C) logit_error max|z|``."""
+    z = pixels_by_class(logits)
+    p, _, _ = soft_labels(z, temperature)
+    finite = np.where(np.isfinite(d), d, 0.0).max(axis=1)
+    if temperature == np.inf:
+        return 8 * np.sqrt(z.shape[1] * finite) * logit_error * np.abs(z).max(axis=1)
+    return 8 * np.sqrt((p * p).sum(axis=1) * finite) * logit_error / temperature
 
 
 def clear_winners(logits: torch.Tensor, P, temperature: float = 1.0) -> np.ndarray:
@@ -157,9 +178,7 @@ def assert_scores_close(scores: torch.Tensor, logits: torch.Tensor, P, temperatu
     assert (got[:, skipped] == -np.inf).all(), "a skipped class must score -inf"
     tolerance = 4 * distance_tolerance(logits, d, temperature)
     if logit_error:
-        p, _, _ = soft_labels(pixels_by_class(logits), temperature)
-        finite = np.where(np.isfinite(d), d, 0.0).max(axis=1)
-        tolerance = tolerance + 8 * np.sqrt((p * p).sum(axis=1) * finite) * logit_error / temperature
+        tolerance = tolerance + _logit_reach(logits, d, temperature, logit_error)
     error = np.abs(got[:, ~skipped] + d[:, ~skipped]).max(axis=1, initial=0.0)
     bad = ~(error <= tolerance)
     assert not bad.any(), f"{bad.sum()} of {len(bad)} pixels have a score off by more than the tolerance " \
