@@ -86,9 +86,9 @@ def prototypes_from_stats(S, W, *, empty="onehot", temperature=1.0) -> torch.Ten
     centred logits (negative entries allowed) and an empty class is never chosen while any class
     has weight (a NaN row; with none, ``"onehot"`` gives the argmax: see :mod:`fastcal._space`).
     The sums are checked (finite, non-negative), which reads them (on CUDA, one synchronisation),
-    and so are the prototypes: ``ValueError`` where ``S[k] / W[k]`` overflows float32 (a weight far too small for its sums,
-    e.g. ``W[k] = 1e-300``) or exceeds the magnitude :func:`predict` accepts (sums of probability
-    vectors never do: ``S[k] / W[k]`` lies in [0, 1]).
+    and so are the prototypes: ``ValueError`` where ``S[k] / W[k]`` overflows float32 (a weight far
+    too small for its sums, e.g. ``W[k] = 1e-300``) or exceeds the magnitude :func:`predict` accepts
+    (sums of probability vectors never do: ``S[k] / W[k]`` lies in [0, 1]).
     """
     temperature = _checks.check_temperature(temperature)
     check_stats(S, W, signed=_space.is_limit(temperature))
