@@ -1,12 +1,13 @@
-"""Fitting a calibrator from a model and a data loader."""
+"""Fitting calibrators from a model and a data loader."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from . import _upsample
+from . import _checks, _upsample
 from .adapters import batch_images, batch_valid, check_valid_source, model_device, model_logits, output_size, to_device
 from .calibrator import LabelCalibrator
 
@@ -48,11 +49,7 @@ def fit_calibrator(model: Callable, loader: Iterable, num_classes: int, *, devic
     own, and the keyword arguments that configure a new one (``temperature``, ``momentum``...) are
     refused rather than ignored.
     """
-    _upsample.check_model_arguments(size, scale_factor, align_corners)
-    for name, hook in (("images", images), ("logits", logits)):
-        if hook is not None and not callable(hook):
-            raise TypeError(f"{name}: expected None or a callable, got {type(hook).__name__}")
-    check_valid_source(valid)
+    _check_hooks(size, scale_factor, align_corners, valid, images, logits)
     if calibrator is None:
         calibrator = LabelCalibrator(num_classes, **calibrator_kwargs)
     elif calibrator_kwargs:
@@ -60,6 +57,49 @@ def fit_calibrator(model: Callable, loader: Iterable, num_classes: int, *, devic
                         "with calibrator= given they would be ignored (set them when building it)")
     elif num_classes != calibrator.num_classes:
         raise ValueError(f"num_classes: {num_classes!r}, but the calibrator given has {calibrator.num_classes}")
+    _fit(model, loader, [calibrator], device=device, progress=progress, size=size, scale_factor=scale_factor,
+         align_corners=align_corners, valid=valid, images=images, logits=logits)
+    return calibrator
+
+
+def fit_calibrators(model: Callable, loader: Iterable, num_classes: int, *,
+                    temperatures: Sequence = (1.0, 4.0, 16.0, math.inf), device=None, progress: bool = True,
+                    size=None, scale_factor=None, align_corners=False, valid=None, images: Callable | None = None,
+                    logits: Callable | None = None, **calibrator_kwargs) -> dict:
+    """One :class:`LabelCalibrator` per temperature from one pass over ``loader``: ``{T: calibrator}``.
+
+    The model runs once per batch and every calibrator adds that batch's logits, so each one's sums
+    equal those :func:`fit_calibrator` gives it alone; the other arguments are
+    :func:`fit_calibrator`'s (``calibrator_kwargs`` configure every calibrator: ``momentum``,
+    ``empty``, ``confidence_power``...). ``temperatures``: distinct numbers, ``math.inf`` for the
+    limit. Pick one by scoring each on a small labelled target sample (see the README's recipe and
+    :func:`fastcal.metrics.mean_iou`)."""
+    _check_hooks(size, scale_factor, align_corners, valid, images, logits)
+    if "temperature" in calibrator_kwargs or "calibrator" in calibrator_kwargs:
+        raise TypeError("fit_calibrators: temperatures= sets the calibrators' temperatures; calibrator= and "
+                        "temperature= belong to fit_calibrator")
+    if isinstance(temperatures, (str, bytes)) or not isinstance(temperatures, Sequence) or not temperatures:
+        raise TypeError(f"temperatures: expected a non-empty sequence of numbers, got {temperatures!r}")
+    checked = [_checks.check_temperature(t) for t in temperatures]
+    if len(set(checked)) != len(checked):
+        raise ValueError(f"temperatures: expected distinct values, got {list(temperatures)!r}")
+    calibrators = {t: LabelCalibrator(num_classes, temperature=t, **calibrator_kwargs) for t in checked}
+    _fit(model, loader, list(calibrators.values()), device=device, progress=progress, size=size,
+         scale_factor=scale_factor, align_corners=align_corners, valid=valid, images=images, logits=logits)
+    return calibrators
+
+
+def _check_hooks(size, scale_factor, align_corners, valid, images, logits) -> None:
+    _upsample.check_model_arguments(size, scale_factor, align_corners)
+    for name, hook in (("images", images), ("logits", logits)):
+        if hook is not None and not callable(hook):
+            raise TypeError(f"{name}: expected None or a callable, got {type(hook).__name__}")
+    check_valid_source(valid)
+
+
+def _fit(model, loader, calibrators, *, device, progress, size, scale_factor, align_corners, valid, images,
+         logits) -> None:
+    """Run ``model`` over ``loader`` once in inference mode, adding each batch to every calibrator."""
     if device is None:
         device = model_device(model)
     was_training = getattr(model, "training", False)
@@ -76,12 +116,13 @@ def fit_calibrator(model: Callable, loader: Iterable, num_classes: int, *, devic
                     inputs = _input_images(batch, images) if size == "input" else None
                     output = logits(model, batch)
                 z = model_logits(output)
-                calibrator.update(z, batch_valid(valid, batch, z), size=output_size(size, inputs),
-                                  scale_factor=scale_factor, align_corners=align_corners)
+                mask = batch_valid(valid, batch, z)
+                for calibrator in calibrators:
+                    calibrator.update(z, mask, size=output_size(size, inputs), scale_factor=scale_factor,
+                                      align_corners=align_corners)
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
-    return calibrator
 
 
 def _input_images(batch, images):

@@ -326,3 +326,30 @@ def test_size_input_beside_a_logits_hook_asks_for_the_images():
     cal = fit_calibrator(model, batches, C, logits=lambda m, b: m(b.pixels), size="input",
                          images=lambda b: b.pixels, progress=False)
     assert cal.num_pixels == 48
+
+
+def test_several_temperatures_from_one_pass_over_the_data():
+    import math
+
+    from fastcal.fit import fit_calibrators
+
+    torch.manual_seed(0)
+    model = PixelModel().eval()
+    images = [torch.randn(2, 3, 6, 8) for _ in range(3)]
+    calls = []
+    counted = lambda x: (calls.append(1), model(x))[1]  # noqa: E731
+    temperatures = (1.0, 4.0, math.inf)
+    fitted = fit_calibrators(counted, images, C, temperatures=temperatures, empty="skip", progress=False)
+    assert len(calls) == len(images) and list(fitted) == list(temperatures)
+    for T, cal in fitted.items():
+        alone = fit_calibrator(model, images, C, temperature=T, empty="skip", progress=False)
+        assert cal.temperature == T and cal.empty == "skip"
+        assert torch.equal(cal.S, alone.S) and torch.equal(cal.W, alone.W)
+    with pytest.raises(ValueError, match="distinct"):
+        fit_calibrators(model, images, C, temperatures=(1, 1.0), progress=False)
+    with pytest.raises(TypeError, match="temperatures"):
+        fit_calibrators(model, images, C, temperatures=2.0, progress=False)
+    with pytest.raises(ValueError, match="temperature"):
+        fit_calibrators(model, images, C, temperatures=(1.0, -1.0), progress=False)
+    with pytest.raises(TypeError, match="temperatures= sets"):
+        fit_calibrators(model, images, C, temperature=2.0, progress=False)
