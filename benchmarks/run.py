@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from benchmarks.memory import measure_in_fresh_process
-from benchmarks.workloads import cases
+from benchmarks.workloads import LIMIT_SUFFIX, cases
 
 GIB = 1 << 30
 
@@ -71,12 +71,18 @@ def derive(rows: list[dict]) -> None:
     exp = {(r["workload"], r["dtype"]): r for r in rows if r["provider"] == "exp"}
     materialised = {(r["workload"], r["dtype"], r["pass_name"], r["provider"].split("+", 1)[1]): r
                     for r in rows if r["provider"].startswith("interpolate+")}
+    by_provider = {(r["workload"], r["dtype"], r["pass_name"], r["provider"]): r for r in rows}
     for r in rows:
         r["gbps"] = r["bytes"] / r["seconds"] / 1e9
         r["mpix_per_s"] = r["pixels"] / r["seconds"] / 1e6
         key = (r["workload"], r["dtype"])
         if key in copy:
             r["fraction_of_copy"] = r["gbps"] / copy[key]["gbps"]
+        finite = by_provider.get((*key, r["pass_name"], r["provider"].removesuffix(LIMIT_SUFFIX)))
+        if r["provider"].endswith(LIMIT_SUFFIX) and finite is not None:
+            r["times_finite"] = r["seconds"] / finite["seconds"]
+        if r["provider"].startswith("onnx") and (*key, r["pass_name"], "onnx-argmax") in by_provider:
+            r["times_argmax_head"] = r["seconds"] / by_provider[(*key, r["pass_name"], "onnx-argmax")]["seconds"]
         if (*key, r["pass_name"]) in ref:
             r["speedup_vs_reference"] = ref[(*key, r["pass_name"])]["seconds"] / r["seconds"]
         if key in exp and r["provider"] not in ("copy", "exp"):
@@ -101,18 +107,19 @@ def fmt(value, spec: str, missing: str = "") -> str:
 def markdown(rows: list[dict], left_out: list, seconds: float) -> str:
     lines = [f"Machine: {machine()}. Suite time: {seconds:.0f} s.", "",
              "| workload | dtype | pass | provider | time (ms) | Mpixel/s | GB/s | % of copy | x reference "
-             "| x exp | x interpolate-then | peak above input (MiB) |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    order = {"copy": 0, "exp": 1, "triton": 2, "interpolate+triton": 3, "torch": 4, "interpolate+torch": 5,
-             "torch-ops": 6, "interpolate+torch-ops": 7, "compile": 8, "onnx": 9, "onnx-argmax": 10,
-             "reference": 11}
+             "| x exp | x interpolate-then | x T = 1 | x argmax head | peak above input (MiB) |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    order = {"copy": 0, "exp": 1, "triton": 2, "interpolate+triton": 3, "torch": 4, "torch@inf": 4.5,
+             "interpolate+torch": 5, "torch-ops": 6, "interpolate+torch-ops": 7, "compile": 8, "onnx": 9,
+             "onnx@inf": 9.5, "onnx-argmax": 10, "reference": 11}
     passes = {"copy": 0, "exp": 0, "stats": 1, "predict": 2, "calibrate": 3}
     for r in sorted(rows, key=lambda r: (r["workload"], r["dtype"], passes[r["pass_name"]], order[r["provider"]])):
         lines.append(
             f"| {r['workload']} | {r['dtype']} | {r['pass_name']} | {r['provider']} | {r['seconds'] * 1e3:.1f} "
             f"| {r['mpix_per_s']:.3g} | {r['gbps']:.1f} | {fmt(r.get('fraction_of_copy'), '.0%')} "
             f"| {fmt(r.get('speedup_vs_reference'), '.1f')} | {fmt(r.get('times_exp'), '.2f')} "
-            f"| {fmt(r.get('speedup_vs_materialised'), '.2f')} "
+            f"| {fmt(r.get('speedup_vs_materialised'), '.2f')} | {fmt(r.get('times_finite'), '.2f')} "
+            f"| {fmt(r.get('times_argmax_head'), '.2f')} "
             f"| {fmt(r.get('peak_bytes') and r['peak_bytes'] / 2**20, '.1f')} |")
     if left_out:
         lines += ["", "Not run on this device:"] + [f"- {what}: {why}" for what, why in left_out]
@@ -132,6 +139,9 @@ reference (`compile`), on CUDA the Triton kernels (`triton`), `interpolate+...` 
 for the exported calibration head in ONNX Runtime (CPU execution provider, worker threads not
 spinning; `fastcal.export`, default layout) beside `onnx-argmax`, the argmax-only head of the
 same logits (with the same `Resize` when upsampled) that a deployment without calibration runs.
+A provider ending in `@inf` runs at the limit `temperature=math.inf` (with the limit's own
+prototypes); "x T = 1" divides its time by the same provider's at T = 1, "x argmax head" an
+ONNX head's time by the argmax-only head's.
 GB/s follow the bytes model of `docs/design.md` (stats reads the logits once, predict reads them
 and writes int64 labels, calibrate both); "% of copy" compares with a copy of the same logits
 measured in the same run; "x exp" with one elementwise `torch.exp` over the same logits into a

@@ -91,6 +91,8 @@ def pass_function(provider: str, pass_name: str, logits: torch.Tensor, prototype
     """A zero-argument callable running ``pass_name`` with ``provider`` on ``logits`` (upsampled
     as ``resize`` says: on the fly, or written first by the ``interpolate+`` providers)."""
     resize = resize or {}
+    if provider.endswith(LIMIT_SUFFIX):  # the same provider at the limit temperature=math.inf
+        return _limit_pass(provider[:-len(LIMIT_SUFFIX)], pass_name, logits, resize)
     if provider == "copy":
         out = torch.empty_like(logits)
         return lambda: out.copy_(logits)
@@ -125,6 +127,23 @@ def pass_function(provider: str, pass_name: str, logits: torch.Tensor, prototype
     }[pass_name]
 
 
+LIMIT_SUFFIX = "@inf"
+
+
+def _limit_pass(provider: str, pass_name: str, logits: torch.Tensor, resize: dict):
+    """:func:`pass_function` of ``provider`` at ``temperature=math.inf``, with the limit's own
+    prototypes (built here, outside the timed call)."""
+    prototypes = prototypes_for(logits, resize, math.inf)
+    if provider == "onnx":
+        return _onnx_predict(logits, prototypes, resize, temperature=math.inf)
+    options = {"backend": provider, "temperature": math.inf, **resize}
+    return {
+        "stats": lambda: fastcal.prototype_stats(logits, **options),
+        "predict": lambda: fastcal.predict(logits, prototypes, **options),
+        "calibrate": lambda: fastcal.calibrate(logits, **options),
+    }[pass_name]
+
+
 def cases(device: str):
     """``(workload, dtype, provider, pass)`` rows for ``device``, and ``(row, reason)`` left out.
 
@@ -155,7 +174,8 @@ def cases(device: str):
         if d == "float32":
             rows += [(w, d, p, "calibrate") for p in ("torch-ops", "interpolate+torch-ops", "reference")]
             if w == "segformer-up4":
-                rows += [(w, d, p, "predict") for p in ("onnx", "onnx-argmax")]
+                rows += [(w, d, p, "predict") for p in ("onnx", "onnx-argmax", "onnx@inf")]
+                rows += [(w, d, "torch@inf", s) for s in PASSES]
         else:
             left_out.append((f"{w} {d} torch-ops, reference", "float32 shows them; the CPU suite stays short"))
     for w, d in _product(plain, ("float32", "float16")):
@@ -165,7 +185,8 @@ def cases(device: str):
             rows += [(w, d, "reference", s) for s in PASSES]
             if d == "float32":
                 rows += [(w, d, p, s) for p in ("torch-ops", "compile") for s in PASSES]
-                rows += [(w, d, p, "predict") for p in ("onnx", "onnx-argmax")]
+                rows += [(w, d, p, "predict") for p in ("onnx", "onnx-argmax", "onnx@inf")]
+                rows += [(w, d, "torch@inf", s) for s in PASSES]
             else:
                 left_out.append((f"{w} {d} compile", "one compiled graph (float32) keeps the CPU suite short"))
         else:
@@ -215,13 +236,14 @@ def onnx_session(module: torch.nn.Module, example: torch.Tensor, *, threads: int
         return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def _onnx_predict(logits: torch.Tensor, prototypes: torch.Tensor, resize: dict, argmax_only: bool = False):
+def _onnx_predict(logits: torch.Tensor, prototypes: torch.Tensor, resize: dict, argmax_only: bool = False,
+                  temperature: float = 1.0):
     """The exported calibration head (``fastcal.export``, its default layout) in ONNX Runtime's CPU
     execution provider, on the same logits and prototypes: what a deployment runs instead of
     ``fastcal.predict``; or, ``argmax_only``, the argmax head it replaces."""
     from fastcal.export import CalibrationHead
 
-    module = ArgmaxHead(resize) if argmax_only else CalibrationHead(prototypes, 1.0, **resize)
+    module = ArgmaxHead(resize) if argmax_only else CalibrationHead(prototypes, temperature, **resize)
     session = onnx_session(module, torch.zeros(2, logits.shape[1], 16, 16, dtype=logits.dtype))
     feed = {session.get_inputs()[0].name: logits.numpy()}
     return lambda: session.run(None, feed)[0]
@@ -233,8 +255,8 @@ def _product(*iterables):
     return itertools.product(*iterables)
 
 
-def prototypes_for(logits: torch.Tensor, resize: dict | None = None) -> torch.Tensor:
+def prototypes_for(logits: torch.Tensor, resize: dict | None = None, temperature: float = 1.0) -> torch.Tensor:
     """The prototypes the predict pass uses: those of the (upsampled) logits themselves."""
     S, W = fastcal.prototype_stats(logits, backend="torch" if logits.device.type == "cpu" else "auto",
-                                   **(resize or {}))
-    return fastcal.prototypes_from_stats(S, W)
+                                   temperature=temperature, **(resize or {}))
+    return fastcal.prototypes_from_stats(S, W, temperature=temperature)

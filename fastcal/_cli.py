@@ -19,6 +19,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def temperature(text: str) -> float:
+    """A temperature: a positive number in float32's normal range, or ``inf`` (the limit)."""
+    from ._checks import check_temperature
+
+    try:
+        return check_temperature(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or inf, got {text!r}") from None
+
+
 def device(text: str) -> str:
     """A device this machine has: ``cpu``, or ``cuda`` / ``cuda:N`` where CUDA sees that GPU."""
     try:

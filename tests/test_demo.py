@@ -27,8 +27,13 @@ def test_miniature_demo_pipeline(tmp_path):
             score = on_disk[domain][kind]
             assert 0.0 <= score["miou"] <= 1.0 and set(score["iou"]) == set(demo.CLASSES)
     assert 0.0 <= on_disk["source"]["calibrated_on_source"]["miou"] <= 1.0  # a source-fitted calibrator too
+    for domain, kind in (("target", "calibrated_limit"), ("source", "calibrated_on_source_limit")):
+        assert 0.0 <= on_disk[domain][kind]["miou"] <= 1.0  # the limit T = inf beside T = 1
     table = demo.report.demo_table(on_disk)
     assert "source, calibrator fitted on source" in table and "source, calibrator fitted on target" in table
+    assert "T = inf" in table
+    saved = fastcal.LabelCalibrator.from_file(tmp_path / "calibrator.pt")  # what `fastcal export` deploys
+    assert saved.temperature == 1.0 and torch.equal(saved.S, results["_calibrator"].S)
     png = (tmp_path / "panel.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
 
@@ -38,6 +43,15 @@ def test_miniature_demo_pipeline(tmp_path):
     # the calibrated labels are the reference's on the same logits and prototypes
     prototypes = results["_calibrator"].prototypes
     assert torch.equal(calibrated, fastcal.predict(logits, prototypes, backend="reference"))
+
+
+def test_the_demo_saves_the_calibrator_at_the_temperature_asked_for(tmp_path, capsys):
+    import dataclasses
+    import math
+
+    demo.run(dataclasses.replace(TINY, temperature=math.inf), str(tmp_path), progress=False, figures=False)
+    assert fastcal.LabelCalibrator.from_file(tmp_path / "calibrator.pt").temperature == math.inf
+    assert cli(["export", str(tmp_path / "calibrator.pt"), "--out", str(tmp_path / "head.onnx")]) == 0
 
 
 def test_same_seed_same_scenes():
@@ -133,7 +147,8 @@ def test_bad_options_fail_at_once_with_one_line(command, tmp_path, capsys, monke
              (["--out", read_only_folder(tmp_path)], "cannot write into")]
     if command == "demo":
         cases += [(["--device", "bogus"], "expected cpu, cuda or cuda:N"), (["--steps", "-5"], "positive integer"),
-                  (["--steps", "0"], "positive integer")]
+                  (["--steps", "0"], "positive integer"), (["--temperature", "-1"], "positive number or inf"),
+                  (["--temperature", "hot"], "positive number or inf")]
         if not torch.cuda.is_available():
             cases.append((["--device", "cuda"], "no CUDA device is available"))
     for options, message in cases:

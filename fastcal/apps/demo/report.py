@@ -50,7 +50,7 @@ def points(before: float, after: float) -> str:
 
 
 def demo_table(results: dict) -> str:
-    lines = ["", f"{'held-out images':40s}{'argmax mIoU':>12s}{'calibrated':>12s}{'change':>10s}"]
+    lines = ["", f"{'held-out images':40s}{'argmax':>9s}{'T = 1':>9s}{'change':>10s}{'T = inf':>9s}{'change':>10s}"]
     rows = [("target, calibrator fitted on target", "target", "calibrated"),
             ("source, calibrator fitted on source", "source", "calibrated_on_source"),
             ("source, calibrator fitted on target", "source", "calibrated")]
@@ -58,10 +58,15 @@ def demo_table(results: dict) -> str:
         if kind not in results[name]:
             continue
         before, after = results[name]["argmax"]["miou"], results[name][kind]["miou"]
-        lines.append(f"{label:40s}{before:12.1%}{after:12.1%}{points(before, after):>10s}")
+        line = f"{label:40s}{before:9.1%}{after:9.1%}{points(before, after):>10s}"
+        if f"{kind}_limit" in results[name]:
+            limit = results[name][f"{kind}_limit"]["miou"]
+            line += f"{limit:9.1%}{points(before, limit):>10s}"
+        lines.append(line)
     lines.append("")
     lines.append(f"{'per-class IoU':18s}" + "".join(f"{c[:8]:>9s}" for c in CLASSES))
     for name, kind, label in (("target", "argmax", "target argmax"), ("target", "calibrated", "target calibrated"),
+                              ("target", "calibrated_limit", "target T = inf"),
                               ("source", "argmax", "source argmax"),
                               ("source", "calibrated_on_source", "source cal/source"),
                               ("source", "calibrated", "source cal/target")):
