@@ -1,6 +1,7 @@
 """fastcal.export: the calibration head in PyTorch, ONNX Runtime and torch.export, against the
 calibrator and the float64 oracle; a real HuggingFace SegFormer exported with its calibration;
 ``fastcal export``."""
+import math
 import subprocess
 import sys
 
@@ -453,3 +454,27 @@ def test_an_exported_file_gets_the_mode_the_umask_gives(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "head.onnx").stat().st_mode) == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["head.onnx"]  # no temporary left behind
+
+
+# ----- OpenVINO: a tested deploy runtime ---------------------------------------------------------
+def run_openvino(path, x: torch.Tensor) -> torch.Tensor:
+    """The exported head in OpenVINO's CPU plugin, kept in float32: by default the plugin computes
+    in bfloat16 on CPUs that have it, which changes labels (docs/deploy.md)."""
+    import openvino  # the test extra installs it: a missing one fails the test
+
+    compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return torch.from_numpy(compiled([x.numpy()])[compiled.output(0)])
+
+
+@pytest.mark.parametrize("layout,resize", [("channels_last", {}), ("nchw", {}), ("channels_last", {"size": (29, 37)})],
+                         ids=str)
+@pytest.mark.parametrize("temperature", [1.3, math.inf])
+def test_openvino_labels_are_the_calibrators(tmp_path, layout, resize, temperature):
+    torch.manual_seed(3)
+    z = torch.randn(2, 19, 12, 17) * 3
+    cal = fastcal.LabelCalibrator(19, temperature=temperature).update(z)
+    head = calibration_head(cal, layout=layout, **resize)
+    export_onnx(head, z, tmp_path / "head.onnx")
+    logits = torch.randn(2, 19, 11, 13) * 3
+    labels = run_openvino(tmp_path / "head.onnx", logits)
+    assert_agree(labels, cal.predict(logits, **resize), logits, cal, resize)

@@ -1,6 +1,6 @@
 """fit_calibrator and the wrapper in a user's loop: masks through every entry point, and hooks for
-the batch layouts and inference calls of mmsegmentation and MONAI (stand-ins of their call
-signatures: neither library installs here)."""
+the batch layouts and inference calls of mmsegmentation (a stand-in of its call signatures, which
+behaves as its data preprocessor does) and MONAI (the real library)."""
 from types import SimpleNamespace
 
 import pytest
@@ -122,34 +122,50 @@ def test_mmseg_test_step_logits_through_the_hook():
         fit_calibrator(model, batches, C, progress=False)
 
 
-# ----- MONAI: sliding-window inference over volumes, a body mask -----------------------------------
-def sliding_window_inference(inputs, roi_size, sw_batch_size, predictor, overlap=0.25):
-    """A stand-in of ``monai.inferers.sliding_window_inference`` (same call signature): the
-    predictor over windows of ``roi_size`` (here without overlap, enough for a per-voxel model)."""
-    out = None
-    D, H, W = inputs.shape[-3:]
-    for d in range(0, D, roi_size[0]):
-        for h in range(0, H, roi_size[1]):
-            for w in range(0, W, roi_size[2]):
-                window = inputs[..., d:d + roi_size[0], h:h + roi_size[1], w:w + roi_size[2]]
-                z = predictor(window)
-                if out is None:
-                    out = z.new_zeros(*z.shape[:2], D, H, W)
-                out[..., d:d + roi_size[0], h:h + roi_size[1], w:w + roi_size[2]] = z
-    return out
+# ----- MONAI (the real library): sliding-window inference over volumes, a body mask -------------
+def test_monai_sliding_window_inference_of_a_unet_with_a_body_mask(tmp_path):
+    """A real ``monai.networks.nets.UNet`` (3-D, 14 classes, random weights) through the real
+    ``monai.inferers.sliding_window_inference``, with the body mask in MONAI's own forms
+    ([N, 1, D, H, W], float and uint8): only body voxels are counted, the wrapper agrees, and the
+    rank-5 head in ONNX Runtime labels as the calibrator."""
+    import monai  # the test extra installs it: a missing one fails the test
+    from monai.inferers import sliding_window_inference
+    from monai.networks.nets import UNet
 
+    from fastcal.export import calibration_head, export_onnx
 
-def test_monai_sliding_window_volumes_with_a_body_mask():
     torch.manual_seed(0)
-    model = PixelModel(channels=1, spatial_dims=3).eval()
-    volumes = [{"image": torch.randn(2, 1, 12, 10, 14), "body": torch.rand(2, 12, 10, 14) > 0.3} for _ in range(2)]
-    cal = fit_calibrator(model, volumes, C, progress=False, valid="body",
-                         logits=lambda model, batch: sliding_window_inference(batch["image"], (8, 8, 8), 4, model))
-    expected = fastcal.LabelCalibrator(C)
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=14, channels=(4, 8), strides=(2,), num_res_units=0).eval()
+    body = torch.zeros(2, 1, 24, 20, 16)
+    body[:, :, 4:20, 3:17, 2:14] = 1.0  # a box of body, the rest air
+    volumes = [{"image": torch.randn(2, 1, 24, 20, 16), "body_mask": body if i == 0 else body.to(torch.uint8)}
+               for i in range(2)]
+
+    def infer(model, batch):
+        return sliding_window_inference(batch["image"], (16, 16, 16), 4, model, overlap=0.25)
+
+    cal = fit_calibrator(net, volumes, 14, valid="body_mask", logits=infer, progress=False)
+    assert cal.num_pixels == int(body.sum()) * len(volumes)  # the body's voxels, no more
+    expected = fastcal.LabelCalibrator(14)
     with torch.no_grad():
         for v in volumes:
-            expected.update(model(v["image"]), v["body"])
+            expected.update(infer(net, v), v["body_mask"][:, 0] > 0)
     assert_same_sums(cal, expected)
+    wrapper = LabelCalibration(net, 14, mode="offline", logits=lambda model, x: sliding_window_inference(
+        x, (16, 16, 16), 4, model, overlap=0.25))
+    wrapper.fit(volumes, images=lambda b: b["image"], valid="body_mask", progress=False)
+    assert_same_sums(wrapper.calibrator, expected)
+    with torch.no_grad():
+        logits = infer(net, volumes[0])
+    assert torch.equal(wrapper(volumes[0]["image"]), cal.predict(logits))
+    import onnxruntime
+
+    export_onnx(calibration_head(cal), logits, tmp_path / "head.onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "head.onnx"), providers=["CPUExecutionProvider"])
+    labels = torch.from_numpy(session.run(None, {"input": logits.numpy()})[0])
+    assert labels.shape == (2, 24, 20, 16)
+    assert (labels == cal.predict(logits)).float().mean() > 0.999
+    assert monai.__version__
 
 
 # ----- every form of valid; masked pixels change nothing -----------------------------------------

@@ -44,15 +44,25 @@ def test_every_experiment_covers_its_grid(results):
     assert failures["collapse"]["smallest prototype distance"] >= 0
     temperature = r["temperature"]
     assert [row["domain"] for row in temperature["rows"]] == ["target", "stream middle (shift 0.5)",
-                                                             "stream end (shift 1)", "severe"]
+                                                             "stream end (shift 1)", "severe", "source (no shift)"]
     assert all(0 <= row[f"T={T:g}"] <= 1 for row in temperature["rows"] for T in TINY.temperatures)
+    assert "T=inf" in temperature["rows"][0]
+    limit = r["limit"]
+    assert [row["shift"] for row in limit["rows"]] == list(TINY.shifts)
+    for row in limit["rows"]:
+        best = max(TINY.temperatures, key=lambda T: row[f"T={T:g}"])
+        assert row["best T"] == best and row["switch chooses"] in (1.0, float("inf"))
+        assert row["regret"] == row[f"T={best:g}"] - row[f"T={row['switch chooses']:g}"] >= 0
+        assert (row["switch chooses"] == float("inf")) == (row["relabelled at T=1"] > TINY.switch_share)
+    assert limit["offered"] == (limit["worst regret"] <= TINY.regret_bound)
+    assert set(limit["calibrate+predict seconds"]) == {"T=1", "T=inf"}
 
 
 def test_every_scored_calibration_is_a_case_of_the_signals_question(results):
     _, r = results
     cases = r["signals"]["cases"]
     expected = (len(TINY.powers) + 3 + TINY.drift_streams * TINY.drift_steps * (2 + len(TINY.momenta))
-                + 4 * len(TINY.temperatures))
+                + 5 * (len(TINY.temperatures) - 1))  # the limit's calibrations have no probabilities
     assert len(cases) == expected
     for case in cases:
         assert 0 <= case["relabelled"] <= 1 and 0 <= case["purity"] <= 1 and case["entropy"] >= 0
@@ -72,7 +82,7 @@ def test_findings_are_computed_from_the_results(results):
     rows = dict(study.findings(r))
     assert set(rows) == {"Confidence weighting", "Unlabelled images needed", "Drifting stream",
                          "A class absent from the target (car)", "Collapsing prototypes",
-                         "Choosing the temperature", "Knowing when it helps, without labels"}
+                         "Choosing the temperature", "The limit T = inf", "Knowing when it helps, without labels"}
     assert f"over {len(r['signals']['cases'])} calibrations" in rows["Knowing when it helps, without labels"]
     best = max(r["confidence_power"]["rows"], key=lambda row: row["miou"])
     assert f"best γ = {best['power']:g}" in rows["Confidence weighting"]

@@ -11,8 +11,13 @@
 4. **Failure modes.** A target where one class (car) never appears, and a shift so strong that
    the model's outputs, and so the prototypes, collapse: what the diagnostics say, and what
    calibration does to mIoU.
-5. **The temperature.** mIoU against ``T`` (0.5 to 8) on the demo's target, on the drifting
-   stream's middle and last steps and on the severe domain.
+5. **The temperature.** mIoU against ``T`` (0.5 to 256, and the limit ``T = inf``) on the demo's
+   target, on the drifting stream's middle and last steps, on the severe domain, and on the source
+   fitted on other source images (what calibration costs without a shift).
+7. **The limit.** How close the largest finite ``T`` gets to ``T = inf`` and the time the limit
+   saves; and whether a label-free signal (the share of the unlabelled pool whose label
+   calibration at T = 1 changes) can switch between T = 1 and T = inf on graded shifts (blends of
+   source and target at 0, 0.25, 0.5, 0.75, 1): its regret against the best T per shift.
 6. **Knowing when calibration helps, without labels.** Every calibration the study scores (every
    domain, step, subset, power and temperature above) is a case with a measured gain (calibrated
    minus argmax mIoU); beside it, signals computed without labels: the fraction of pixels the
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, replace
@@ -56,7 +62,10 @@ class StudyConfig:
     drift_batch: int = 32
     drift_streams: int = 3           # streams (seeds) averaged per step
     momenta: tuple = (0.2, 0.5)
-    temperatures: tuple = (0.5, 1.0, 2.0, 4.0, 8.0)
+    temperatures: tuple = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 256.0, math.inf)
+    shifts: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)   # the limit question's blends of source and target
+    switch_share: float = 0.005      # the switch rule: T = inf when calibration at T = 1 relabels more
+    regret_bound: float = 0.003      # offered as an option only within this regret (mIoU) at every shift
 
     def __post_init__(self):
         if self.demo is None:
@@ -85,6 +94,8 @@ class Study:
         signals of the same calibration (question 6)."""
         calibrated = calibrator.predict(logits)
         miou = report.miou(calibrated, labels)
+        if math.isinf(calibrator.temperature):  # the signals are those of probabilities
+            return miou
         gain = miou - report.miou(logits.argmax(1), labels)
         self.cases.append({"question": question, "gain": gain, **label_free_signals(calibrator, logits, calibrated)})
         return miou
@@ -183,7 +194,7 @@ class Study:
         c = self.config
         domains = [("target", pool, test, test_labels)]
         for name, t, offset in (("stream middle (shift 0.5)", 0.5, 40_000), ("stream end (shift 1)", 1.0, 40_100),
-                                ("severe", None, 40_200)):
+                                ("severe", None, 40_200), ("source (no shift)", 0.0, 40_300)):
             domain = SEVERE if t is None else drifting_domain(t)
             calib = self.logits(self.images(domain, c.pool_images // 2, offset)[0])
             images, labels = self.images(domain, c.test_images // 2, offset + 1)
@@ -196,6 +207,40 @@ class Study:
             rows.append(row)
         return {"temperatures": list(c.temperatures), "rows": rows}
 
+    # ----- 7. the limit -----------------------------------------------------------------------
+    def limit(self, temperature: dict, test) -> dict:
+        """How close finite temperatures get to the limit, the time it saves, and the switch rule."""
+        c = self.config
+        finite = [T for T in c.temperatures if not math.isinf(T)]
+        closest = {row["domain"]: row[f"T={max(finite):g}"] - row["T=inf"] for row in temperature["rows"]}
+        seconds = {}
+        for T in (1.0, math.inf):
+            LabelCalibrator(len(CLASSES), temperature=T).update(test).predict(test)  # warm
+            start = time.perf_counter()
+            for _ in range(3):
+                LabelCalibrator(len(CLASSES), temperature=T).update(test).predict(test)
+            seconds[f"T={T:g}"] = (time.perf_counter() - start) / 3
+        rows = []
+        for shift in self.bar(c.shifts, "graded shifts"):
+            domain = blend(SOURCE, TARGET, shift, f"blend {shift:g}")
+            offset = 50_000 + int(1000 * shift)
+            calib = self.logits(self.images(domain, c.pool_images // 2, offset)[0])
+            images, labels = self.images(domain, c.test_images // 2, offset + 1)
+            logits = self.logits(images)
+            row = {"shift": shift, "argmax": report.miou(logits.argmax(1), labels)}
+            for T in c.temperatures:
+                row[f"T={T:g}"] = report.miou(self.fit(calib, temperature=T).predict(logits), labels)
+            paper = self.fit(calib)
+            share = float((paper.predict(calib) != calib.argmax(1)).float().mean())  # no label used
+            chosen = math.inf if share > c.switch_share else 1.0
+            best = max(c.temperatures, key=lambda T: row[f"T={T:g}"])
+            row.update({"relabelled at T=1": share, "switch chooses": chosen, "best T": best,
+                        "regret": row[f"T={best:g}"] - row[f"T={chosen:g}"]})
+            rows.append(row)
+        worst = max(r["regret"] for r in rows)
+        return {"largest finite T minus the limit": closest, "calibrate+predict seconds": seconds, "rows": rows,
+                "switch share": c.switch_share, "worst regret": worst, "offered": worst <= c.regret_bound}
+
     # ----- 6. label-free signals ------------------------------------------------------------
     def signals(self) -> dict:
         gains = np.array([case["gain"] for case in self.cases])
@@ -205,6 +250,19 @@ class Study:
 
 SIGNALS = ("relabelled", "purity", "closest prototypes", "nearest distance", "entropy")
 TRACKS = 0.7  # |Spearman| from which a signal is said to track the gain
+
+
+def limit_finding(limit: dict, temperature: dict) -> str:
+    """One line: the limit against T = 1 per domain, the closeness of the largest finite T, the
+    time, and the switch rule's worst regret."""
+    per_domain = "; ".join(f"{r['domain']} {report.points(r['T=1'], r['T=inf'])}" for r in temperature["rows"])
+    close = max(abs(v) for v in limit["largest finite T minus the limit"].values())
+    seconds = limit["calibrate+predict seconds"]
+    offered = "within" if limit["offered"] else "beyond"
+    return (f"T = inf against T = 1: {per_domain}; the largest finite T is within {100 * close:.1f} pt of the limit; "
+            f"calibrate+predict {seconds['T=inf'] / seconds['T=1']:.2f}x the time of T = 1; switching on the share "
+            f"relabelled at T = 1 (> {limit['switch share']:.1%}: T = inf) has a worst regret of "
+            f"{100 * limit['worst regret']:.1f} pt over the graded shifts, {offered} the 0.3 pt bound")
 
 
 def label_free_signals(calibrator: LabelCalibrator, logits: torch.Tensor, calibrated: torch.Tensor) -> dict:
@@ -262,6 +320,7 @@ def run(config: StudyConfig, out: str, progress: bool = True, figures: bool = Tr
     results["drift"] = study.drift()
     results["failure_modes"] = study.failure_modes(pool, test, test_labels)
     results["temperature"] = study.temperature(pool, test, test_labels)
+    results["limit"] = study.limit(results["temperature"], test)
     results["signals"] = study.signals()
     results["seconds"] = time.perf_counter() - start
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -338,12 +397,15 @@ def write_figures(results: dict, out: str) -> None:
     _save(figure, plt, out, "failure_modes")
 
     temperature = results["temperature"]
-    figure, axis = plt.subplots(figsize=(5.5, 3.6))
+    figure, axis = plt.subplots(figsize=(6, 3.8))
+    temperatures = temperature["temperatures"]
+    finite = [T for T in temperatures if not math.isinf(T)]
+    where = [4 * max(finite) if math.isinf(T) else T for T in temperatures]  # the limit, drawn past the rest
     for row in temperature["rows"]:
-        line, = axis.plot(temperature["temperatures"], [100 * row[f"T={T:g}"] for T in temperature["temperatures"]],
-                          "o-", label=row["domain"])
+        line, = axis.plot(where, [100 * row[f"T={T:g}"] for T in temperatures], "o-", label=row["domain"])
         axis.axhline(100 * row["argmax"], color=line.get_color(), linestyle=":", linewidth=1)
     axis.set_xscale("log", base=2)
+    axis.set_xticks(where, ["inf" if math.isinf(T) else f"{T:g}" for T in temperatures], fontsize=8)
     axis.set(xlabel="temperature T (dotted: argmax)", ylabel="mIoU (%)", title="The temperature")
     axis.legend(fontsize=7)
     _save(figure, plt, out, "temperature")
@@ -418,6 +480,8 @@ def findings(results: dict) -> list[tuple[str, str]]:
         T = max(temperature["temperatures"], key=lambda t: row[f"T={t:g}"])
         best.append(f"{row['domain']} T = {T:g} ({report.points(row['T=1'], row[f'T={T:g}'])} over T = 1)")
     rows.append(("Choosing the temperature", "best per domain: " + "; ".join(best)))
+    limit = results["limit"]
+    rows.append(("The limit T = inf", limit_finding(limit, temperature)))
 
     rows.append(("Knowing when it helps, without labels", signals_finding(results["signals"])))
     return rows
@@ -485,6 +549,14 @@ def markdown(results: dict, figures: bool = True) -> str:
               "|---" * (len(names) + 2) + "|"]
     lines += [f"| {r['domain']} | {_pct(r['argmax'])} | " + " | ".join(_pct(r[n]) for n in names) + " |"
               for r in temperature["rows"]]
+    limit = results["limit"]
+    shifts = limit["rows"]
+    lines += ["", "## 7. The limit", "", limit_finding(limit, temperature), "",
+              "| shift | argmax | " + " | ".join(names) + " | relabelled at T=1 | switch | best T | regret |",
+              "|---" * (len(names) + 6) + "|"]
+    lines += [f"| {r['shift']:g} | {_pct(r['argmax'])} | " + " | ".join(_pct(r[n]) for n in names)
+              + f" | {r['relabelled at T=1']:.2%} | T = {r['switch chooses']:g} | {r['best T']:g} "
+              f"| {100 * r['regret']:.1f} pt |" for r in shifts]
     signals = results["signals"]
     lines += ["", "## 6. Knowing when calibration helps, without labels", "",
               signals_finding(signals), "", "| signal | Spearman with the gain |", "|---|---|"]
@@ -503,12 +575,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder for results.json, report.md and the figures, created if missing "
                              "(default study-out)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the scenes and the model (default 0)")
+    parser.add_argument("--temperatures", nargs="+", type=_cli.temperature, metavar="T",
+                        default=list(StudyConfig.temperatures),
+                        help="the temperatures the temperature and limit questions sweep: positive numbers or "
+                             "inf, the limit; 1 and inf are always included (default: 0.5 to 256 and inf)")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNGs (no matplotlib needed)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def main(args: argparse.Namespace) -> int:
-    results = run(StudyConfig(seed=args.seed), args.out, progress=not args.quiet, figures=not args.no_figures)
+    temperatures = tuple(sorted(set(args.temperatures) | {1.0, math.inf}))
+    results = run(StudyConfig(seed=args.seed, temperatures=temperatures), args.out, progress=not args.quiet,
+                  figures=not args.no_figures)
     print("\n".join(f"{q}: {a}" for q, a in findings(results)))
     print(f"\nwrote {os.path.join(args.out, 'report.md')}, results.json"
           + ("" if args.no_figures else " and " + ", ".join(FIGURES.values())) + f" in {results['seconds']:.0f} s")
