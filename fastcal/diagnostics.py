@@ -117,7 +117,9 @@ def diagnose(S: torch.Tensor, W: torch.Tensor, N: torch.Tensor, empty: str, clas
         if report.empty:
             warnings.append(
                 f"{names[k]}: never the argmax in the data seen; " + (
-                    "it is never predicted (empty='skip', or the limit T = inf)" if skipped[k] else
+                    ("it is never predicted (empty='skip')" if empty == "skip" else
+                     "it is never predicted at the limit T = inf while another class has statistics")
+                    if skipped[k] else
                     "it keeps the one-hot prototype, so only pixels more certain of it than any seen get it"))
         elif pixels is not None and pixels < min_pixels:
             warnings.append(f"{names[k]}: only {pixels:.0f} pixels behind its prototype (fewer than {min_pixels:g}); "

@@ -57,7 +57,7 @@ def test_cpu_rows_and_left_out_rows_cover_every_workload():
     rows, left_out = workloads.cases("cpu")
     assert {r[0] for r in rows} == set(workloads.WORKLOADS)
     assert all(r[2] in ("copy", "exp", "torch", "torch-ops", "reference", "compile", "interpolate+torch",
-                        "interpolate+torch-ops", "onnx", "onnx-argmax") for r in rows)
+                        "interpolate+torch-ops", "onnx", "onnx-argmax", "torch@inf", "onnx@inf") for r in rows)
     assert left_out and all(reason for _, reason in left_out)
 
 

@@ -1,4 +1,6 @@
 """The fused CPU loops of fastcal.cpu_kernels, called directly, against the float64 NumPy oracle."""
+import math
+
 import numba
 import numpy as np
 import pytest
@@ -242,9 +244,10 @@ def test_the_row_cache_keeps_the_last_output_rows_source_rows():
 
 
 # ----- between the passes: prototypes and operands ---------------------------------------------
+@pytest.mark.parametrize("temperature", [1.0, math.inf])
 @pytest.mark.parametrize("num_classes", [2, 19, 40, 150])
 @pytest.mark.parametrize("empty", ["onehot", "skip"])
-def test_prototypes_and_operands_match_the_reference(num_classes, empty):
+def test_prototypes_and_operands_match_the_reference(num_classes, empty, temperature):
     """The serial loops that build the prototypes and the loops' operands on the host agree with
     ``reference.prototypes_from_stats`` (exactly: the same float64 division, rounded once) and
     ``_common.centred_prototypes`` (to an ulp: the mean's float64 sum may run in another order)."""
@@ -252,11 +255,12 @@ def test_prototypes_and_operands_match_the_reference(num_classes, empty):
     from fastcal._common import centred_prototypes
 
     z = torch.randn(2, num_classes, 7, 9) * 3
-    S, W = reference.prototype_stats(z, 1.0)[:2]
+    S, W = reference.prototype_stats(z, temperature)[:2]
     S[[0, -1]], W[[0, -1]] = 0.0, 0.0
     P = np.empty((num_classes, num_classes), np.float32)
-    cpu_kernels.prototypes_from_sums(S.numpy(), W.numpy(), empty == "skip", P)
-    expected = reference.prototypes_from_stats(S, W, empty)
+    limit = math.isinf(temperature)
+    cpu_kernels.prototypes_from_sums(S.numpy(), W.numpy(), empty == "skip", limit, P)
+    expected = reference.prototypes_from_stats(S, W, empty, temperature)
     assert torch.equal(torch.from_numpy(P).nan_to_num(), expected.nan_to_num())
     assert torch.equal(torch.from_numpy(P).isnan(), expected.isnan())
     A_times_minus_2, centre, bias = numba_backend._centred_on_host(P)
@@ -264,3 +268,6 @@ def test_prototypes_and_operands_match_the_reference(num_classes, empty):
     torch.testing.assert_close(torch.from_numpy(centre), c, rtol=FLOAT32_ULP, atol=2**-30)
     torch.testing.assert_close(torch.from_numpy(A_times_minus_2), -2 * A, rtol=2 * FLOAT32_ULP, atol=2**-28)
     torch.testing.assert_close(torch.from_numpy(bias), b, rtol=4 * FLOAT32_ULP, atol=2**-40)
+    if limit and empty == "onehot":  # with no statistics at all, the centred one-hot rows: the argmax
+        cpu_kernels.prototypes_from_sums(0 * S.numpy(), 0 * W.numpy(), False, True, P)
+        assert torch.equal(torch.from_numpy(P), reference.prototypes_from_stats(0 * S, 0 * W, empty, temperature))

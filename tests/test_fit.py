@@ -38,21 +38,31 @@ def assert_same_sums(a, b):
 
 # ----- mmsegmentation: pad to a size divisor, mask the padding -----------------------------------
 class MMSegLike(PixelModel):
-    """The call signature of an mmsegmentation 1.x segmentor: ``data_preprocessor(data, training)``
-    normalises the images, pads them to a size divisor and stacks them; ``test_step(data)`` returns
-    one data sample per image with ``seg_logits.data`` [C, H, W] at the image's own size (padding
-    removed); ``encode_decode(inputs, metas)`` gives the logits of the padded batch."""
+    """The call signature and the test-time behaviour of an mmsegmentation 1.x segmentor (1.2.2's
+    ``SegDataPreProcessor``): ``data_preprocessor(data, training=False)`` normalises the images,
+    asserts that a batch's images have one size, and pads them (bottom and right) only when
+    ``test_cfg`` sets ``size_divisor`` or ``size``, else stacks them as they are; ``test_step(data)``
+    returns one data sample per image with ``seg_logits.data`` [C, H, W] at the image's own size
+    (padding removed); ``encode_decode(inputs, metas)`` gives the logits of the padded batch."""
 
-    divisor = 8
+    def __init__(self, test_cfg=None):
+        super().__init__()
+        self.test_cfg = {"size_divisor": 8} if test_cfg is None else test_cfg
 
     def data_preprocessor(self, data, training=False):
         inputs = [img.float() / 255.0 for img in data["inputs"]]
-        H = max(i.shape[-2] for i in inputs)
-        W = max(i.shape[-1] for i in inputs)
-        H, W = -(-H // self.divisor) * self.divisor, -(-W // self.divisor) * self.divisor
+        assert all(i.shape[1:] == inputs[0].shape[1:] for i in inputs), "The image size in a batch should be the same."
+        samples = [SimpleNamespace(metainfo={"img_shape": tuple(i.shape[-2:])}) for i in inputs]
+        H, W = inputs[0].shape[-2:]
+        if "size" in self.test_cfg:
+            H, W = self.test_cfg["size"]
+        elif "size_divisor" in self.test_cfg:
+            divisor = self.test_cfg["size_divisor"]
+            H, W = -(-H // divisor) * divisor, -(-W // divisor) * divisor
         padded = torch.stack([torch.nn.functional.pad(i, (0, W - i.shape[-1], 0, H - i.shape[-2]), value=0.5)
                               for i in inputs])
-        samples = [SimpleNamespace(metainfo={"img_shape": tuple(i.shape[-2:])}) for i in inputs]
+        for sample in samples:
+            sample.metainfo["pad_shape"] = (H, W)
         return {"inputs": padded, "data_samples": samples}
 
     def encode_decode(self, inputs, batch_img_metas):
@@ -67,10 +77,12 @@ class MMSegLike(PixelModel):
 
 
 def mmseg_batches(seed=0):
+    """Batches of same-size images (mmsegmentation asserts it at test time), sizes that the size
+    divisor pads."""
     g = torch.Generator().manual_seed(seed)
-    sizes = [[(13, 17), (16, 11)], [(9, 20), (14, 14)]]
-    return [{"inputs": [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in pair],
-             "data_samples": [SimpleNamespace() for _ in pair]} for pair in sizes]
+    sizes = [(13, 17), (9, 20)]
+    return [{"inputs": [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for _ in range(2)],
+             "data_samples": [SimpleNamespace() for _ in range(2)]} for h, w in sizes]
 
 
 def unpadded_calibrator(model, batches):
@@ -102,6 +114,16 @@ def test_mmseg_padded_batches_with_the_padding_masked_give_the_unpadded_images_s
     assert_same_sums(masked, unpadded_calibrator(model, batches))
     unmasked = fit_calibrator(model, batches, C, logits=padded_logits, progress=False)
     assert unmasked.num_pixels > masked.num_pixels  # the padding would have counted
+    # without size_divisor (or size) in test_cfg the preprocessor pads nothing, and a batch of
+    # images of several sizes is refused, as mmsegmentation does at test time
+    plain = MMSegLike(test_cfg={}).eval()
+    plain.load_state_dict(model.state_dict())
+    assert plain.data_preprocessor(batches[0])["inputs"].shape[-2:] == (13, 17)
+    assert_same_sums(fit_calibrator(plain, batches, C, logits=padded_logits, progress=False),
+                     unpadded_calibrator(model, batches))
+    mixed = {"inputs": [batches[0]["inputs"][0], batches[1]["inputs"][0]], "data_samples": [None, None]}
+    with pytest.raises(AssertionError, match="should be the same"):
+        plain.data_preprocessor(mixed)
 
 
 def test_mmseg_test_step_logits_through_the_hook():
