@@ -13,7 +13,6 @@ from numbers import Real
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch", "numba", "torch-ops", "reference")
 EMPTY_POLICIES = ("onehot", "skip")
 LABEL_DTYPES = (torch.int64, torch.int32, torch.uint8)
 MAX_SPATIAL_DIMS = 3

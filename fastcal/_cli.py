@@ -8,6 +8,8 @@ import tempfile
 
 import torch
 
+from ._checks import check_temperature
+
 
 def positive_int(text: str) -> int:
     try:
@@ -21,8 +23,6 @@ def positive_int(text: str) -> int:
 
 def temperature(text: str) -> float:
     """A temperature: a positive number in float32's normal range, or ``inf`` (the limit)."""
-    from ._checks import check_temperature
-
     try:
         return check_temperature(float(text))
     except ValueError:

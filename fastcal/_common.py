@@ -1,4 +1,7 @@
-"""Small helpers shared by the fast backends."""
+"""What the backends share below them: the pixel chunking, the scores written from distance
+pieces, and the prototypes prepared for the distance (:class:`DistanceOperands`, with the cache
+that keeps them while a prototypes tensor holds the same values), used by every backend, the
+calibrator and the exported head."""
 from __future__ import annotations
 
 import math
@@ -36,6 +39,17 @@ def indexed(index: tuple):
     def select(t, classes=False):
         return t.movedim(1, 0)[(slice(None), *index)] if classes else t[index].view(-1)
     return select
+
+
+def write_scores(out: torch.Tensor, bias: torch.Tensor, pieces) -> torch.Tensor:
+    """``-(bias - 2 A d + ||d||^2) = -||v - P[k]||^2`` into the float32 [N, C, *spatial] ``out``
+    (``-inf`` for a skipped class), from ``(select, d, distance)`` pieces: ``d = v - c`` [C, n] and
+    ``distance = -2 A d`` [C, n] (both fast CPU backends' distance walks)."""
+    for select, d, distance in pieces:
+        distance.add_(bias[:, None]).add_(torch.linalg.vector_norm(d, dim=0).square_()).neg_()
+        view = select(out, classes=True)
+        view.copy_(distance.view(view.shape))
+    return out
 
 
 def centred_prototypes(prototypes: torch.Tensor):

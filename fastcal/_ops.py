@@ -100,10 +100,11 @@ def traced(*tensors) -> bool:
 def checked_operands(prototypes: torch.Tensor, plan: _plan.Plan):
     """The distance operands of caller-given prototypes, their values checked whenever the tensor
     holds values not seen before (not while a CUDA graph is being captured); prepared by the plan's
-    backend where it has its own way (``prototype_operands``: the Triton backend's one launch)."""
+    backend where it has its own way (its ``prototype_operands``, None elsewhere: the Triton
+    backend's one launch)."""
     capturing = prototypes.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     return distance_operands(prototypes, None if capturing else _checks.check_prototype_values,
-                             getattr(plan.backend, "prototype_operands", None))
+                             plan.backend.prototype_operands)
 
 
 # ----- running a plan ------------------------------------------------------------------------------

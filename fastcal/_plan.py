@@ -14,22 +14,21 @@ checks depend on the key alone, a key found in the cache has passed them. A call
 cannot be keyed (a tensor temperature) is planned afresh each time.
 
 A plan is immutable. The CPU backends keep their own preparations (the fused loops' walks, the
-upsampling's row tables) beside it (:func:`prepared`), built on first use and gone with it, so
-they too are made once per key; the Triton launchers cache their launch layouts in ``kernels/_layout.py``, by
-shape, strides and device. Nothing here reads a tensor's values: a
-plan can be built for meta tensors (:func:`meta_plan`), and with it the Triton launches, without
-CUDA.
+upsampling's row tables) beside it (:func:`fastcal._prepared.prepared`), built on first use and
+gone with it, so they too are made once per key; the Triton launchers cache their launch layouts
+in ``kernels/_layout.py``, by shape, strides and device. The backend comes from the one dispatch
+point, :func:`fastcal._backends.resolve`. Nothing here reads a tensor's values: a plan can be
+built for meta tensors (:func:`meta_plan`), and with it the Triton launches, without CUDA.
 """
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 
-from . import _checks, _process, _space, _upsample
+from . import _backends, _checks, _process, _space, _upsample
 
 CACHE_SIZE = 64
 # "own-predict": a calibrator predicting with its own prototypes, which need no check
@@ -39,7 +38,7 @@ OPS = ("stats", "predict", "own-predict", "calibrate", "calibrate-with-prototype
 @dataclass(frozen=True, eq=False)
 class Plan:
     op: str
-    backend: ModuleType                 # fastcal.reference, numba_backend, torch_ops or _triton
+    backend: ModuleType                 # the module of a row of fastcal._backends.TABLE
     num_classes: int
     upsample: _upsample.Upsample | None
     shape: tuple                        # [N, *spatial] of the labels (and of ``valid``)
@@ -69,64 +68,6 @@ class Plan:
             return torch.empty((self.shape[0], self.num_classes, *self.shape[1:]), dtype=torch.float32,
                                device=device)
         return torch.empty(self.shape, dtype=self.label_dtype, device=device)
-
-
-def resolve_backend(backend: str, logits, limit: bool = False) -> ModuleType:
-    """The one dispatch point: the module implementing the passes for ``backend`` on ``logits``
-    (its device and class count) at a finite temperature or the ``limit`` ``T = inf``.
-
-    - ``"triton"``: :mod:`fastcal._triton`, CUDA tensors (NVIDIA, or AMD through ROCm).
-    - ``"numba"``: :mod:`fastcal.numba_backend`, the fused CPU loops (CPU tensors, at most
-      ``cpu_kernels.MAX_CLASSES`` classes, not in a forked child).
-    - ``"torch-ops"``: :mod:`fastcal.torch_ops`, PyTorch operations a chunk at a time, any device.
-    - ``"torch"``: the CPU fast path, ``"numba"`` where it can run, else ``"torch-ops"``.
-    - ``"reference"``: :mod:`fastcal.reference`, the paper's math on the whole batch.
-    - ``"auto"``: ``"triton"`` for CUDA tensors, else ``"torch"``; at the limit, ``"torch-ops"`` for
-      CUDA tensors (the Triton kernels take finite temperatures).
-    """
-    _checks.check_choice("backend", backend, _checks.BACKENDS)
-    if backend == "auto":
-        backend = ("torch-ops" if limit else "triton") if logits.device.type == "cuda" else "torch"
-    if backend == "triton" and limit:
-        raise ValueError("backend='triton': the Triton kernels take finite temperatures; at temperature=math.inf "
-                         "use backend='auto' (torch-ops on CUDA) or 'torch-ops'")
-    if backend in ("torch", "numba"):
-        from . import numba_backend
-
-        if numba_backend.can_run(logits):
-            return numba_backend
-        if backend == "numba":
-            raise ValueError(f"backend='numba': the fused CPU loops take CPU tensors of at most "
-                             f"{numba_backend._cpu_kernels().MAX_CLASSES} classes, outside a forked child; "
-                             f"got {logits.shape[1]} classes on {logits.device}"
-                             f"{' in a forked child' if _process.forked_child() else ''} (use 'torch' or 'auto')")
-        backend = "torch-ops"
-    if backend == "torch-ops":
-        from . import torch_ops
-
-        return torch_ops
-    if backend == "reference":
-        from . import reference
-
-        return reference
-    from . import _triton
-
-    _triton.require(logits.device)
-    return _triton
-
-
-_prepared = weakref.WeakKeyDictionary()  # plan -> {key: what a backend built for it}
-
-
-def prepared(plan: Plan, key, build):
-    """What a backend prepares once per plan (the fused loops' walks, the upsampling's row tables):
-    ``build()`` on the first use of ``key``, then kept beside the immutable plan, gone with it."""
-    built = _prepared.get(plan)
-    if built is None:
-        built = _prepared[plan] = {}
-    if key not in built:
-        built[key] = build()
-    return built[key]
 
 
 _cache: dict = {}
@@ -208,7 +149,7 @@ def _key(op, logits, valid, prototypes, options):
 
 def _build(op, logits, valid, prototypes, temperature, backend, deterministic, confidence_power, empty,
            label_dtype, output, size, scale_factor, align_corners) -> Plan:
-    """Every check of ``op``'s arguments, in the order the errors have always been raised, then the
+    """Every check of ``op``'s arguments, in the order the contract documents, then the
     resolution."""
     stats, predicts = op in ("stats", "calibrate", "calibrate-with-prototypes"), op != "stats"
     if op.startswith("calibrate"):
@@ -230,9 +171,9 @@ def _build(op, logits, valid, prototypes, temperature, backend, deterministic, c
         _checks.check_prototypes(prototypes, C, logits.device)
     if predicts:
         _checks.check_label_dtype(label_dtype, C)
-    if predicts:
         _checks.check_choice("output", output, _checks.OUTPUTS)
-    module = resolve_backend(backend, logits, _space.is_limit(temperature))  # checks the backend's name first
+    _checks.check_choice("backend", backend, _backends.NAMES)
+    module = _backends.resolve(backend, logits, _space.is_limit(temperature))
     return Plan(op=op, backend=module, num_classes=C, upsample=upsample, shape=tuple(shape),
                 pixels=math.prod(shape), temperature=temperature, deterministic=bool(deterministic),
                 confidence_power=float(confidence_power), empty=empty, label_dtype=label_dtype,

@@ -155,7 +155,7 @@ def reduced(shared: Sums, local: Sums, momentum: float | None, group=None) -> Su
     (online mode), added over the ranks, with rank 0's ``shared`` part entering once. Travels on
     the device the group's backend needs (CUDA for nccl, CPU otherwise), comes back to
     ``shared``'s."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # only for a reduction: a process that never reduces never loads it
 
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("all_reduce: torch.distributed is not initialized (call init_process_group first)")

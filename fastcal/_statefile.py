@@ -24,6 +24,7 @@ import torch
 from . import _checks, _space
 from ._checks import check_class_names, is_int, is_number
 from ._state import Sums
+from ._version import __version__
 
 STATE_FORMAT = "fastcal.LabelCalibrator"
 # Each version adds fields; a reader takes every version up to its own and reads each field from
@@ -51,8 +52,6 @@ def checked_version(state: dict, where: str = "state") -> int:
 
 def state_of(calibrator, sums: Sums) -> dict:
     """The saved form of a calibrator holding ``sums``: plain tensors, numbers and strings."""
-    from . import __version__
-
     state = {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,

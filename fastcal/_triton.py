@@ -6,18 +6,19 @@ import os
 
 import torch
 
+from . import reference
+from ._common import DistanceOperands
 
-def require(device: torch.device) -> None:
-    """Triton runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (for tests)."""
-    if device.type in ("cuda", "meta"):  # meta: launches built, not run (fastcal._plan.meta_plan)
-        return
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    raise ValueError(
-        f"backend: 'triton' needs CUDA tensors, got a tensor on {device}; use backend='torch' "
-        "(or 'auto') for CPU tensors, or set TRITON_INTERPRET=1 before importing triton to run "
-        "the kernels in the (slow) interpreter"
-    )
+REQUIRES = ("the Triton kernels take CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, set before "
+            "importing triton: the slow interpreter) and finite temperatures (the limit runs torch-ops)")
+
+
+def can_run(logits, limit: bool = False) -> bool:
+    """CUDA tensors (meta ones too: launches built, not run, ``fastcal._plan.meta_plan``), or CPU
+    tensors under ``TRITON_INTERPRET=1`` (for tests), at a finite temperature."""
+    device = logits.device.type
+    interpreted = device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return not limit and (device in ("cuda", "meta") or interpreted)
 
 
 def _on_device(device: torch.device):
@@ -26,7 +27,7 @@ def _on_device(device: torch.device):
 
 
 def stats_pass(logits, valid, plan):
-    from .kernels.stats import prototype_stats
+    from .kernels.stats import prototype_stats  # the kernels import triton: on first use
 
     with _on_device(logits.device):
         return prototype_stats(logits, plan.temperature, valid, plan.deterministic, plan.upsample,
@@ -34,14 +35,14 @@ def stats_pass(logits, valid, plan):
 
 
 def predict_pass(logits, operands, plan):
-    from .kernels.predict import predict
+    from .kernels.predict import predict  # the kernels import triton: on first use
 
     with _on_device(logits.device):
         return predict(logits, operands, plan.temperature, plan.label_dtype, plan.upsample)
 
 
 def scores_pass(logits, operands, plan):
-    from .kernels.predict import scores
+    from .kernels.predict import scores  # the kernels import triton: on first use
 
     with _on_device(logits.device):
         return scores(logits, operands, plan.temperature, plan.upsample)
@@ -52,8 +53,7 @@ def prototype_operands(prototypes: torch.Tensor):
     read back: they enter as sums ``S = P`` with weights ``W = 1``, a NaN row (a class never
     predicted) as an empty class skipped. Beyond one block of classes, as the reference prepares
     them (a few small launches)."""
-    from ._common import DistanceOperands
-    from .kernels.configs import FUSED_MAX_CLASSES
+    from .kernels.configs import FUSED_MAX_CLASSES  # the kernels import triton: on first use
 
     if prototypes.shape[0] > FUSED_MAX_CLASSES:
         return DistanceOperands(prototypes.detach())
@@ -65,8 +65,7 @@ def prototype_operands(prototypes: torch.Tensor):
 def operands_pass(S, W, plan):
     """The prototypes and the predict pass's padded operands in one launch (``kernels/prototypes.py``)
     where one block of the predict pass holds every class; else as the reference builds them."""
-    from . import reference
-    from .kernels.configs import FUSED_MAX_CLASSES
+    from .kernels.configs import FUSED_MAX_CLASSES  # the kernels import triton: on first use
 
     if W.shape[0] > FUSED_MAX_CLASSES:
         return reference.operands_pass(S, W, plan)
@@ -76,8 +75,7 @@ def operands_pass(S, W, plan):
 def _fused_operands(S, W, skip: bool):
     """One launch of the operands kernel: the prototypes ``S[k] / W[k]`` and the predict pass's
     operands, padded to the class block that holds every class."""
-    from ._common import DistanceOperands
-    from .kernels.predict import predict_config
+    from .kernels.predict import predict_config  # the kernels import triton: on first use
     from .kernels.prototypes import operands
 
     c_block = predict_config(W.shape[0])["C_BLOCK"]

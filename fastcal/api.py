@@ -125,8 +125,10 @@ def predict(logits, prototypes, *, temperature=1.0, backend="auto", label_dtype=
     The op is ``torch.ops.fastcal.predict``: ``torch.compile`` traces it without a graph break.
     The prototypes' values are checked (finite, or a whole row of NaN) the first time a prototypes
     tensor is seen in its current state, when they are prepared for the distance loops (on CUDA,
-    one synchronisation); later calls with the same, unmodified tensor read nothing back and
-    prepare nothing. While a CUDA graph is being captured the check is skipped.
+    one synchronisation); later calls with the same, unmodified tensor read nothing back. On the
+    CPU they prepare nothing either (the values are compared with the copy the operands were built
+    from); on CUDA the operands are prepared from the current values in one launch per call. While
+    a CUDA graph is being captured the check is skipped.
     """
     logits = logits_of(logits)
     plan = _plan.plan("predict", logits, prototypes=prototypes, temperature=temperature, backend=backend,

@@ -6,11 +6,12 @@ import warnings
 
 import torch
 
-from . import _checks, _ops, _plan, _process, _statefile, reference
+from . import _backends, _checks, _ops, _plan, _process, _statefile, reference
 from ._common import DistanceOperands
 from ._state import WEIGHT_FLOOR, Stream, Sums  # noqa: F401 (WEIGHT_FLOOR: public)
 from ._statefile import STATE_FORMAT, STATE_VERSION  # noqa: F401  (public names)
 from .adapters import logits_of, mask_of
+from .diagnostics import diagnose
 
 
 class LabelCalibrator:
@@ -52,7 +53,7 @@ class LabelCalibrator:
         self.temperature = _checks.check_temperature(temperature)
         self.confidence_power = _checks.check_confidence_power(confidence_power)
         _checks.check_choice("empty", empty, _checks.EMPTY_POLICIES)
-        _checks.check_choice("backend", backend, _checks.BACKENDS)
+        _checks.check_choice("backend", backend, _backends.NAMES)
         self.empty, self.backend, self.momentum = empty, backend, _checks.check_momentum(momentum)
         self.class_names = _checks.check_class_names(class_names, num_classes)
         self._lock = _process.Lock()  # every change of ``_stream``; reads take the value as it is
@@ -155,8 +156,6 @@ class LabelCalibrator:
         """Per class: pixels, weight, the prototype's own probability, its nearest other prototype,
         whether it can be predicted at all; and warnings (too few pixels, collapsed prototypes,
         classes never predicted). See :mod:`fastcal.diagnostics`; ``print()`` it for a table."""
-        from .diagnostics import diagnose
-
         names = self.class_names if class_names is None else class_names
         return diagnose(self.S, self.W, self.counts, self.empty, names, temperature=self.temperature,
                         min_pixels=min_pixels, min_distance=min_distance)

@@ -1,4 +1,4 @@
-"""Fused CPU loops of the "numba" strategy (:mod:`fastcal.numba_backend`), compiled by Numba.
+"""Fused CPU loops of the "numba" backend (:mod:`fastcal.numba_backend`), compiled by Numba.
 
 Eager PyTorch spends a full pass over the logits on every step of the softmax
 (max, subtract, exp, sum), on the argmax and on the scatter-add of the sums.

@@ -17,7 +17,7 @@ Two layouts of that math, chosen with ``layout=``:
   ``b[k] = 2 A[k] . c + ||A[k]||^2``. Works for logits of any rank ([N, C, *spatial]). With an
   upsampling, the classes move and ``T`` divides on the small tensor (interpolation is linear),
   and ``Resize`` runs channels-last.
-- ``"nchw"``: softmax over the class axis and a centred 1x1 convolution, as before; for runtimes
+- ``"nchw"``: softmax over the class axis and a centred 1x1 convolution; for runtimes
   that work NCHW (TensorRT). [N, C, H, W] logits only.
 
 Exactness: labels agree with :meth:`fastcal.LabelCalibrator.predict` except at genuine near-ties,

@@ -1,4 +1,4 @@
-"""The "numba" strategy: the fused CPU loops of :mod:`fastcal.cpu_kernels` on CPU tensors.
+"""The "numba" backend: the fused CPU loops of :mod:`fastcal.cpu_kernels` on CPU tensors.
 
 Same math as :mod:`fastcal.reference`, in one read of the logits per pass (sums in float32
 over a block of 256 pixels, then in float64 per work unit, the units added in a fixed order).
@@ -6,13 +6,13 @@ NCHW batches (float32, float16 or bfloat16) with images of at least ``DIRECT_MIN
 pixels, or of at most ``SMALL_BATCH_IMAGES`` images, are read in place; any other layout is
 copied a chunk at a time (``_common.CHUNK_ELEMENTS`` logits) into a float32 ``[C, n]`` buffer
 first. How a pass covers the pixels (:class:`_Walk`) is planned once per plan (see
-:func:`fastcal._plan.prepared`). Distances use the expanded form, centred on the mean prototype
+:func:`fastcal._prepared.prepared`). Distances use the expanded form, centred on the mean prototype
 ``c`` for precision (see :func:`fastcal._common.centred_prototypes`): summed in the fused
 loops up to ``cpu_kernels.NEAREST_MAX_CLASSES`` classes, else one GEMM per chunk.
 
 Takes at most ``cpu_kernels.MAX_CLASSES`` classes, and never runs in a forked child (see
-:mod:`fastcal._process`): :func:`fastcal._plan.resolve_backend` picks :mod:`fastcal.torch_ops`
-there. Between the passes of ``calibrate`` the prototypes and the loops' operands come from two
+:mod:`fastcal._process`): the ``"auto"`` and ``"torch"`` choices of :mod:`fastcal._backends` take
+:mod:`fastcal.torch_ops` there. Between the passes of ``calibrate`` the prototypes and the loops' operands come from two
 small serial loops (:func:`operands_pass`). ``host_array`` is the one route from a tensor to
 host memory. The backend interface, shared with :mod:`fastcal.reference`,
 :mod:`fastcal.torch_ops` and :mod:`fastcal._triton`: ``stats_pass(logits, valid, plan)``,
@@ -27,8 +27,8 @@ import math
 import numpy as np
 import torch
 
-from . import _common, _plan, _space
-from ._common import chunk_index, indexed
+from . import _common, _prepared, _process, _space
+from ._common import DistanceOperands, chunk_index, indexed
 
 DIRECT_MIN_PIXELS = 4096  # an NCHW batch is read in place when its images are this large
 SMALL_BATCH_IMAGES = 4  # batches of at most this many images are read in place whatever their size
@@ -39,16 +39,19 @@ _IN_PLACE = {torch.float32: torch.float32, torch.float16: torch.uint16, torch.bf
 @functools.cache
 def _cpu_kernels():
     """:mod:`fastcal.cpu_kernels`, imported on the first call (it imports Numba)."""
-    from . import cpu_kernels
+    from . import cpu_kernels  # imports Numba: on the first call of the loops
 
     return cpu_kernels
 
 
-def can_run(logits) -> bool:
-    """Whether this strategy takes ``logits``: a CPU tensor of at most ``cpu_kernels.MAX_CLASSES``
-    classes, outside a forked child."""
-    from . import _process
+REQUIRES = ("the fused CPU loops take CPU tensors of at most 256 classes (cpu_kernels.MAX_CLASSES), "
+            "outside a forked child")
+prototype_operands = None  # a caller's prototypes: prepared as fastcal._common does
 
+
+def can_run(logits, limit: bool = False) -> bool:
+    """Whether this backend takes ``logits``: a CPU tensor of at most ``cpu_kernels.MAX_CLASSES``
+    classes, outside a forked child (the loops take the limit as any temperature)."""
     return (logits.device.type == "cpu" and logits.shape[1] <= _cpu_kernels().MAX_CLASSES
             and not _process.forked_child())
 
@@ -80,7 +83,7 @@ class _Walk:
         self.buffer_pixels = 0
         units = _cpu_kernels().UNITS
         if self.upsampled:
-            from numba import get_num_threads
+            from numba import get_num_threads  # Numba: imported with the loops, on first use
 
             self.in_place = contiguous
             L = math.prod(upsample.size)
@@ -91,7 +94,7 @@ class _Walk:
             return
         self.tables = ((units,) if thread_runs else ()) + (0, None, None)
         L = math.prod(logits.shape[2:])
-        pixels = max(1, _common.CHUNK_ELEMENTS // C)
+        pixels = pixels or max(1, _common.CHUNK_ELEMENTS // C)  # a chunk a call by default
         self.in_place = contiguous and (L >= DIRECT_MIN_PIXELS or N <= SMALL_BATCH_IMAGES)
         if self.in_place:
             self.ranges = _image_ranges(N, C, L, pixels)
@@ -119,8 +122,8 @@ class _Walk:
 
 
 def _walk(plan, logits, name: str, **options) -> _Walk:
-    """The plan's walk for pass ``name``, planned on first use (:func:`fastcal._plan.prepared`)."""
-    return _plan.prepared(plan, ("walk", name), lambda: _Walk(logits, plan.upsample, **options))
+    """The plan's walk for pass ``name``, planned on first use (:func:`fastcal._prepared.prepared`)."""
+    return _prepared.prepared(plan, ("walk", name), lambda: _Walk(logits, plan.upsample, **options))
 
 
 def _image_ranges(N: int, C: int, L: int, pixels: int) -> list:
@@ -161,8 +164,7 @@ def _upsample_tables(logits: torch.Tensor, upsample):
     """The loops' tables (see :func:`fastcal.cpu_kernels._block_upsample`): the output width, and
     ``rows`` and ``cols`` as NumPy arrays, the column tables padded to whole tiles. Built from
     shapes alone, on the host, once per plan."""
-    from .cpu_kernels import BAND, TILE
-
+    BAND, TILE = _cpu_kernels().BAND, _cpu_kernels().TILE
     # the loops read the input as a contiguous [C, H*W] image: rows W apart, columns adjacent
     in_width = logits.shape[3]
     rows, (x0, _, wx) = upsample.source_offsets(tuple(logits.shape[2:]), (in_width, 1))
@@ -230,8 +232,6 @@ def operands_pass(S: torch.Tensor, W: torch.Tensor, plan):
     """The prototypes (as :func:`fastcal.reference.prototypes_from_stats`) and the loops' operands,
     in two small serial loops where the sums are on the host (a few hundred values, for which
     PyTorch's or NumPy's per-operation overhead would be most of the time)."""
-    from ._common import DistanceOperands
-
     C = W.shape[0]
     P = np.empty((C, C), np.float32)
     _cpu_kernels().prototypes_from_sums(host_array(S), host_array(W), plan.empty == "skip",
@@ -277,15 +277,9 @@ def predict_pass(logits: torch.Tensor, operands, plan):
 
 
 def scores_pass(logits: torch.Tensor, operands, plan):
-    """``-(bias - 2 A d + ||d||^2) = -||p - P[k]||^2`` a chunk at a time, written into the float32
-    [N, C, *spatial] output (``-inf`` for a skipped class)."""
-    out = plan.output(logits.device)
+    """``-||v - P[k]||^2`` a chunk at a time (:func:`fastcal._common.write_scores`)."""
     bias = _cpu_operands(operands)[2]
-    for select, d, distance in _fused_distances(logits, operands, plan):
-        distance.add_(bias[:, None]).add_(torch.linalg.vector_norm(d, dim=0).square_()).neg_()
-        view = select(out, classes=True)
-        view.copy_(distance.view(view.shape))
-    return out
+    return _common.write_scores(plan.output(logits.device), bias, _fused_distances(logits, operands, plan))
 
 
 def _cpu_operands(operands):

@@ -22,6 +22,15 @@ import torch
 import torch.nn.functional as F
 
 from . import _space
+from ._common import DistanceOperands
+
+REQUIRES = "any tensor"
+prototype_operands = None  # a caller's prototypes: prepared as fastcal._common does
+
+
+def can_run(logits, limit: bool = False) -> bool:
+    """Every call: the paper's math in PyTorch operations, on any device, at any temperature."""
+    return True
 
 
 def upsampled(logits: torch.Tensor, upsample) -> torch.Tensor:
@@ -132,6 +141,4 @@ def scores_pass(logits, operands, plan):
 
 
 def operands_pass(S, W, plan):
-    from ._common import DistanceOperands
-
     return DistanceOperands(prototypes_from_stats(S, W, plan.empty, plan.temperature))

@@ -1,4 +1,4 @@
-"""The "torch-ops" strategy: PyTorch operations, a chunk of pixels at a time, on any device.
+"""The "torch-ops" backend: PyTorch operations, a chunk of pixels at a time, on any device.
 
 Same math as :mod:`fastcal.reference`, restructured for memory: the pixels are walked in
 chunks of about ``_common.CHUNK_ELEMENTS`` logits, read in the tensor's own layout (no permuted
@@ -16,8 +16,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _common, _plan, _space
+from . import _common, _prepared, _space, reference
 from ._common import chunk_index, indexed
+
+REQUIRES = "any tensor"
+prototype_operands = None  # a caller's prototypes: prepared as fastcal._common does
+
+
+def can_run(logits, limit: bool = False) -> bool:
+    """Every call: PyTorch operations run on any device, at any temperature."""
+    return True
 
 
 def _chunks(logits: torch.Tensor):
@@ -121,13 +129,13 @@ def _upsampled_chunks(logits: torch.Tensor, plan):
 
 def _row_tables(logits, plan):
     """The output rows' two source rows and weights, from the shapes alone: built on the host
-    once per plan (:func:`fastcal._plan.prepared`), with their device copies."""
+    once per plan (:func:`fastcal._prepared.prepared`), with their device copies."""
     def build():
         (y0, y1, wy), _ = plan.upsample.axes(tuple(logits.shape[2:]))
         device = logits.device
         return y0.tolist(), y1.tolist(), y0.to(device), y1.to(device), wy.to(device)
 
-    return _plan.prepared(plan, "torch-ops rows", build)
+    return _prepared.prepared(plan, "torch-ops rows", build)
 
 
 def stats_pass(logits: torch.Tensor, valid: torch.Tensor | None, plan):
@@ -161,8 +169,6 @@ def stats_pass(logits: torch.Tensor, valid: torch.Tensor | None, plan):
 
 def operands_pass(S: torch.Tensor, W: torch.Tensor, plan):
     """The prototypes, as :func:`fastcal.reference.prototypes_from_stats`."""
-    from . import reference
-
     return reference.operands_pass(S, W, plan)
 
 
@@ -200,12 +206,6 @@ def predict_pass(logits: torch.Tensor, operands, plan):
 
 
 def scores_pass(logits: torch.Tensor, operands, plan):
-    """``-(bias - 2 A d + ||d||^2) = -||p - P[k]||^2`` a chunk at a time, written into the float32
-    [N, C, *spatial] output (``-inf`` for a skipped class)."""
-    out = plan.output(logits.device)
+    """``-||v - P[k]||^2`` a chunk at a time (:func:`fastcal._common.write_scores`)."""
     bias = _operands(operands)[2].to(logits.device)
-    for select, d, distance in _distances(logits, operands, plan):
-        distance.add_(bias[:, None]).add_(torch.linalg.vector_norm(d, dim=0).square_()).neg_()
-        view = select(out, classes=True)
-        view.copy_(distance.view(view.shape))
-    return out
+    return _common.write_scores(plan.output(logits.device), bias, _distances(logits, operands, plan))

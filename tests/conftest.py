@@ -4,6 +4,8 @@ import pytest
 import torch  # importing torch does not import triton
 from hypothesis import settings
 
+from fastcal import _backends  # imports no backend module: triton is imported after TRITON_INTERPRET
+
 # The suite draws the same property-test inputs on every run and machine; HYPOTHESIS_PROFILE=explore
 # draws fresh ones (and more of them) to search for failures.
 settings.register_profile("ci", derandomize=True, database=None)
@@ -43,9 +45,9 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=["reference", "torch", "torch-ops", "triton"])
+@pytest.fixture(params=_backends.TESTED)
 def backend(request):
-    """Every backend: "torch" is the CPU fast path (the fused Numba loops up to 256 classes),
-    "torch-ops" the PyTorch operations it falls back to. Use ``cases.device_of(backend)`` for the
-    device its tensors go on."""
+    """Every backend of the table (``fastcal._backends.TESTED``): "torch" is the CPU fast path (the
+    fused Numba loops up to 256 classes), "torch-ops" the PyTorch operations it falls back to. Use
+    ``cases.device_of(backend)`` for the device its tensors go on."""
     return request.param

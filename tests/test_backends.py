@@ -205,7 +205,7 @@ def test_the_cpu_backends_prepare_once_per_plan_and_forget_with_it(monkeypatch):
     immutable), built on its first call, and dropped when the plan leaves the cache."""
     import gc
 
-    from fastcal import _plan
+    from fastcal import _plan, _prepared
 
     z = make_logits((1, 5, 16, 16))
     P = fastcal.prototypes_from_stats(*fastcal.prototype_stats(z))
@@ -217,8 +217,8 @@ def test_the_cpu_backends_prepare_once_per_plan_and_forget_with_it(monkeypatch):
         assert torch.equal(fastcal.predict(z, P, backend="numba"), first)
         fastcal.predict(z, P, backend="torch-ops", size=(20, 24))
     assert len(made) == 1
-    keys = {key for built in _plan._prepared.values() for key in built}
+    keys = {key for built in _prepared._prepared.values() for key in built}
     assert ("walk", "predict") in keys and "torch-ops rows" in keys
     _plan._cache.clear()
     gc.collect()
-    assert len(_plan._prepared) == 0
+    assert len(_prepared._prepared) == 0

@@ -149,10 +149,10 @@ def test_bad_options_fail_at_once_with_one_line(command, tmp_path, capsys, monke
         cases += [(["--device", "bogus"], "expected cpu, cuda or cuda:N"), (["--steps", "-5"], "positive integer"),
                   (["--steps", "0"], "positive integer"), (["--temperature", "-1"], "positive number or inf"),
                   (["--temperature", "hot"], "positive number or inf")]
-    else:
-        cases += [(["--temperatures", "2", "-1"], "positive number or inf")]
         if not torch.cuda.is_available():
             cases.append((["--device", "cuda"], "no CUDA device is available"))
+    else:
+        cases += [(["--temperatures", "2", "-1"], "positive number or inf")]
     for options, message in cases:
         with pytest.raises(SystemExit) as exit_code:
             cli([command, *options])

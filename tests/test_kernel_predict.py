@@ -99,7 +99,7 @@ def test_calibrate_end_to_end_matches_reference(num_classes):
 
 def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="backend: 'triton' needs CUDA tensors.*backend='torch'"):
+    with pytest.raises(ValueError, match="backend='triton': the Triton kernels take CUDA tensors.*'torch'"):
         fastcal.calibrate(torch.randn(1, 3, 4, 4), backend="triton")
 
 

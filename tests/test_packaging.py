@@ -47,3 +47,54 @@ def test_the_triton_kernels_import_as_part_of_fastcal():
     for module in (configs, predict, stats):
         assert module.__name__.startswith("fastcal.kernels.")
         assert os.path.realpath(module.__file__).startswith(os.path.join(ROOT, "kernels") + os.sep)
+
+
+def _internal_imports():
+    """``{module: {fastcal modules it imports}}`` from every import statement of the package,
+    those inside functions too (a deferred import still closes a circle)."""
+    import ast
+
+    package = os.path.join(ROOT, "fastcal")
+    graph = {}
+    for folder, _, files in os.walk(package, followlinks=True):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            parts = os.path.relpath(path, ROOT)[:-3].split(os.sep)
+            module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            is_package = parts[-1] == "__init__"
+            edges = set()
+            for node in ast.walk(ast.parse(open(path).read())):
+                if isinstance(node, ast.ImportFrom) and node.level:
+                    base = module.split(".") if is_package else module.split(".")[:-1]
+                    base = base[:len(base) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                    for alias in node.names:
+                        edges.add(f"{target}.{alias.name}" if not node.module else target)
+                elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fastcal"):
+                    edges.add(node.module)
+                elif isinstance(node, ast.Import):
+                    edges.update(a.name for a in node.names if a.name.startswith("fastcal"))
+            graph[module] = edges
+    return {m: {e for e in edges if e in graph and e != m} for m, edges in graph.items()}
+
+
+def test_the_package_has_no_import_circle():
+    graph = _internal_imports()
+    assert "fastcal._backends" in graph and "fastcal.kernels.stats" in graph
+    state = {}
+
+    def visit(module, path):
+        state[module] = "open"
+        for target in graph[module]:
+            if target == "fastcal":  # the package itself: only its __init__ may import it
+                continue
+            assert state.get(target) != "open", " -> ".join(path + [target])
+            if target not in state:
+                visit(target, path + [target])
+        state[module] = "done"
+
+    for module in graph:
+        if module not in state and module != "fastcal":
+            visit(module, [module])

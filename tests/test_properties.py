@@ -13,11 +13,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fastcal
+from fastcal import _backends
 
 import oracle
 from cases import DTYPES, KERNEL_DEVICE, make_logits
 
-BACKENDS = ["reference", "torch", "torch-ops", "triton"]
+BACKENDS = list(_backends.TESTED)
 # The suite draws the same inputs on every run (the "ci" profile), so more examples there only
 # repeat a fixed sample; the "explore" profile draws fresh ones. The interpreter runs a kernel
 # launch in about a tenth of a second: fewer, smaller cases.

@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastcal
-from fastcal import numba_backend
+from fastcal import _backends, numba_backend
 
 from cases import device_of, make_logits
 
@@ -57,8 +57,9 @@ class Reads(TorchDispatchMode):
 
 
 def host_only(conversions):
-    """Conversions outside the CPU loops' one route to host memory (numba_backend.host_array)."""
-    return [c for c in conversions if c[1] not in ("fastcal.numba_backend",)]
+    """Conversions outside the one backend allowed a route to host memory (the table's
+    ``host_memory`` row: numba_backend.host_array)."""
+    return [c for c in conversions if c[1] not in _backends.HOST_MEMORY]
 
 
 CALLS = {
