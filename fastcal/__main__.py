@@ -3,11 +3,12 @@
 import argparse
 import sys
 
+from . import export
+from .apps import demo, study
+from .apps.demo.report import FiguresUnavailable
+
 
 def parser() -> argparse.ArgumentParser:
-    from . import export
-    from .apps import demo, study
-
     top = argparse.ArgumentParser(prog="fastcal", description="Label calibration for semantic segmentation "
                                                                "under domain shift.")
     commands = top.add_subparsers(dest="command", required=True, metavar="command")
@@ -27,8 +28,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from .apps.demo.report import FiguresUnavailable
-
     try:
         return args.run(args)
     except FiguresUnavailable as error:

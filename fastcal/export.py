@@ -44,13 +44,16 @@ scores are differences of squared distances), and expect ArgMax to become a TopK
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _checks, _space, _statefile, _upsample
+from . import _checks, _cli, _space, _statefile, _upsample
 from ._common import centred_prototypes
 from .adapters import model_logits, output_size
 from .calibrator import LabelCalibrator
@@ -259,9 +262,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | os.PathLik
     onnxscript). Trace with a batch of at least 2 images and sides of at least 2: a size of 1 would
     be taken as fixed. The file is written atomically, with the mode the umask gives new files
     (:func:`fastcal._statefile.write_atomically`)."""
-    import json
-
-    import onnx
+    import onnx  # the export extra: imported where it is needed
 
     low, high = opset_range()
     if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
@@ -284,17 +285,13 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | os.PathLik
 def opset_range() -> tuple[int, int]:
     """The ONNX opsets :func:`export_onnx` honours: 18 (the exporter's own implementations; older
     ones go through a converter that may fall back) to the newest the installed ``onnx`` knows."""
-    import onnx
+    import onnx  # the export extra: imported where it is needed
 
     return OPSET, onnx.defs.onnx_opset_version()
 
 
 # ----- the command: fastcal export STATE.pt --out head.onnx -----------------------------------
 def _opset(text: str) -> int:
-    import argparse
-
-    from . import _cli
-
     value = _cli.positive_int(text)
     low, high = opset_range()
     if not low <= value <= high:
@@ -303,8 +300,6 @@ def _opset(text: str) -> int:
 
 
 def add_arguments(parser) -> None:
-    from . import _cli
-
     parser.add_argument("state", help="a calibrator's state file (LabelCalibrator.save)")
     parser.add_argument("--out", required=True, type=_cli.output_file, help="the ONNX file to write")
     parser.add_argument("--output", choices=OUTPUTS, default="labels",
@@ -327,8 +322,6 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    import sys
-
     def refuse(message: str) -> int:
         print(f"fastcal export: {message}", file=sys.stderr)
         return 2
