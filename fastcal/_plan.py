@@ -23,7 +23,7 @@ built for meta tensors (:func:`meta_plan`), and with it the Triton launches, wit
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from types import ModuleType
 
 import torch
@@ -76,25 +76,39 @@ _lock = _process.Lock()
 _process.after_fork_in_child(_cache.clear)
 
 
-def plan(op: str, logits, *, valid=None, prototypes=None, temperature=1.0, backend="auto", deterministic=None,
-         confidence_power=1.0, empty="onehot", label_dtype=torch.int64, output="labels", size=None,
-         scale_factor=None, align_corners=False) -> Plan:
-    """The checked plan of one call of ``op`` (one of :data:`OPS`); raises the argument's error.
+@dataclass(frozen=True)
+class Options:
+    """The options of one call as the caller gave them (unchecked: :func:`_build` checks them),
+    one immutable value that is keyed, checked and read by name."""
+    temperature: object = 1.0
+    backend: object = "auto"
+    deterministic: object = None
+    confidence_power: object = 1.0
+    empty: object = "onehot"
+    label_dtype: object = torch.int64
+    output: object = "labels"
+    size: object = None
+    scale_factor: object = None
+    align_corners: object = False
+
+
+def plan(op: str, logits, *, valid=None, prototypes=None, **given) -> Plan:
+    """The checked plan of one call of ``op`` (one of :data:`OPS`) with the options ``given`` by
+    name (the fields of :class:`Options`); raises the argument's error.
 
     Logits on the meta device are refused by the public calls; :func:`meta_plan` plans for them."""
-    if deterministic is None and op not in ("predict", "own-predict"):
-        deterministic = torch.are_deterministic_algorithms_enabled()
-    options = (temperature, backend, deterministic, confidence_power, empty, label_dtype, output, size,
-               scale_factor, align_corners)
+    options = Options(**given)
+    if options.deterministic is None and op not in ("predict", "own-predict"):
+        options = replace(options, deterministic=torch.are_deterministic_algorithms_enabled())
     # traced once into the graph: nothing to keep, no lock to take; a meta plan is never kept either,
     # or a public call with meta logits would find it and pass the check that refuses them
     if torch.compiler.is_compiling() or _checks.meta_logits_are_allowed():
-        return _build(op, logits, valid, prototypes, *options)
+        return _build(op, logits, valid, prototypes, options)
     key = _key(op, logits, valid, prototypes, options)
     found = _cache.get(key) if key is not None else None
     if found is not None:
         return found
-    built = _build(op, logits, valid, prototypes, *options)
+    built = _build(op, logits, valid, prototypes, options)
     if key is not None:
         with _lock:
             if len(_cache) >= CACHE_SIZE:
@@ -142,39 +156,39 @@ def _signature(tensor):
 
 def _key(op, logits, valid, prototypes, options):
     try:
-        return (op, _signature(logits), _signature(valid), _signature(prototypes), _frozen(options))
+        return (op, _signature(logits), _signature(valid), _signature(prototypes),
+                _frozen(getattr(options, f.name) for f in fields(options)))
     except TypeError:
         return None
 
 
-def _build(op, logits, valid, prototypes, temperature, backend, deterministic, confidence_power, empty,
-           label_dtype, output, size, scale_factor, align_corners) -> Plan:
+def _build(op, logits, valid, prototypes, options: Options) -> Plan:
     """Every check of ``op``'s arguments, in the order the contract documents, then the
     resolution."""
+    o = options
     stats, predicts = op in ("stats", "calibrate", "calibrate-with-prototypes"), op != "stats"
     if op.startswith("calibrate"):
-        _checks.check_choice("empty", empty, _checks.EMPTY_POLICIES)
+        _checks.check_choice("empty", o.empty, _checks.EMPTY_POLICIES)
     _checks.check_logits(logits)
-    if stats:
-        confidence_power = _checks.check_confidence_power(confidence_power)
-    temperature = _checks.check_temperature(temperature)
-    upsample = _upsample.resolve(logits, size, scale_factor, align_corners)
+    confidence_power = _checks.check_confidence_power(o.confidence_power) if stats else o.confidence_power
+    temperature = _checks.check_temperature(o.temperature)
+    upsample = _upsample.resolve(logits, o.size, o.scale_factor, o.align_corners)
     shape = _upsample.output_shape(logits, upsample)
     C = logits.shape[1]
     if stats:
         _checks.check_valid(valid, logits, shape)
-        _checks.check_deterministic(deterministic)
+        _checks.check_deterministic(o.deterministic)
     if op == "calibrate-with-prototypes" and valid is not None:
         raise ValueError("valid: masks pixels out of the statistics, and with prototypes given there are "
                          "none to build (every pixel gets a label); drop valid or the prototypes")
     if op in ("predict", "calibrate-with-prototypes"):
         _checks.check_prototypes(prototypes, C, logits.device)
     if predicts:
-        _checks.check_label_dtype(label_dtype, C)
-        _checks.check_choice("output", output, _checks.OUTPUTS)
-    _checks.check_choice("backend", backend, _backends.NAMES)
-    module = _backends.resolve(backend, logits, _space.is_limit(temperature))
+        _checks.check_label_dtype(o.label_dtype, C)
+        _checks.check_choice("output", o.output, _checks.OUTPUTS)
+    _checks.check_choice("backend", o.backend, _backends.NAMES)
+    module = _backends.resolve(o.backend, logits, _space.is_limit(temperature))
     return Plan(op=op, backend=module, num_classes=C, upsample=upsample, shape=tuple(shape),
-                pixels=math.prod(shape), temperature=temperature, deterministic=bool(deterministic),
-                confidence_power=float(confidence_power), empty=empty, label_dtype=label_dtype,
-                scores=output == "scores", requested_backend=backend)
+                pixels=math.prod(shape), temperature=temperature, deterministic=bool(o.deterministic),
+                confidence_power=float(confidence_power), empty=o.empty, label_dtype=o.label_dtype,
+                scores=o.output == "scores", requested_backend=o.backend)

@@ -35,6 +35,26 @@ def prototype_stats(logits, *, temperature=1.0, valid=None, backend="auto", dete
 
     The op is ``torch.ops.fastcal.prototype_stats``: ``torch.compile`` traces a call to this
     function without a graph break.
+
+    Args:
+        logits (torch.Tensor): ``[N, C, *spatial]`` (0 to 3 spatial dims), float32, float16, bfloat16
+            (float64 read as float32), any strides, CPU or CUDA; or a model's output holding them
+            (``{"out": ...}``, ``.logits``).
+        temperature (float): ``T > 0`` in float32's normal range, or ``math.inf`` (the limit).
+            Default 1.
+        valid (torch.Tensor | None): which pixels count: ``[N, *spatial]`` (at the output size with
+            ``size``), ``[*spatial]`` for every image or ``[N, 1, *spatial]``; bool, or 0/1
+            integer or float. Default None (every pixel).
+        backend (str): ``"auto"`` (default), ``"triton"``, ``"torch"``, ``"numba"``, ``"torch-ops"``,
+            ``"reference"`` (see ``fastcal._backends``).
+        deterministic (bool | None): a fixed summation order on CUDA. Default None (PyTorch's flag).
+        confidence_power (float): ``gamma`` in [0, 8]. Default 1.
+        size (tuple[int, int] | None): ``(H', W')`` to upsample the logits to (bilinear), or None.
+        scale_factor (float | tuple | None): instead of ``size``.
+        align_corners (bool): as ``F.interpolate``'s. Default False.
+
+    Returns:
+        ``(S, W)``: ``S`` [C, C] float64, ``W`` [C] float64, on the logits' device.
     """
     S, W, _ = stats_and_counts(logits, temperature=temperature, valid=valid, backend=backend,
                                deterministic=deterministic, confidence_power=confidence_power,
@@ -89,6 +109,16 @@ def prototypes_from_stats(S, W, *, empty="onehot", temperature=1.0) -> torch.Ten
     and so are the prototypes: ``ValueError`` where ``S[k] / W[k]`` overflows float32 (a weight far
     too small for its sums, e.g. ``W[k] = 1e-300``) or exceeds the magnitude :func:`predict` accepts
     (sums of probability vectors never do: ``S[k] / W[k]`` lies in [0, 1]).
+
+    Args:
+        S (torch.Tensor): [C, C] floating sums, as :func:`prototype_stats` returns them.
+        W (torch.Tensor): [C] floating weights, on ``S``'s device.
+        empty (str): ``"onehot"`` (default) or ``"skip"``.
+        temperature (float): ``T > 0`` in float32's normal range, or ``math.inf`` (the limit).
+            Default 1.
+
+    Returns:
+        ``P`` [C, C] float32 on ``S``'s device; NaN rows for classes never predicted.
     """
     temperature = _checks.check_temperature(temperature)
     check_stats(S, W, signed=_space.is_limit(temperature))
@@ -129,6 +159,24 @@ def predict(logits, prototypes, *, temperature=1.0, backend="auto", label_dtype=
     CPU they prepare nothing either (the values are compared with the copy the operands were built
     from); on CUDA the operands are prepared from the current values in one launch per call. While
     a CUDA graph is being captured the check is skipped.
+
+    Args:
+        logits (torch.Tensor): ``[N, C, *spatial]`` (0 to 3 spatial dims), float32, float16, bfloat16
+            (float64 read as float32), any strides, CPU or CUDA; or a model's output holding them
+            (``{"out": ...}``, ``.logits``).
+        prototypes (torch.Tensor): [C, C] floating, on the logits' device; a NaN row: never chosen.
+        temperature (float): ``T > 0`` in float32's normal range, or ``math.inf`` (the limit).
+            Default 1.
+        backend (str): ``"auto"`` (default), ``"triton"``, ``"torch"``, ``"numba"``, ``"torch-ops"``,
+            ``"reference"`` (see ``fastcal._backends``).
+        label_dtype (torch.dtype): int64 (default), int32, or uint8 (C <= 256).
+        output (str): ``"labels"`` (default) or ``"scores"``.
+        size (tuple[int, int] | None): ``(H', W')`` to upsample the logits to (bilinear), or None.
+        scale_factor (float | tuple | None): instead of ``size``.
+        align_corners (bool): as ``F.interpolate``'s. Default False.
+
+    Returns:
+        labels ``[N, *spatial]`` of ``label_dtype``, or scores ``[N, C, *spatial]`` float32.
     """
     logits = logits_of(logits)
     plan = _plan.plan("predict", logits, prototypes=prototypes, temperature=temperature, backend=backend,
@@ -157,6 +205,30 @@ def calibrate(logits, prototypes=None, *, temperature=1.0, valid=None, empty="on
     back to the host (on CUDA, one synchronisation) to reject non-finite logits (and, with
     ``empty="skip"``, a batch where every class is empty); empty classes are resolved on the
     device.
+
+    Args:
+        logits (torch.Tensor): ``[N, C, *spatial]`` (0 to 3 spatial dims), float32, float16, bfloat16
+            (float64 read as float32), any strides, CPU or CUDA; or a model's output holding them
+            (``{"out": ...}``, ``.logits``).
+        prototypes (torch.Tensor | None): [C, C] to predict with, or None (default): from these logits.
+        temperature (float): ``T > 0`` in float32's normal range, or ``math.inf`` (the limit).
+            Default 1.
+        valid (torch.Tensor | None): which pixels count: ``[N, *spatial]`` (at the output size with
+            ``size``), ``[*spatial]`` for every image or ``[N, 1, *spatial]``; bool, or 0/1
+            integer or float. Default None (every pixel).
+        empty (str): ``"onehot"`` (default) or ``"skip"``.
+        backend (str): ``"auto"`` (default), ``"triton"``, ``"torch"``, ``"numba"``, ``"torch-ops"``,
+            ``"reference"`` (see ``fastcal._backends``).
+        label_dtype (torch.dtype): int64 (default), int32, or uint8 (C <= 256).
+        output (str): ``"labels"`` (default) or ``"scores"``.
+        deterministic (bool | None): a fixed summation order on CUDA. Default None (PyTorch's flag).
+        confidence_power (float): ``gamma`` in [0, 8]. Default 1.
+        size (tuple[int, int] | None): ``(H', W')`` to upsample the logits to (bilinear), or None.
+        scale_factor (float | tuple | None): instead of ``size``.
+        align_corners (bool): as ``F.interpolate``'s. Default False.
+
+    Returns:
+        labels ``[N, *spatial]`` of ``label_dtype``, or scores ``[N, C, *spatial]`` float32.
     """
     op = "calibrate" if prototypes is None else "calibrate-with-prototypes"
     logits = logits_of(logits)

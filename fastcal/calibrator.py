@@ -44,6 +44,16 @@ class LabelCalibrator:
     several threads; each change of the state happens under one lock, while a batch's statistics
     are computed outside it, so no batch is lost and ``S``, ``W``, the counts and the counters
     always describe the same batches.
+
+    Args:
+        num_classes (int): ``C >= 2``.
+        temperature (float): ``T > 0`` in float32's normal range, or ``math.inf`` (the limit: the
+            nearest class mean of centred logits). Default 1, the paper's.
+        empty (str): ``"onehot"`` (default) or ``"skip"``: how a class without statistics predicts.
+        backend (str): as in :func:`fastcal.predict`. Default ``"auto"``.
+        momentum (float | None): None (default, cumulative) or a number in (0, 1].
+        confidence_power (float): ``gamma`` in [0, 8]. Default 1.
+        class_names (Sequence[str] | None): C names, or None.
     """
 
     def __init__(self, num_classes: int, *, temperature: float = 1.0, empty: str = "onehot",
@@ -108,10 +118,16 @@ class LabelCalibrator:
         ``size`` / ``scale_factor`` / ``align_corners``: the statistics of the bilinearly upsampled
         logits (``valid`` at the output size), as in :func:`fastcal.prototype_stats`.
 
-        ``logits``: a tensor [N, C, *spatial], or a model's output holding one (``{"out": ...}``,
-        ``.logits``). ``valid``: None, or a mask in any of the forms of
-        :data:`fastcal.adapters.MASK_FORMS` (bool or 0/1 integer or floating; [N, *spatial],
-        [*spatial] for every image, or [N, 1, *spatial])."""
+        Args:
+            logits (torch.Tensor): [N, C, *spatial] floating, on the sums' device once one batch
+                fixed it; or a model's output holding them (``{"out": ...}``, ``.logits``).
+            valid (torch.Tensor | None): a mask in any of the forms of
+                :data:`fastcal.adapters.MASK_FORMS` (bool or 0/1 integer or floating;
+                [N, *spatial], [*spatial] for every image, or [N, 1, *spatial]). Default None.
+            size, scale_factor, align_corners: upsampling, as in :func:`fastcal.prototype_stats`.
+
+        Returns:
+            the calibrator itself."""
         logits = logits_of(logits)
         valid = mask_of(valid, logits)
         plan = _plan.plan("stats", logits, valid=valid, temperature=self.temperature, backend=self.backend,
