@@ -14,7 +14,7 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True, metavar="command")
     for name, module, summary in (
             ("demo", demo, "train a small model on synthetic source scenes, calibrate it on a shifted "
-                           "target, score both (about a minute on 2 CPU cores)"),
+                           "target, score both (about 2.5 minutes on 2 CPU cores, most of it training)"),
             ("study", study, "the paper's open questions (confidence weighting, how many images, a "
                              "drifting stream, failure modes, the temperature, label-free signals) with plots (about "
                              "two minutes on 2 CPU cores)"),

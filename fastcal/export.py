@@ -20,6 +20,11 @@ Two layouts of that math, chosen with ``layout=``:
 - ``"nchw"``: softmax over the class axis and a centred 1x1 convolution; for runtimes
   that work NCHW (TensorRT). [N, C, H, W] logits only.
 
+At the limit ``temperature=math.inf`` (:mod:`fastcal._space`) there is no softmax: the labels are
+``argmax_k 2 A[k] . z + bias[k]``, one 1x1 product and an ArgMax (the mean of ``z`` drops out, as
+each ``A[k]`` sums to 0); ``layout="nchw"`` and the scores centre ``z`` first, so a large common
+offset of the logits costs them nothing.
+
 Exactness: labels agree with :meth:`fastcal.LabelCalibrator.predict` except at genuine near-ties,
 pixels whose two nearest prototypes are closer than float32 can resolve (the bound the
 float64-oracle tests use, ``tests/oracle.py``); the channels-last form rounds the uncentred
