@@ -132,6 +132,12 @@ class CalibrationHead(nn.Module):
             if z.dim() != 4:
                 raise ValueError(f"logits: upsampling needs [N, C, H, W] logits, got {tuple(z.shape)}")
             resize = {"size": target} if target is not None else {"scale_factor": self.scale_factor}
+        if self.limit and resize is not None and self.output == "labels" and self.layout != "nchw":
+            # the limit's scores are linear in z and the bilinear weights sum to 1: score the small
+            # tensor, then resize the scores, not the logits, and take the ArgMax at the output size
+            scores = F.conv2d(z, self.weight, self.bias)
+            scores = F.interpolate(scores, mode="bilinear", align_corners=self.align_corners, **resize)
+            return scores.argmax(dim=1).to(self.label_dtype)
         if resize is not None and (self.layout == "nchw" or self.temperature < 1.0 or self.limit):
             z, resize = F.interpolate(z, mode="bilinear", align_corners=self.align_corners, **resize), None
         if self.limit:

@@ -549,6 +549,13 @@ def markdown(results: dict, figures: bool = True) -> str:
               "|---" * (len(names) + 2) + "|"]
     lines += [f"| {r['domain']} | {_pct(r['argmax'])} | " + " | ".join(_pct(r[n]) for n in names) + " |"
               for r in temperature["rows"]]
+    signals = results["signals"]
+    lines += ["", "## 6. Knowing when calibration helps, without labels", "",
+              signals_finding(signals), "", "| signal | Spearman with the gain |", "|---|---|"]
+    lines += [f"| {name} | {r:+.2f} |" for name, r in signals["spearman"].items()]
+    gains = [c["gain"] for c in signals["cases"]]
+    lines += ["", f"Gains over the {len(gains)} calibrations: from {100 * min(gains):+.1f} to "
+              f"{100 * max(gains):+.1f} pt, {sum(g < 0 for g in gains)} of them below the argmax."]
     limit = results["limit"]
     shifts = limit["rows"]
     lines += ["", "## 7. The limit", "", limit_finding(limit, temperature), "",
@@ -557,13 +564,6 @@ def markdown(results: dict, figures: bool = True) -> str:
     lines += [f"| {r['shift']:g} | {_pct(r['argmax'])} | " + " | ".join(_pct(r[n]) for n in names)
               + f" | {r['relabelled at T=1']:.2%} | T = {r['switch chooses']:g} | {r['best T']:g} "
               f"| {100 * r['regret']:.1f} pt |" for r in shifts]
-    signals = results["signals"]
-    lines += ["", "## 6. Knowing when calibration helps, without labels", "",
-              signals_finding(signals), "", "| signal | Spearman with the gain |", "|---|---|"]
-    lines += [f"| {name} | {r:+.2f} |" for name, r in signals["spearman"].items()]
-    gains = [c["gain"] for c in signals["cases"]]
-    lines += ["", f"Gains over the {len(gains)} calibrations: from {100 * min(gains):+.1f} to "
-              f"{100 * max(gains):+.1f} pt, {sum(g < 0 for g in gains)} of them below the argmax."]
     lines.append("")
     if figures:
         lines += ["## Figures", ""] + [f"![{key}]({name})" for key, name in FIGURES.items()]
