@@ -9,7 +9,8 @@ from fastcal.apps.demo import DemoConfig
 
 TINY = study.StudyConfig(demo=DemoConfig(height=24, width=40, train_images=16, steps=20, batch=4, channels=8),
                          pool_images=8, test_images=6, image_counts=(1, 2, 8), subset_seeds=3, drift_steps=3,
-                         drift_batch=4, drift_streams=2, momenta=(0.5,))
+                         drift_batch=4, drift_streams=2, momenta=(0.5,), temperatures=(0.5, 1.0, 16.0, float("inf")),
+                         shifts=(0.0, 0.5, 1.0))
 
 
 @pytest.fixture(scope="module")
