@@ -28,9 +28,11 @@ def oracle_prototypes(z, valid=None, empty="onehot"):
     return S, W, oracle.prototypes(S, W, empty, INF)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(2, 2, 9, 11), (2, 19, 17, 23), (1, 19, 3, 4, 5), (37, 19), (1, 300, 5, 7),
-                                   (1, 1024, 2, 3)], ids=str)
+CASES = [((2, 2, 9, 11), torch.float32), ((1, 19, 3, 4, 5), torch.float32), ((37, 19), torch.float32),
+         ((1, 300, 5, 7), torch.float32), ((1, 1024, 2, 3), torch.float32)] + [((2, 19, 17, 23), d) for d in DTYPES]
+
+
+@pytest.mark.parametrize("shape,dtype", CASES, ids=str)
 def test_stats_prototypes_and_labels_match_the_oracle(backend, shape, dtype):
     z = make_logits(shape, dtype)
     S, W = fastcal.prototype_stats(z, temperature=INF, backend=backend)
@@ -119,7 +121,7 @@ def test_finite_temperatures_keep_their_meaning():
     assert (S_inf < 0).any()
 
 
-@settings(max_examples=25 if settings.default.derandomize else 250, deadline=None)
+@settings(max_examples=12 if settings.default.derandomize else 250, deadline=None)
 @given(C=st.integers(2, 40), seed=st.integers(0, 2**16), scale=st.sampled_from([0.1, 3.0, 30.0]),
        offset=st.sampled_from([0.0, -50.0, 1e4]))
 def test_property_every_backend_agrees_with_the_oracle(C, seed, scale, offset):
