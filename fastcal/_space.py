@@ -24,8 +24,9 @@ rows ``e_k - 1/C``: ``||v - (e_k - 1/C)||^2 = const - 2 v_k``) and ``"skip"`` ra
 **One seam.** Every backend reads the space from ``inv_temperature`` (:func:`inverse`): ``1 / T``,
 and exactly 0 at the limit, which no accepted finite T gives. The reference, torch-ops and the
 export head build the vectors with :func:`pixel_vectors` or its chunked twin in
-:mod:`fastcal.torch_ops`; the fused CPU loops with ``cpu_kernels._block_vectors``; the empty rows of
-every backend's prototypes come from :func:`empty_rows`.
+:mod:`fastcal.torch_ops`; the fused CPU loops branch once per block in ``cpu_kernels._block_exp``, ``_stats_block`` and
+``_centred_block``; the empty rows of the prototypes come from :func:`empty_rows` (and its twin in
+``cpu_kernels.prototypes_from_sums``).
 """
 from __future__ import annotations
 

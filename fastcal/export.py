@@ -93,11 +93,13 @@ class CalibrationHead(nn.Module):
         skipped = torch.isinf(squared_norms)
         self.limit = _space.is_limit(temperature)
         if self.limit:  # scores 2 A[k] . (v - c) - ||A[k]||^2, v = z - mean z: linear in z (see _limit)
+            skipped_score = torch.full_like(squared_norms, _SKIPPED)
             self.register_buffer("centre", centre)
             self.register_buffer("weight", (2.0 * A).view(C, C, 1, 1))
-            self.register_buffer("bias", torch.where(skipped, torch.full_like(squared_norms, _SKIPPED),
-                                                     -(2.0 * A.double() @ centre.double()
-                                                       + (A.double() ** 2).sum(dim=1)).float()))
+            # the bias of the raw logits z (the centring folded in), and of the centred d = v - c
+            self.register_buffer("bias", torch.where(skipped, skipped_score, -(2.0 * A.double() @ centre.double()
+                                                                             + (A.double() ** 2).sum(dim=1)).float()))
+            self.register_buffer("centred_bias", torch.where(skipped, skipped_score, -squared_norms))
             self.register_buffer("skipped", skipped)
         elif layout == "nchw":
             self.register_buffer("centre", centre.view(1, C, 1, 1))
@@ -132,16 +134,10 @@ class CalibrationHead(nn.Module):
             if z.dim() != 4:
                 raise ValueError(f"logits: upsampling needs [N, C, H, W] logits, got {tuple(z.shape)}")
             resize = {"size": target} if target is not None else {"scale_factor": self.scale_factor}
-        if self.limit and resize is not None and self.output == "labels" and self.layout != "nchw":
-            # the limit's scores are linear in z and the bilinear weights sum to 1: score the small
-            # tensor, then resize the scores, not the logits, and take the ArgMax at the output size
-            scores = F.conv2d(z, self.weight, self.bias)
-            scores = F.interpolate(scores, mode="bilinear", align_corners=self.align_corners, **resize)
-            return scores.argmax(dim=1).to(self.label_dtype)
-        if resize is not None and (self.layout == "nchw" or self.temperature < 1.0 or self.limit):
-            z, resize = F.interpolate(z, mode="bilinear", align_corners=self.align_corners, **resize), None
         if self.limit:
-            return self._limit(z)
+            return self._limit(z, resize)
+        if resize is not None and (self.layout == "nchw" or self.temperature < 1.0):
+            z, resize = F.interpolate(z, mode="bilinear", align_corners=self.align_corners, **resize), None
         if self.temperature < 1.0:  # (z - max z) / T, as the kernels: no finite logit overflows
             z = z - z.amax(dim=1, keepdim=True)
         if self.layout == "nchw":
@@ -174,21 +170,27 @@ class CalibrationHead(nn.Module):
         scores = torch.where(self.skipped, torch.full_like(scores, float("-inf")), scores)
         return scores.transpose(1, 2).reshape(N, C, *spatial)
 
-    def _limit(self, z: torch.Tensor) -> torch.Tensor:
+    def _limit(self, z: torch.Tensor, resize) -> torch.Tensor:
         """The limit ``T = inf`` (:mod:`fastcal._space`): labels ``argmax_k 2 A[k] . z + bias[k]`` with
-        ``bias[k] = -(2 A[k] . c + ||A[k]||^2)``, one 1x1 convolution and an ArgMax, exact since each
-        ``A[k]`` sums to 0 (the mean of z drops out); ``layout="nchw"`` and the scores centre ``z``
-        first (``v = z - mean z``), so that a large common offset of the logits costs nothing."""
+        ``bias[k] = -(2 A[k] . c + ||A[k]||^2)``, one 1x1 product and an ArgMax, exact since each
+        ``A[k]`` sums to 0 (the mean of z drops out). The scores are linear in z and the bilinear
+        weights sum to 1, so an upsampled head scores the small tensor and resizes the scores.
+        ``layout="nchw"`` and the scores centre ``z`` first (``v = z - mean z``), so that a large
+        common offset of the logits costs nothing."""
         if self.output == "labels" and self.layout != "nchw":
-            if z.dim() != 4:  # any rank: the classes to the last axis, one product
+            if z.dim() != 4:  # any rank (never upsampled): the classes to the last axis, one product
                 scores = z.flatten(2).transpose(1, 2) @ self.weight.view(*self.weight.shape[:2]).T + self.bias
                 return scores.argmax(dim=-1).reshape(z.shape[0], *z.shape[2:]).to(self.label_dtype)
-            return F.conv2d(z, self.weight, self.bias).argmax(dim=1).to(self.label_dtype)
+            scores = F.conv2d(z, self.weight, self.bias)
+            if resize is not None:
+                scores = F.interpolate(scores, mode="bilinear", align_corners=self.align_corners, **resize)
+            return scores.argmax(dim=1).to(self.label_dtype)
+        if resize is not None:
+            z = F.interpolate(z, mode="bilinear", align_corners=self.align_corners, **resize)
         d = z - z.mean(dim=1, keepdim=True) - self.centre.view(1, -1, *[1] * (z.dim() - 2))
         weight = self.weight.view(*self.weight.shape[:2], *[1] * (z.dim() - 2))
         conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[z.dim()]
-        scores = conv(d, weight, torch.where(self.skipped, _SKIPPED, -self.weight.view(self.num_classes, -1)
-                                             .square().sum(dim=1) / 4))
+        scores = conv(d, weight, self.centred_bias)
         if self.output == "labels":
             return scores.argmax(dim=1).to(self.label_dtype)
         scores = scores - (d * d).sum(dim=1, keepdim=True)
