@@ -272,6 +272,7 @@ def _stats_block(src, src_start, count, inv_temperature, power, valid, valid_sta
     (pixels ``src_start ..`` of ``src`` [C, L]) into ``S_u``, ``W_u``, ``N_u`` through float32 block
     sums; returns the non-finite valid pixels. At the limit (``inv_temperature == 0``) ``p`` is the
     centred logits and ``w = 1``."""
+    _prefer_512_bit_vectors()
     z_max, cls, nonfinite, e_sum, e, S_block, W_block, N_block = scratch
     C = src.shape[0]
     limit = inv_temperature == np.float32(0.0)
@@ -319,12 +320,14 @@ def _stats_scratch(C):
             np.empty(C, np.float32), np.empty(C, np.float32))
 
 
-@njit(inline="always", fastmath=_FAST)
-def _centred_block(src, src_start, count, inv_temperature, centre, d, d_start):
+# not inlined, as _stats_block: compiled once per source type for the predict loops' variants
+@njit(fastmath=_FAST)
+def _centred_block(src, src_start, count, inv_temperature, centre, d, d_start, scratch):
     """``d[k, d_start + i] = p_k - centre[k]`` for the block's pixels ``src_start ..`` of ``src`` (at
-    the limit, ``inv_temperature == 0``: ``p`` is the centred logits)."""
-    z_max = np.empty(BLOCK, np.float32)
-    e_sum = np.empty(BLOCK, np.float32)
+    the limit, ``inv_temperature == 0``: ``p`` is the centred logits); ``scratch`` from
+    :func:`_centred_scratch`."""
+    _prefer_512_bit_vectors()
+    z_max, e_sum = scratch
     _block_plain_max(src, src_start, count, z_max)
     _block_exp(src, src_start, count, inv_temperature, z_max, d, d_start, e_sum)
     if inv_temperature == np.float32(0.0):
@@ -344,6 +347,12 @@ def _centred_block(src, src_start, count, inv_temperature, centre, d, d_start):
         c_k = centre[k]
         for i in range(count):
             d_k[i] = d_k[i] * e_sum[i] - c_k
+
+
+@njit(inline="always")
+def _centred_scratch():
+    """``(z_max, e_sum)`` for :func:`_centred_block`."""
+    return np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
 
 
 @njit(inline="always", fastmath=_FAST)
@@ -522,22 +531,26 @@ def centred_softmax_chunk(z, g, start, n, inv_temperature, centre, d, units, wid
     for u in prange(units):
         _prefer_512_bit_vectors()
         reader = _reader_scratch(C, cols)
+        scratch = _centred_scratch()
         for b in range(u * blocks // units, (u + 1) * blocks // units):
             offset = b * BLOCK
             count = min(BLOCK, n - offset)
             source, first = _read_block(z_image, start + offset, count, width, rows, cols, reader)
-            _centred_block(source, first, count, inv_temperature, centre, d, offset)
+            _centred_block(source, first, count, inv_temperature, centre, d, offset, scratch)
 
 
-@njit(inline="always", fastmath=_FAST)
-def _block_nearest(d, count, A, bias, scratch, labels, labels_start):
-    """``labels[labels_start + i] = argmin_k bias[k] + sum_j A[k, j] d[j, i]`` (lowest k on ties) for
-    the block's ``count`` pixels of ``d`` [C, BLOCK].
+# not inlined: compiled once for every variant of the predict loop (it reads float32 only, and writes
+# the labels into an int32 block the loop copies into the output's dtype)
+@njit(fastmath=_FAST)
+def _block_nearest(d, count, A, bias, scratch):
+    """``label[i] = argmin_k bias[k] + sum_j A[k, j] d[j, i]`` (lowest k on ties) for the block's
+    ``count`` pixels of ``d`` [C, BLOCK], into ``label``, the int32 third array of ``scratch``.
 
     Each class's row of distances is summed in ``distance`` [BLOCK] and compared at once, so the
     [C, BLOCK] distances are never stored. Eight classes of ``d`` a step (then four, then one):
     each step reads and writes the row once for eight multiply-adds (one a step would be bound by
     those loads and stores; eight measured 6% faster than four at C = 19)."""
+    _prefer_512_bit_vectors()
     distance, best, label = scratch
     C = d.shape[0]
     eights = C - C % 8
@@ -572,9 +585,6 @@ def _block_nearest(d, count, A, bias, scratch, labels, labels_start):
                 smaller = distance[i] < best[i]  # strict: ties keep the lower class
                 best[i] = distance[i] if smaller else best[i]
                 label[i] = k if smaller else label[i]
-    out = labels[labels_start:labels_start + count]
-    for i in range(count):
-        out[i] = label[i]
 
 
 @njit(inline="always")
@@ -599,13 +609,18 @@ def predict_chunk(z, g, start, n, inv_temperature, centre, A, bias, labels, unit
     for u in prange(units):
         _prefer_512_bit_vectors()
         d, scratch = _nearest_scratch(C)
+        label = scratch[2]
         reader = _reader_scratch(C, cols)
+        centred = _centred_scratch()
         for b in range(u * blocks // units, (u + 1) * blocks // units):
             offset = b * BLOCK
             count = min(BLOCK, n - offset)
             source, first = _read_block(z_image, start + offset, count, width, rows, cols, reader)
-            _centred_block(source, first, count, inv_temperature, centre, d, 0)
-            _block_nearest(d, count, A, bias, scratch, labels, offset)
+            _centred_block(source, first, count, inv_temperature, centre, d, 0, centred)
+            _block_nearest(d, count, A, bias, scratch)
+            out = labels[offset:offset + count]
+            for i in range(count):
+                out[i] = label[i]
 
 
 @_parallel_loop
@@ -698,10 +713,15 @@ def centred_operands(P, A_times_minus_2, centre, bias):
 def sum_units(S_parts, W_parts, N_parts, S, W, N):
     """The work units' float64 partial sums added in unit order (a fixed order: the sums do not
     depend on the thread count)."""
-    S[:] = S_parts[0]
-    W[:] = W_parts[0]
-    N[:] = N_parts[0]
+    # scalar loops: array expressions would compile NumPy's broadcasting machinery (seconds) for this
+    for k in range(S.shape[0]):
+        W[k] = W_parts[0, k]
+        N[k] = N_parts[0, k]
+        for j in range(S.shape[1]):
+            S[k, j] = S_parts[0, k, j]
     for u in range(1, S_parts.shape[0]):
-        S += S_parts[u]
-        W += W_parts[u]
-        N += N_parts[u]
+        for k in range(S.shape[0]):
+            W[k] += W_parts[u, k]
+            N[k] += N_parts[u, k]
+            for j in range(S.shape[1]):
+                S[k, j] += S_parts[u, k, j]
