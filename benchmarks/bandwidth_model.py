@@ -116,9 +116,10 @@ GOAL_WORKLOADS = {
 
 
 def goal_launches(dtype: torch.dtype, shape: tuple, device: Device = H200, *, masked: bool = False,
-                  deterministic: bool = False, label_dtype: torch.dtype = torch.int64):
+                  deterministic: bool = False, label_dtype: torch.dtype = torch.int64, temperature: float = 1.0):
     """``{name: Launch}`` of the stats and predict passes on a ``meta`` tensor of ``shape``, as the
-    launchers build them (``masked``: with a ``valid`` mask)."""
+    launchers build them (``masked``: with a ``valid`` mask; ``temperature=math.inf``: the limit's
+    exp-free kernels)."""
     from fastcal._common import DistanceOperands
     from fastcal.kernels import predict, stats
 
@@ -127,13 +128,13 @@ def goal_launches(dtype: torch.dtype, shape: tuple, device: Device = H200, *, ma
     C, size = shape[1], logits.element_size()
     aligned = shape[-1] % 16 == 0
     programs = stats.stats_config(C, size, aligned, device.target)["programs_per_sm"] * device.sms
-    launches, *_ = stats.stats_launches(logits, 1.0, valid, deterministic, None, programs=programs,
+    launches, *_ = stats.stats_launches(logits, temperature, valid, deterministic, None, programs=programs,
                                         target=device.target)
     names = ["row stats", "stats"] if len(launches) == 2 else ["stats"]
     result = dict(zip(names, launches))
     programs = predict.predict_config(C, size, aligned, device.target)["programs_per_sm"] * device.sms
     operands = DistanceOperands(torch.eye(C, device="meta"))
-    result["predict"], _ = predict.predict_launch(logits, operands, 1.0, label_dtype,
+    result["predict"], _ = predict.predict_launch(logits, operands, temperature, label_dtype,
                                                   programs=programs, target=device.target)
     return result
 

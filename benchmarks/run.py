@@ -109,7 +109,7 @@ def markdown(rows: list[dict], left_out: list, seconds: float) -> str:
              "| workload | dtype | pass | provider | time (ms) | Mpixel/s | GB/s | % of copy | x reference "
              "| x exp | x interpolate-then | x T = 1 | x argmax head | peak above input (MiB) |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    order = {"copy": 0, "exp": 1, "triton": 2, "interpolate+triton": 3, "torch": 4, "torch@inf": 4.5,
+    order = {"copy": 0, "exp": 1, "triton": 2, "triton@inf": 2.5, "interpolate+triton": 3, "torch": 4, "torch@inf": 4.5,
              "interpolate+torch": 5, "torch-ops": 6, "interpolate+torch-ops": 7, "compile": 8, "onnx": 9,
              "onnx@inf": 9.5, "onnx-argmax": 10, "reference": 11}
     passes = {"copy": 0, "exp": 0, "stats": 1, "predict": 2, "calibrate": 3}

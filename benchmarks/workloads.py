@@ -164,6 +164,7 @@ def cases(device: str):
             if p == "compile" and w != "cityscapes-n1":
                 continue
             rows += [(w, d, p, s) for s in ((p,) if p == "copy" else PASSES)]
+        rows += [(w, d, "triton@inf", s) for w, d in _product(plain, ("float32", "float16")) for s in PASSES]
         left_out.append(("compile on workloads other than cityscapes-n1",
                          "the reference's predict loops over pixel blocks, which torch.compile unrolls: "
                          "thousands of blocks for the classification workload"))

@@ -25,7 +25,8 @@ rows ``e_k - 1/C``: ``||v - (e_k - 1/C)||^2 = const - 2 v_k``) and ``"skip"`` ra
 and exactly 0 at the limit, which no accepted finite T gives. The reference, torch-ops and the
 export head build the vectors with :func:`pixel_vectors` or its chunked twin in
 :mod:`fastcal.torch_ops`; the fused CPU loops branch once per block in ``cpu_kernels._block_exp``, ``_stats_block`` and
-``_centred_block``; the empty rows of the prototypes come from :func:`empty_rows` (and its twin in
+``_centred_block``; the Triton kernels take a ``LIMIT`` constexpr (``kernels/stats.py``,
+``kernels/predict.py``); the empty rows of the prototypes come from :func:`empty_rows` (and its twin in
 ``cpu_kernels.prototypes_from_sums``).
 """
 from __future__ import annotations

@@ -6,19 +6,19 @@ import os
 
 import torch
 
-from . import reference
+from . import _space, reference
 from ._common import DistanceOperands
 
 REQUIRES = ("the Triton kernels take CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, set before "
-            "importing triton: the slow interpreter) and finite temperatures (the limit runs torch-ops)")
+            "importing triton: the slow interpreter)")
 
 
 def can_run(logits, limit: bool = False) -> bool:
     """CUDA tensors (meta ones too: launches built, not run, ``fastcal._plan.meta_plan``), or CPU
-    tensors under ``TRITON_INTERPRET=1`` (for tests), at a finite temperature."""
+    tensors under ``TRITON_INTERPRET=1`` (for tests); the kernels take the limit as any temperature."""
     device = logits.device.type
     interpreted = device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-    return not limit and (device in ("cuda", "meta") or interpreted)
+    return device in ("cuda", "meta") or interpreted
 
 
 def _on_device(device: torch.device):
@@ -64,10 +64,11 @@ def prototype_operands(prototypes: torch.Tensor):
 
 def operands_pass(S, W, plan):
     """The prototypes and the predict pass's padded operands in one launch (``kernels/prototypes.py``)
-    where one block of the predict pass holds every class; else as the reference builds them."""
+    where one block of the predict pass holds every class at a finite temperature; else (more
+    classes, or the limit's empty rows, ``fastcal._space.empty_rows``) as the reference builds them."""
     from .kernels.configs import FUSED_MAX_CLASSES  # the kernels import triton: on first use
 
-    if W.shape[0] > FUSED_MAX_CLASSES:
+    if W.shape[0] > FUSED_MAX_CLASSES or _space.is_limit(plan.temperature):
         return reference.operands_pass(S, W, plan)
     return _fused_operands(S, W, plan.empty == "skip")
 

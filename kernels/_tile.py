@@ -46,6 +46,20 @@ def online_softmax_update(b_max, b_sum, b_z, scale):
 
 
 @triton.jit
+def online_centred_update(b_max, b_sum, b_z, o_cls, C):
+    """The temperature limit's twin of ``online_softmax_update``: fold a block of classes ``b_z``
+    [classes, pixels] (classes ``o_cls``, the first ``o_cls[0]`` already folded) into the running
+    per-pixel max and ``sum_j (z_j - max)`` over the classes below ``C``, the old sum re-based on
+    the new max. The centred logits are then ``(z_j - max) - sum / C``: differences from one of the
+    pixel's own logits, so a common offset costs no precision."""
+    new_max = tl.maximum(b_max, tl.max(b_z, 0))
+    folded = tl.min(o_cls, 0).to(tl.float32)  # classes in b_sum so far (its old terms: one shift each)
+    b_sum = tl.where(folded > 0, b_sum + folded * (b_max - new_max), 0.0)
+    b_sum += tl.sum(tl.where((o_cls < C)[:, None], b_z - new_max[None, :], 0.0), 0)
+    return new_max, b_sum
+
+
+@triton.jit
 def upsampled_position(tile, L, s_n, off_ptr, wgt_ptr, H_UP, W_UP, PIX_BLOCK: tl.constexpr):
     """Output pixels ``tile * PIX_BLOCK + arange`` of the bilinearly upsampled ``[N, H_UP, W_UP]``
     (``L`` pixels in all): offsets of the class-0 logit of each pixel's four source neighbours,

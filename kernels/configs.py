@@ -70,7 +70,9 @@ _NVIDIA = dict(
     backend="cuda", warp_size=32,
     fused_stats=_frozen(tile_elements=1024, num_warps=2, num_stages=_frozen(**{"4": 4, "2": 7}), programs_per_sm=8),
     chunked_stats=_frozen(pixels=32, num_warps=4, num_stages=_frozen(**{"4": 3, "2": 5}), programs_per_sm=4),
-    row_stats=_frozen(pixels=_frozen(**{"4": 32, "2": 64}), num_warps=4, num_stages=1),
+    # at most 128 registers a thread: four programs resident per SM (the temperature limit's row pass
+    # takes 131 uncapped in half precision, and 126 with no spill capped)
+    row_stats=_frozen(pixels=_frozen(**{"4": 32, "2": 64}), num_warps=4, num_stages=1, max_registers=128),
     predict_fused=_frozen(tile_elements=4096, num_warps=4, num_stages=_frozen(**{"4": 3, "2": 5}), programs_per_sm=4),
     predict_chunked=_frozen(tile_elements=2048, num_warps=4, num_stages=_frozen(**{"4": 3, "2": 5}),
                             programs_per_sm=4),

@@ -9,6 +9,9 @@ Math (per pixel, ``scale = log2(e) / T``, ``c`` the mean prototype, ``A[k] = P[k
 which is ``argmin_k ||p - P[k]||^2`` (the two differ by ``||p - c||^2``, the same for
 every k); centring keeps every term within a few times the pixel's distances, so
 rounding stays relative to them (see ``fastcal._common.centred_prototypes``).
+At the limit (``LIMIT``, ``temperature=math.inf``; see ``fastcal._space``) ``p`` is the centred logits
+``z - mean z``, with no exponential, formed as ``(z - max) - mean (z - max)`` (across blocks of
+classes with a running max, ``_tile.online_centred_update``), so a common offset costs no precision.
 ``(p - c) . A^T`` is a ``tl.dot`` at the target's ``DOT_PRECISION`` (3xTF32 on NVIDIA, float32 on
 AMD: about 2^-22 relative error either way; see ``configs``). The
 centred prototypes are zero-padded to whole blocks with ``||A[k]||^2 = +inf`` for
@@ -35,8 +38,17 @@ import triton.language as tl
 
 from ._launch import Launch
 from ._layout import launch_layout
-from ._tile import load_classes, online_softmax_update, pixel_position
+from ._tile import load_classes, online_centred_update, online_softmax_update, pixel_position
 from .configs import FUSED_MAX_CLASSES, LOG2E, PREDICT_CHUNK_CLASSES, TARGETS, entry, max_programs, target_of
+
+
+@triton.jit
+def centred_or_softmax(b_z, b_max, b_inv_sum, scale, LIMIT: tl.constexpr):
+    """A block of ``p`` from the per-pixel numbers of the chunked pass's first loop (see there)."""
+    if LIMIT:
+        return (b_z - b_max[None, :]) - b_inv_sum[None, :]
+    else:
+        return tl.exp2((b_z - b_max[None, :]) * scale) * b_inv_sum[None, :]
 
 
 @triton.jit
@@ -44,7 +56,7 @@ def _predict_kernel(
     z_ptr, A_ptr, centre_ptr, bias_ptr, out_ptr,
     C, L, O1, O2, so0, so1, so2, s_l, s_c, scale, C_PAD, n_tiles, off_ptr, wgt_ptr, H_UP, W_UP, P_IMG,
     FUSED: tl.constexpr, UPSAMPLE: tl.constexpr, C_BLOCK: tl.constexpr, PIX_BLOCK: tl.constexpr,
-    SCORES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCORES: tl.constexpr, LIMIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):  # persistent: the loop is pipelined
         o_z, o01, o10, o11, wy, wx, o_pix, m_pix = pixel_position(
@@ -54,9 +66,14 @@ def _predict_kernel(
             o_score = (o_pix // P_IMG) * C * P_IMG + o_pix % P_IMG
         if FUSED:
             b_z = load_classes(z_ptr, o_z, o01, o10, o11, wy, wx, m_pix, o_c, C, s_c, UPSAMPLE)
-            b_z = tl.where((o_c < C)[:, None], b_z, float("-inf"))
-            b_e = tl.exp2((b_z - tl.max(b_z, 0)[None, :]) * scale)
-            b_d = b_e / tl.sum(b_e, 0)[None, :] - tl.load(centre_ptr + o_c)[:, None]
+            m_cls = (o_c < C)[:, None]
+            b_z = tl.where(m_cls, b_z, float("-inf"))
+            if LIMIT:  # z - mean z, as (z - max) - mean (z - max); 0 past the classes, as p - c is there
+                b_e = tl.where(m_cls, b_z - tl.max(b_z, 0)[None, :], 0.0)
+                b_d = tl.where(m_cls, b_e - (tl.sum(b_e, 0) / C)[None, :] - tl.load(centre_ptr + o_c)[:, None], 0.0)
+            else:
+                b_e = tl.exp2((b_z - tl.max(b_z, 0)[None, :]) * scale)
+                b_d = b_e / tl.sum(b_e, 0)[None, :] - tl.load(centre_ptr + o_c)[:, None]
             b_A = tl.load(A_ptr + o_c[:, None] * C_PAD + o_c[None, :])
             b_dist = tl.load(bias_ptr + o_c)[:, None] - 2.0 * tl.dot(b_A, b_d, input_precision=DOT_PRECISION)
             if SCORES:
@@ -66,20 +83,28 @@ def _predict_kernel(
             else:
                 b_label = tl.argmin(tl.where(b_dist == b_dist, b_dist, float("inf")), 0, tie_break_left=True)
         else:
+            # per pixel, p_j = 2 ** ((z_j - b_max) * scale) * b_inv_sum, or at the LIMIT
+            # p_j = (z_j - b_max) - b_inv_sum, b_inv_sum then the mean of z - max
             b_max = tl.full([PIX_BLOCK], float("-inf"), tl.float32)
             b_sum = tl.zeros([PIX_BLOCK], tl.float32)
             for j0 in range(0, C, C_BLOCK):
                 o_j = j0 + o_c
                 b_z = load_classes(z_ptr, o_z, o01, o10, o11, wy, wx, m_pix, o_j, C, s_c, UPSAMPLE)
                 b_z = tl.where((o_j < C)[:, None], b_z, float("-inf"))
-                b_max, b_sum = online_softmax_update(b_max, b_sum, b_z, scale)
-            b_inv_sum = 1.0 / b_sum
+                if LIMIT:
+                    b_max, b_sum = online_centred_update(b_max, b_sum, b_z, o_j, C)
+                else:
+                    b_max, b_sum = online_softmax_update(b_max, b_sum, b_z, scale)
+            if LIMIT:
+                b_inv_sum = b_sum / C
+            else:
+                b_inv_sum = 1.0 / b_sum
             b_norm = tl.zeros([PIX_BLOCK], tl.float32)
             if SCORES:  # ||p - c||^2, which every score of the pixel needs before its first k-block
                 for j0 in range(0, C, C_BLOCK):
                     o_j = j0 + o_c
                     b_z = load_classes(z_ptr, o_z, o01, o10, o11, wy, wx, m_pix, o_j, C, s_c, UPSAMPLE)
-                    b_p = tl.exp2((b_z - b_max[None, :]) * scale) * b_inv_sum[None, :]
+                    b_p = centred_or_softmax(b_z, b_max, b_inv_sum, scale, LIMIT)
                     b_p = tl.where((o_j < C)[:, None], b_p - tl.load(centre_ptr + o_j)[:, None], 0.0)
                     b_norm += tl.sum(b_p * b_p, 0)
             b_best = tl.full([PIX_BLOCK], float("inf"), tl.float32)
@@ -89,7 +114,7 @@ def _predict_kernel(
                 for j0 in range(0, C, C_BLOCK):
                     o_j = j0 + o_c
                     b_z = load_classes(z_ptr, o_z, o01, o10, o11, wy, wx, m_pix, o_j, C, s_c, UPSAMPLE)
-                    b_p = tl.exp2((b_z - b_max[None, :]) * scale) * b_inv_sum[None, :]
+                    b_p = centred_or_softmax(b_z, b_max, b_inv_sum, scale, LIMIT)
                     b_p = tl.where((o_j < C)[:, None], b_p - tl.load(centre_ptr + o_j)[:, None], 0.0)
                     b_A = tl.load(A_ptr + (k0 + o_c)[:, None] * C_PAD + o_j[None, :])
                     b_dot += tl.dot(b_A, b_p, input_precision=DOT_PRECISION)
@@ -153,7 +178,8 @@ def predict_launch(logits: torch.Tensor, operands, temperature: float, label_dty
         (logits, A_pad, centre_pad, bias_pad, out, *layout.kernel_args(), LOG2E / temperature, A_pad.shape[0],
          n_tiles, *layout.upsample_args(logits.device), math.prod(shape[1:])),
         {"FUSED": config["FUSED"], "UPSAMPLE": layout.upsample, "C_BLOCK": config["C_BLOCK"],
-         "PIX_BLOCK": config["PIX_BLOCK"], "SCORES": scores, "DOT_PRECISION": config["DOT_PRECISION"]},
+         "PIX_BLOCK": config["PIX_BLOCK"], "SCORES": scores, "LIMIT": math.isinf(temperature),
+         "DOT_PRECISION": config["DOT_PRECISION"]},
         {key: config[key] for key in ("num_warps", "num_stages", "maxnreg")})
     return launch, out
 

@@ -7,6 +7,9 @@ Math (per valid pixel x, temperature T, ``scale = log2(e) / T``)::
     w       = conf ** power                      (the confidence power; conf itself when power = 1)
     S[cls] += w * p = w * conf * e               W[cls] += w               N[cls] += 1
 
+At the limit (``LIMIT``, ``temperature=math.inf``; see ``fastcal._space``) no exponential: ``p`` is the
+centred logits ``z - mean z``, formed as ``(z - max) - mean (z - max)``, and ``w = 1``.
+
 Within a program the sums are ``onehot(cls)^T @ [w p | w | 1]`` as a ``tl.dot`` over
 its pixel tiles (float32 from two TF32 products on tensor cores, see
 ``onehot_dot``): the two columns past the C classes carry the weight and a 1 per
@@ -34,6 +37,7 @@ caller can reject the batch without a second pass.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -43,7 +47,7 @@ import triton.language as tl
 
 from ._launch import Launch
 from ._layout import launch_layout, triton_cdiv
-from ._tile import is_finite, load_classes, online_softmax_update, pixel_position
+from ._tile import is_finite, load_classes, online_centred_update, online_softmax_update, pixel_position
 from .configs import CHUNK_CLASSES, FUSED_MAX_CLASSES, LOG2E, TARGETS, entry, max_programs, target_of
 
 PARTIALS_BUDGET = 1 << 28     # bytes of per-program partials in deterministic mode
@@ -71,12 +75,14 @@ def onehot_dot(b_onehot, b_x, PRECISION: tl.constexpr):
 def _row_stats_kernel(
     z_ptr, valid_ptr, max_ptr, conf_ptr, cls_ptr, bad_ptr,
     C, L, O1, O2, so0, so1, so2, s_l, s_c, scale, n_tiles, off_ptr, wgt_ptr, H_UP, W_UP,
-    HAS_VALID: tl.constexpr, UPSAMPLE: tl.constexpr, C_BLOCK: tl.constexpr, PIX_BLOCK: tl.constexpr,
+    HAS_VALID: tl.constexpr, UPSAMPLE: tl.constexpr, LIMIT: tl.constexpr, C_BLOCK: tl.constexpr,
+    PIX_BLOCK: tl.constexpr,
 ):
     """Per pixel: running max, argmax and sum of exponentials over class blocks.
 
     Writes ``max z`` (fp32), ``conf`` (fp32, 0 for pixels left out) and ``cls``
-    (int32): reads ``C * sizeof(dtype)`` and writes 12 bytes per pixel.
+    (int32): reads ``C * sizeof(dtype)`` and writes 12 bytes per pixel. With LIMIT, no exponential:
+    ``conf`` is the mean of ``z - max``, and ``cls`` -1 marks the pixels left out.
     """
     tile = tl.program_id(0)
     o_z, o01, o10, o11, wy, wx, o_pix, m_pix = pixel_position(
@@ -96,15 +102,22 @@ def _row_stats_kernel(
         c_max = tl.max(b_z, 0)
         c_cls = tl.argmax(b_z, 0, tie_break_left=True).to(tl.int32) + c0
         b_cls = tl.where(c_max > b_max, c_cls, b_cls)  # strict: an equal later block keeps the lower class
-        b_max, b_sum = online_softmax_update(b_max, b_sum, b_z, scale)
+        if LIMIT:
+            b_max, b_sum = online_centred_update(b_max, b_sum, b_z, o_cls, C)
+        else:
+            b_max, b_sum = online_softmax_update(b_max, b_sum, b_z, scale)
     m_use = m_pix
     if HAS_VALID:
         m_use &= tl.load(valid_ptr + o_pix, mask=m_pix, other=0) != 0
     tl.atomic_add(bad_ptr, tl.sum((m_use & ~b_finite).to(tl.int32), 0))
     m_use &= b_finite
     tl.store(max_ptr + o_pix, b_max, mask=m_pix)
-    tl.store(conf_ptr + o_pix, tl.where(m_use, 1.0 / b_sum, 0.0), mask=m_pix)
-    tl.store(cls_ptr + o_pix, b_cls, mask=m_pix)
+    if LIMIT:
+        tl.store(conf_ptr + o_pix, b_sum / C, mask=m_pix)
+        tl.store(cls_ptr + o_pix, tl.where(m_use, b_cls, -1), mask=m_pix)
+    else:
+        tl.store(conf_ptr + o_pix, tl.where(m_use, 1.0 / b_sum, 0.0), mask=m_pix)
+        tl.store(cls_ptr + o_pix, b_cls, mask=m_pix)
 
 
 @triton.jit
@@ -112,7 +125,8 @@ def _stats_kernel(
     z_ptr, valid_ptr, max_ptr, conf_ptr, cls_ptr, S_ptr, W_ptr, N_ptr, bad_ptr,
     C, L, O1, O2, so0, so1, so2, s_l, s_c, scale, power, n_tiles, off_ptr, wgt_ptr, H_UP, W_UP,
     HAS_VALID: tl.constexpr, FUSED: tl.constexpr, PARTIALS: tl.constexpr, UPSAMPLE: tl.constexpr,
-    POWERED: tl.constexpr, C_BLOCK: tl.constexpr, PIX_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    POWERED: tl.constexpr, LIMIT: tl.constexpr, C_BLOCK: tl.constexpr, PIX_BLOCK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Block ``S[k-block, j-block]`` (and ``W``, ``N`` of the k-block) over this program's pixel tiles.
 
@@ -120,7 +134,7 @@ def _stats_kernel(
     here and ``max_ptr``/``conf_ptr``/``cls_ptr`` are unused. Otherwise they
     come from ``_row_stats_kernel``. PARTIALS: store the program's partial sums
     (float32) instead of adding them atomically (float64). POWERED: pixels weigh ``conf ** power``
-    instead of ``conf``.
+    instead of ``conf``. LIMIT: ``p`` is the centred logits and every pixel used weighs 1.
     """
     pid = tl.program_id(0)
     k0 = tl.program_id(1) * C_BLOCK
@@ -140,13 +154,24 @@ def _stats_kernel(
             b_z = tl.where(m_j & m_finite, b_raw, float("-inf"))  # a NaN never wins the argmax
             b_max = tl.max(b_z, 0)
             b_cls = tl.argmax(b_z, 0, tie_break_left=True)
-            b_e = tl.exp2((b_z - b_max[None, :]) * scale)
-            b_conf = 1.0 / tl.sum(b_e, 0)
+            if LIMIT:  # z - mean z, as (z - max) - mean (z - max)
+                b_e = tl.where(m_j, b_z - b_max[None, :], 0.0)
+                b_e = b_e - (tl.sum(b_e, 0) / C)[None, :]
+                b_conf = tl.full([PIX_BLOCK], 1.0, tl.float32)
+            else:
+                b_e = tl.exp2((b_z - b_max[None, :]) * scale)
+                b_conf = 1.0 / tl.sum(b_e, 0)
             m_use = m_pix
             if HAS_VALID:
                 m_use &= tl.load(valid_ptr + o_pix, mask=m_pix, other=0) != 0
             n_bad += (m_use & ~b_finite).to(tl.int32)
             b_w = tl.where(m_use & b_finite, b_conf, 0.0)
+        elif LIMIT:  # max and mean of z - max from _row_stats_kernel; cls -1 marks the pixels left out
+            b_max = tl.load(max_ptr + o_pix, mask=m_pix, other=0.0)
+            b_mean = tl.load(conf_ptr + o_pix, mask=m_pix, other=0.0)
+            b_cls = tl.load(cls_ptr + o_pix, mask=m_pix, other=-1)
+            b_w = (b_cls >= 0).to(tl.float32)
+            b_e = (b_raw - b_max[None, :]) - b_mean[None, :]
         else:
             b_max = tl.load(max_ptr + o_pix, mask=m_pix, other=0.0)
             b_w = tl.load(conf_ptr + o_pix, mask=m_pix, other=0.0)
@@ -203,7 +228,8 @@ def stats_config(num_classes: int, element_size: int = 4, aligned: bool = True, 
         "ROW_PIX_BLOCK": entry(table.row_stats, "pixels", element_size) if aligned
         else table.conservative["tile_elements"] // c_block,
         "row_num_warps": entry(table.row_stats, "num_warps", element_size),
-        "row_num_stages": entry(table.row_stats, "num_stages", element_size)})
+        "row_num_stages": entry(table.row_stats, "num_stages", element_size),
+        "row_maxnreg": table.row_stats.get("max_registers", table.max_registers)})
 
 
 def stats_launches(logits: torch.Tensor, temperature: float, valid: torch.Tensor | None,
@@ -217,7 +243,8 @@ def stats_launches(logits: torch.Tensor, temperature: float, valid: torch.Tensor
     target = target or target_of(device).name
     config = stats_config(C, logits.element_size(), layout.aligned(logits), target, bool(layout.upsample))
     c_block, pix_block, fused = config["C_BLOCK"], config["PIX_BLOCK"], config["FUSED"]
-    scale = LOG2E / temperature
+    limit = math.isinf(temperature)
+    scale = LOG2E / temperature  # 0 at the limit, where no exponential is taken
     n_tiles = layout.num_tiles(pix_block)
     has_valid = valid is not None
     valid_arg = valid.contiguous().view(torch.uint8) if has_valid else logits
@@ -249,14 +276,16 @@ def stats_launches(logits: torch.Tensor, temperature: float, valid: torch.Tensor
         launches.append(Launch(
             _row_stats_kernel, (row_tiles,),
             (logits, valid_arg, row_max, row_conf, row_cls, bad, *layout.kernel_args(), scale, row_tiles, *tables),
-            {"HAS_VALID": has_valid, "UPSAMPLE": layout.upsample, "C_BLOCK": c_block, "PIX_BLOCK": row_pix_block},
-            {**options, "num_warps": config["row_num_warps"], "num_stages": config["row_num_stages"]}))
+            {"HAS_VALID": has_valid, "UPSAMPLE": layout.upsample, "LIMIT": limit, "C_BLOCK": c_block,
+             "PIX_BLOCK": row_pix_block},
+            {**options, "num_warps": config["row_num_warps"], "num_stages": config["row_num_stages"],
+             "maxnreg": config["row_maxnreg"]}))
     launches.append(Launch(
         _stats_kernel, (n_programs, n_blocks, n_column_blocks),
         (logits, valid_arg, row_max, row_conf, row_cls, S, W, N, bad, *layout.kernel_args(), scale,
          float(confidence_power), n_tiles, *tables),
         {"HAS_VALID": has_valid, "FUSED": fused, "PARTIALS": deterministic, "UPSAMPLE": layout.upsample,
-         "POWERED": confidence_power != 1.0, "C_BLOCK": c_block, "PIX_BLOCK": pix_block,
+         "POWERED": confidence_power != 1.0 and not limit, "LIMIT": limit, "C_BLOCK": c_block, "PIX_BLOCK": pix_block,
          "DOT_PRECISION": config["DOT_PRECISION"]},
         options))
     return launches, S, W, N, bad

@@ -5,6 +5,7 @@ ahead of time with the JIT's own specialisations (16-byte-aligned pointers and s
 16), so the registers, spills and loads checked here are those of the code that runs on a GPU.
 """
 import dataclasses
+import math
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -65,8 +66,8 @@ ODD_SHAPE = (1, 19, 1023, 2047)  # a sliced window: odd sizes and strides
 
 def jit_variants():
     """``{name: spec}``: aligned NCHW Cityscapes- and ADE20K-like batches in every dtype, the other
-    flags of aligned launches (a valid mask, deterministic partial sums, narrow labels) and an
-    unaligned launch."""
+    flags of aligned launches (a valid mask, deterministic partial sums, narrow labels), the
+    temperature limit and an unaligned launch."""
     variants = {}
     for workload, shape in model.GOAL_WORKLOADS.items():
         for dtype in ("float32", "float16", "bfloat16"):
@@ -77,6 +78,8 @@ def jit_variants():
             for kernel in KERNELS[workload]:
                 name = f"{workload} {dtype} {kernel} masked-deterministic-uint8"
                 variants[name] = (dtype, shape, flags, kernel, False)
+                limit = {"temperature": math.inf}
+                variants[f"{workload} {dtype} {kernel} limit"] = (dtype, shape, limit, kernel, False)
     for kernel in ("stats", "predict"):
         variants[f"unaligned float32 {kernel}"] = ("float32", ODD_SHAPE, {}, kernel, True)
     return variants

@@ -21,6 +21,10 @@ def test_providers_compute_what_they_claim():
     assert torch.equal(argmax, logits.argmax(dim=1))
     assert torch.equal(workloads.pass_function("exp", "exp", logits, prototypes)(), logits.exp())
     assert torch.equal(workloads.pass_function("copy", "copy", logits, prototypes)(), logits)
+    # the limit's rows (triton@inf on CUDA, in the interpreter here)
+    at_limit = workloads.pass_function("reference@inf", "calibrate", logits, prototypes)()
+    for provider in ("torch@inf", "triton@inf"):
+        assert torch.equal(workloads.pass_function(provider, "calibrate", logits, prototypes)(), at_limit)
 
 
 def test_upsampling_providers_compute_what_they_claim():

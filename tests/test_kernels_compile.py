@@ -12,9 +12,10 @@ and MI300 (gfx942): every pair of values of two choices is compiled together at 
 each configuration; the predict kernel's output (int64, int32 or uint8 labels, or float32 scores),
 which changes only its final store, is cycled through those cases so that each appears for each
 configuration. The secondary targets, A100 (sm_80) and MI250 (gfx90a), share the primary targets'
-tables: there every value of every choice, the output included, is compiled at least once per
-configuration. ``FASTCAL_AOT_SWEEP=pairwise`` covers every target pairwise (276 compiles instead of
-212). Registers depend on the configuration and, within it, on a choice or two at a time;
+tables: there each configuration is compiled once (its register use is the table's, which the primary
+targets check choice by choice). ``FASTCAL_AOT_SWEEP=values`` compiles every value of every choice
+on the secondary targets, ``FASTCAL_AOT_SWEEP=pairwise`` every pair (more compiles, see
+docs/tests.md). Registers depend on the configuration and, within it, on a choice or two at a time;
 compile time grows with the number of cases.
 """
 from __future__ import annotations
@@ -39,14 +40,15 @@ CLASS_COUNTS = range(2, 1025)  # above 64 classes the configuration no longer ch
 ELEMENT_SIZES = {"fp32": 4, "fp16": 2, "bf16": 2}
 OUTPUTS = ["i64", "scores", "i32", "u8"]
 PRIMARY_TARGETS = ("sm_90", "gfx942")  # the others share their tables
-# 2: every pair of choices on every target; 1: every value on the secondary targets (the default)
 COVERING_TRIES = 200  # shuffled greedy orders tried after the product order
-SECONDARY_STRENGTH = 2 if os.environ.get("FASTCAL_AOT_SWEEP") == "pairwise" else 1
+# on the secondary targets: 2 every pair of choices, 1 every value, 0 one case per configuration (the default)
+SECONDARY_STRENGTH = {"pairwise": 2, "values": 1}.get(os.environ.get("FASTCAL_AOT_SWEEP", ""), 0)
 
 
 def covering(allowed=lambda case: True, strength=2, **choices) -> list[dict]:
     """A few cases (dicts of one value per choice, ``allowed`` ones only) holding every combination
-    of values of ``strength`` choices (2: every pair; 1: every value) that some allowed case holds.
+    of values of ``strength`` choices (2: every pair; 1: every value; 0: one case) that some allowed
+    case holds.
     Greedy, the case covering the most combinations not yet covered first, over the product order
     and a few fixed shuffles of it; the shortest list wins (the same list on every run)."""
     names = list(choices)
@@ -86,8 +88,9 @@ def launch_options(config: dict, target: str, upsample: bool = False) -> dict:
 
 
 def nchw_only_upsamples(case) -> bool:
-    """Bilinear upsampling reads NCHW logits from the model's output (s_l = 1 still holds)."""
-    return case["layout"] == "nchw" or not case.get("upsample")
+    """Bilinear upsampling reads NCHW logits from the model's output (s_l = 1 still holds); the
+    confidence power has no meaning at the temperature limit (the launcher never asks for both)."""
+    return (case["layout"] == "nchw" or not case.get("upsample")) and not (case.get("limit") and case.get("powered"))
 
 
 def cases():
@@ -98,23 +101,25 @@ def cases():
             tag = f"{target}-C{config['C_BLOCK']}{'' if config['FUSED'] else '-chunked'}-w{config['num_warps']}"
             for c in covering(nchw_only_upsamples, strength(target), dtype=list(LOGIT_TYPES), layout=list(LAYOUTS),
                               valid=[False, True], partials=[False, True], upsample=[False, True],
-                              powered=[False, True]):
+                              powered=[False, True], limit=[False, True]):
                 sums = "*fp32" if c["partials"] else "*fp64"
                 yield (f"stats-{tag}-{c['dtype']}-{c['layout']}-valid{int(c['valid'])}-partials{int(c['partials'])}"
-                       f"-up{int(c['upsample'])}-powered{int(c['powered'])}",
+                       f"-up{int(c['upsample'])}-powered{int(c['powered'])}-limit{int(c['limit'])}",
                        "stats._stats_kernel", c["dtype"], c["layout"], target,
                        {"S_ptr": sums, "W_ptr": sums, "N_ptr": sums},
                        {**meta, "HAS_VALID": c["valid"], "PARTIALS": c["partials"], "UPSAMPLE": c["upsample"],
-                        "POWERED": c["powered"]}, launch_options(config, target, c["upsample"]))
+                        "POWERED": c["powered"], "LIMIT": c["limit"]}, launch_options(config, target, c["upsample"]))
             if not config["FUSED"]:
                 row_options = {**launch_options(config, target), "num_warps": config["row_num_warps"],
-                               "num_stages": config["row_num_stages"]}
+                               "num_stages": config["row_num_stages"], "maxnreg": config["row_maxnreg"]}
                 for c in covering(nchw_only_upsamples, strength(target), dtype=list(LOGIT_TYPES),
-                                  layout=list(LAYOUTS), valid=[False, True], upsample=[False, True]):
-                    yield (f"row_stats-{tag}-{c['dtype']}-{c['layout']}-valid{int(c['valid'])}-up{int(c['upsample'])}",
+                                  layout=list(LAYOUTS), valid=[False, True], upsample=[False, True],
+                                  limit=[False, True]):
+                    yield (f"row_stats-{tag}-{c['dtype']}-{c['layout']}-valid{int(c['valid'])}-up{int(c['upsample'])}"
+                           f"-limit{int(c['limit'])}",
                            "stats._row_stats_kernel", c["dtype"], c["layout"], target, {},
                            {"C_BLOCK": config["C_BLOCK"], "PIX_BLOCK": config["ROW_PIX_BLOCK"],
-                            "HAS_VALID": c["valid"], "UPSAMPLE": c["upsample"]}, row_options)
+                            "HAS_VALID": c["valid"], "UPSAMPLE": c["upsample"], "LIMIT": c["limit"]}, row_options)
         for config in dispatcher_configs(predict.predict_config, target):
             meta = {"C_BLOCK": config["C_BLOCK"], "PIX_BLOCK": config["PIX_BLOCK"], "FUSED": config["FUSED"],
                     "DOT_PRECISION": config["DOT_PRECISION"]}
@@ -123,12 +128,14 @@ def cases():
             # pairwise cases, one more choice in the others
             outputs = {} if strength(target) == 2 else {"out": OUTPUTS}
             for i, c in enumerate(covering(nchw_only_upsamples, strength(target), dtype=list(LOGIT_TYPES),
-                                           layout=list(LAYOUTS), upsample=[False, True], **outputs)):
+                                           layout=list(LAYOUTS), upsample=[False, True], limit=[False, True],
+                                           **outputs)):
                 c = {"out": OUTPUTS[i % len(OUTPUTS)], **c}
                 out = "*fp32" if c["out"] == "scores" else f"*{c['out']}"
-                yield (f"predict-{tag}-{c['dtype']}-{c['layout']}-{c['out']}-up{int(c['upsample'])}",
+                yield (f"predict-{tag}-{c['dtype']}-{c['layout']}-{c['out']}-up{int(c['upsample'])}"
+                       f"-limit{int(c['limit'])}",
                        "predict._predict_kernel", c["dtype"], c["layout"], target, {"out_ptr": out},
-                       {**meta, "UPSAMPLE": c["upsample"], "SCORES": c["out"] == "scores"},
+                       {**meta, "UPSAMPLE": c["upsample"], "SCORES": c["out"] == "scores", "LIMIT": c["limit"]},
                        launch_options(config, target, c["upsample"]))
         # the operands between the passes of calibrate: one block of the fused predict pass, float64 sums
         for c_block, skip in itertools.product((16, 32, 64), (False, True)):
@@ -190,10 +197,10 @@ def usage(monkeypatch_module):
 def test_every_target_and_configuration_is_compiled():
     names = [case[0] for case in ALL_CASES]
     assert len(names) == len(set(names))
-    for target in TARGETS:
+    for target in (t for t in TARGETS if strength(t) > 0):
         for config in dispatcher_configs(predict.predict_config, target):
             tag = f"predict-{target}-C{config['C_BLOCK']}{'' if config['FUSED'] else '-chunked'}-"
-            assert {n.split("-")[-2] for n in names if n.startswith(tag)} == set(OUTPUTS), tag
+            assert {n.split("-")[-3] for n in names if n.startswith(tag)} == set(OUTPUTS), tag
     for target in TARGETS:
         for prefix in ("stats-", "row_stats-", "predict-", "operands-"):
             assert any(n.startswith(f"{prefix}{target}-") for n in names), (prefix, target)

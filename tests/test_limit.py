@@ -18,7 +18,10 @@ from cases import DTYPES, LAYOUTS, make_logits
 INF = math.inf
 
 
-@pytest.fixture(params=["reference", "torch", "torch-ops"])
+BACKENDS = ["reference", "torch", "torch-ops", "triton"]
+
+
+@pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
 
@@ -32,7 +35,10 @@ CASES = [((2, 2, 9, 11), torch.float32), ((1, 19, 3, 4, 5), torch.float32), ((37
          ((1, 300, 5, 7), torch.float32), ((1, 1024, 2, 3), torch.float32)] + [((2, 19, 17, 23), d) for d in DTYPES]
 
 
-@pytest.mark.parametrize("shape,dtype", CASES, ids=str)
+# the interpreted Triton kernels take 300 classes (chunked, several blocks, the last one partial) and no more
+@pytest.mark.parametrize("backend,shape,dtype", [(backend, shape, dtype) for backend in BACKENDS
+                                                 for shape, dtype in CASES if backend != "triton" or shape[1] <= 300],
+                         ids=str)
 def test_stats_prototypes_and_labels_match_the_oracle(backend, shape, dtype):
     z = make_logits(shape, dtype)
     S, W = fastcal.prototype_stats(z, temperature=INF, backend=backend)
@@ -62,9 +68,10 @@ def test_any_strides_masks_and_a_large_offset(backend, layout):
     oracle.assert_labels_match(fastcal.predict(z, P, temperature=INF, backend=backend), z, P, INF)
 
 
-@pytest.mark.parametrize("size", [(23, 29), None])
-def test_upsampled_logits(backend, size):
-    z = make_logits((2, 7, 9, 11))
+@pytest.mark.parametrize("shape,size", [((2, 7, 9, 11), (23, 29)), ((2, 7, 9, 11), None), ((1, 150, 4, 5), (9, 11))],
+                         ids=str)
+def test_upsampled_logits(backend, shape, size):
+    z = make_logits(shape)
     options = {"size": size} if size else {"scale_factor": 2.5, "align_corners": True}
     reference = oracle.interpolate(z, **options)
     S, W = fastcal.prototype_stats(z, temperature=INF, backend=backend, **options)
@@ -104,6 +111,16 @@ def test_nonfinite_logits_at_valid_pixels_raise(backend):
     assert float(W.sum()) == 24.0
 
 
+@pytest.mark.parametrize("C", [5, 150])
+def test_deterministic_sums_equal_the_atomic_ones(C):
+    """The Triton backend's fixed-order partial sums (float32 per program) at the limit."""
+    z = make_logits((2, C, 6, 7))
+    S, W = fastcal.prototype_stats(z, temperature=INF, backend="triton", deterministic=True)
+    S_atomic, W_atomic = fastcal.prototype_stats(z, temperature=INF, backend="triton", deterministic=False)
+    assert torch.equal(W, W_atomic)
+    torch.testing.assert_close(S, S_atomic, rtol=1e-5, atol=1e-5 * float(S_atomic.abs().max()))
+
+
 def test_the_confidence_power_has_no_effect_at_the_limit(backend):
     z = make_logits((2, 5, 6, 7))
     one = fastcal.prototype_stats(z, temperature=INF, backend=backend)
@@ -128,7 +145,7 @@ def test_property_every_backend_agrees_with_the_oracle(C, seed, scale, offset):
     torch.manual_seed(seed)
     z = torch.randn(2, C, 5, 6) * scale + offset
     P = torch.from_numpy(oracle_prototypes(z)[2]).float()
-    for backend in ("reference", "torch", "torch-ops"):
+    for backend in ("reference", "torch", "torch-ops", "triton"):
         oracle.assert_labels_match(fastcal.predict(z, P, temperature=INF, backend=backend), z, P, INF)
 
 
