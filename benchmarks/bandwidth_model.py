@@ -120,7 +120,7 @@ def goal_launches(dtype: torch.dtype, shape: tuple, device: Device = H200, *, ma
     """``{name: Launch}`` of the stats and predict passes on a ``meta`` tensor of ``shape``, as the
     launchers build them (``masked``: with a ``valid`` mask; ``temperature=math.inf``: the limit's
     exp-free kernels)."""
-    from fastcal._common import DistanceOperands
+    from fastcal._operands import DistanceOperands
     from fastcal.kernels import predict, stats
 
     logits = torch.empty(shape, dtype=dtype, device="meta")

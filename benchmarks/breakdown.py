@@ -16,14 +16,14 @@ import torch
 
 import fastcal
 from benchmarks.workloads import WORKLOADS, make_logits
-from fastcal import _common, cpu_kernels, numba_backend
+from fastcal import _chunks, cpu_kernels, numba_backend
 
 
 def steps(logits: torch.Tensor) -> dict:
     N, C = logits.shape[:2]
     z = logits.view(N, C, -1).numpy()
     L = z.shape[2]
-    n = _common.CHUNK_ELEMENTS // C
+    n = _chunks.CHUNK_ELEMENTS // C
     pieces = [(start, min(n, L - start)) for start in range(0, L, n)]
     prototypes = fastcal.prototypes_from_stats(*fastcal.prototype_stats(logits))
     A_times_minus_2, centre, bias = numba_backend._centred_on_host(prototypes.numpy())

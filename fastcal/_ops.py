@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _checks, _plan, _upsample
-from ._common import distance_operands
+from ._operands import distance_operands
 
 # ----- the steps ---------------------------------------------------------------------------------
 
@@ -45,7 +45,7 @@ def stats_step(plan: _plan.Plan, logits: torch.Tensor, valid: torch.Tensor | Non
 def predict_step(plan: _plan.Plan, logits: torch.Tensor, prototypes: torch.Tensor, operands=None):
     """Labels (or scores) of the plan's predict pass. ``operands``: the prototypes already prepared
     and trusted (a calibrator's own); without them the caller's ``prototypes`` are prepared, their
-    values checked (see :func:`fastcal._common.distance_operands`)."""
+    values checked (see :func:`fastcal._operands.distance_operands`)."""
     if traced(logits, prototypes):
         return _predict_op(logits, prototypes.detach(), plan.temperature, plan.requested_backend,
                            plan.label_dtype, plan.scores, *plan.resize)
@@ -186,9 +186,7 @@ def _(logits, prototypes, temperature, backend, label_dtype, scores, size, scale
 def _fake_output(logits, label_dtype, scores, size, scale_factor, align_corners):
     """The fake implementations' result: the output's shape and dtype, uninitialised."""
     shape = _upsample.output_shape(logits, _upsample.resolve(logits, size, scale_factor, align_corners))
-    if scores:
-        return logits.new_empty((shape[0], logits.shape[1], *shape[1:]), dtype=torch.float32)
-    return logits.new_empty(shape, dtype=label_dtype)
+    return _plan.empty_output(shape, logits.shape[1], label_dtype, scores, logits.device)
 
 
 def _calibrate_impl(logits: torch.Tensor, valid: torch.Tensor | None, temperature: float, empty: str,

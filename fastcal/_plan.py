@@ -28,7 +28,8 @@ from types import ModuleType
 
 import torch
 
-from . import _backends, _checks, _process, _space, _upsample
+from . import _backends, _checks, _space, _upsample
+from ._fifo import FifoCache
 
 CACHE_SIZE = 64
 # "own-predict": a calibrator predicting with its own prototypes, which need no check
@@ -62,18 +63,20 @@ class Plan:
         return list(upsample.size), None, upsample.align_corners
 
     def output(self, device) -> torch.Tensor:
-        """An uninitialised output: labels [N, *spatial] of ``label_dtype``, or float32 scores
-        [N, C, *spatial]."""
-        if self.scores:
-            return torch.empty((self.shape[0], self.num_classes, *self.shape[1:]), dtype=torch.float32,
-                               device=device)
-        return torch.empty(self.shape, dtype=self.label_dtype, device=device)
+        """An uninitialised output of this call on ``device`` (see :func:`empty_output`)."""
+        return empty_output(self.shape, self.num_classes, self.label_dtype, self.scores, device)
 
 
-_cache: dict = {}
-_lock = _process.Lock()
+def empty_output(shape, num_classes: int, label_dtype: torch.dtype, scores: bool, device) -> torch.Tensor:
+    """An uninitialised output for ``shape`` = [N, *spatial]: labels [N, *spatial] of ``label_dtype``, or
+    float32 scores [N, C, *spatial] (also what the ``torch.library`` ops' fake implementations return)."""
+    if scores:
+        return torch.empty((shape[0], num_classes, *shape[1:]), dtype=torch.float32, device=device)
+    return torch.empty(tuple(shape), dtype=label_dtype, device=device)
+
+
 # a forked child plans afresh: its backends differ (no fused loops there)
-_process.after_fork_in_child(_cache.clear)
+_cache = FifoCache(CACHE_SIZE, forget_in_forked_child=True)
 
 
 @dataclass(frozen=True)
@@ -110,10 +113,7 @@ def plan(op: str, logits, *, valid=None, prototypes=None, **given) -> Plan:
         return found
     built = _build(op, logits, valid, prototypes, options)
     if key is not None:
-        with _lock:
-            if len(_cache) >= CACHE_SIZE:
-                _cache.pop(next(iter(_cache)))
-            _cache[key] = built
+        _cache.put(key, built)
     return built
 
 

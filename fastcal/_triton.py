@@ -7,7 +7,7 @@ import os
 import torch
 
 from . import _space, reference
-from ._common import DistanceOperands
+from ._operands import DistanceOperands
 
 REQUIRES = ("the Triton kernels take CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, set before "
             "importing triton: the slow interpreter)")

@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from . import _backends, _checks, _ops, _plan, _process, _statefile, reference
-from ._common import DistanceOperands
+from ._operands import DistanceOperands
 from ._state import WEIGHT_FLOOR, Stream, Sums  # noqa: F401 (WEIGHT_FLOOR: public)
 from ._statefile import STATE_FORMAT, STATE_VERSION  # noqa: F401  (public names)
 from .adapters import logits_of, mask_of
@@ -171,7 +171,13 @@ class LabelCalibrator:
     def diagnostics(self, class_names=None, *, min_pixels: float = 1000, min_distance: float = 0.2):
         """Per class: pixels, weight, the prototype's own probability, its nearest other prototype,
         whether it can be predicted at all; and warnings (too few pixels, collapsed prototypes,
-        classes never predicted). See :mod:`fastcal.diagnostics`; ``print()`` it for a table."""
+        classes never predicted). See :mod:`fastcal.diagnostics`; ``print()`` it for a table.
+
+        Args:
+            class_names (Sequence[str] | None): a name per class for the table. Default: the
+                calibrator's ``class_names`` (None: numbers).
+            min_pixels (float): a class with fewer pixels gets a warning. Default 1000.
+            min_distance (float): two prototypes nearer than this get a "collapsed" warning. Default 0.2."""
         names = self.class_names if class_names is None else class_names
         return diagnose(self.S, self.W, self.counts, self.empty, names, temperature=self.temperature,
                         min_pixels=min_pixels, min_distance=min_distance)
@@ -190,7 +196,19 @@ class LabelCalibrator:
 
         Without statistics (no update yet, or only empty batches) every class has its one-hot
         prototype under ``empty="onehot"``, so the labels are the argmax: a ``RuntimeWarning`` says
-        so, once per calibrator."""
+        so, once per calibrator.
+
+        Args:
+            logits (torch.Tensor): [N, C, *spatial] float32, float16 or bfloat16, any strides (or a
+                model output holding them), C the calibrator's class count.
+            label_dtype (torch.dtype): int64 (default), int32, int16 or uint8 (at most 256 classes).
+            output (str): ``"labels"`` (default) or ``"scores"``.
+            size (tuple[int, ...] | None): the output's spatial size, the logits upsampled bilinearly.
+            scale_factor (float | tuple[float, ...] | None): or the upsampling factor per side.
+            align_corners (bool): as in ``F.interpolate``. Default False.
+
+        Returns:
+            torch.Tensor: labels [N, *out_spatial] of ``label_dtype``, or float32 scores [N, C, *out_spatial]."""
         logits = logits_of(logits)
         if not self._stream.any_weight and self.empty == "onehot" and not self._warned_unfitted:
             self._warned_unfitted = True
@@ -220,6 +238,12 @@ class LabelCalibrator:
         update in between changes nothing, and state from :meth:`load_state_dict` counts as
         already shared. The sums travel on the device the group's backend needs (CUDA for nccl,
         CPU otherwise), whatever device a rank's sums are on, and come back to it.
+
+        Args:
+            group (torch.distributed.ProcessGroup | None): the ranks to combine. Default: the world.
+
+        Returns:
+            LabelCalibrator: ``self``.
         """
         with self._lock:  # no update may land between the payload and the new shared state
             self._stream = self._stream.reduced(self.momentum, group)
@@ -242,7 +266,13 @@ class LabelCalibrator:
         weights that are 0 (an empty class) or at least ``WEIGHT_FLOOR``, so every prototype
         ``S[k] / W[k]`` is finite; then (version 3) the digest of the whole. Class names saved with
         the state are taken when this calibrator has none, and must match when it has (see
-        :func:`fastcal._statefile.checked_state`)."""
+        :func:`fastcal._statefile.checked_state`).
+
+        Args:
+            state (dict): from :meth:`state_dict` (or ``torch.load(..., weights_only=True)`` of a saved file).
+
+        Returns:
+            LabelCalibrator: ``self``."""
         sums, class_names = _statefile.checked_state(self, state)
         with self._lock:
             # an unfixed calibrator still moves to the first batch's device
@@ -253,12 +283,21 @@ class LabelCalibrator:
     def save(self, path: str | os.PathLike) -> None:
         """Write the state atomically (see :func:`fastcal._statefile.write`): a crash at any point
         leaves either the previous file or the new one, never half a file. The file gets the mode a
-        new file gets under the process's umask (e.g. 0644 under umask 022)."""
+        new file gets under the process's umask (e.g. 0644 under umask 022).
+
+        Args:
+            path (str | os.PathLike): the file (a symbolic link is written through; the link stays)."""
         _statefile.write(self.state_dict(), path)
 
     def load(self, path: str | os.PathLike) -> LabelCalibrator:
         """Load a file written by :meth:`save`; a corrupt, altered or foreign file raises
-        ``ValueError`` (see :mod:`fastcal._statefile`), changing nothing."""
+        ``ValueError`` (see :mod:`fastcal._statefile`), changing nothing.
+
+        Args:
+            path (str | os.PathLike): a file written by :meth:`save` with this calibrator's settings.
+
+        Returns:
+            LabelCalibrator: ``self``."""
         return self.load_state_dict(_statefile.read(path))
 
     @classmethod
@@ -266,7 +305,15 @@ class LabelCalibrator:
                   backend: str = "auto") -> LabelCalibrator:
         """A calibrator with the settings a state file was saved with (class count, temperature,
         momentum, confidence power, empty policy, class names) and its sums. ``empty`` overrides the
-        saved policy (states before version 3 did not save one: ``"onehot"`` then)."""
+        saved policy (states before version 3 did not save one: ``"onehot"`` then).
+
+        Args:
+            path (str | os.PathLike): a file written by :meth:`save`.
+            empty (str | None): ``"onehot"`` or ``"skip"``, replacing the saved policy. Default: the saved one.
+            backend (str): as in :class:`LabelCalibrator`. Default ``"auto"``.
+
+        Returns:
+            LabelCalibrator: a new calibrator; a file that fails any check raises ``ValueError``."""
         state = _statefile.read(path)
         calibrator = cls(**_statefile.settings_of(state, path), backend=backend).load_state_dict(state)
         if empty is not None:

@@ -32,9 +32,9 @@ caches. That is ``2C^2`` flops a pixel; from ``NEAREST_MAX_CLASSES`` classes on,
 register tiling does them faster, and the pass is ``centred_softmax_chunk`` into a
 chunk buffer, one ``torch.mm`` and ``argmin_chunk``.
 
-Given the upsampling tables (``width, rows, cols``; ``0, None, None`` without) the same loops read
+Given the upsampling tables (``width, rows, cols``; ``0, NO_ROWS, NO_COLS`` without) the same loops read
 the logits at the model's resolution and interpolate each block bilinearly where it is used (see
-``_read_block`` and ``_block_upsample``).
+``_block_upsample``).
 
 Memory traffic per pixel: ``stats_chunk`` reads ``C`` logits (``4C`` bytes in float32,
 ``2C`` in half precision; and one mask byte); ``predict_chunk`` reads the same and writes
@@ -52,7 +52,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import event
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
 from . import _process
 
@@ -397,12 +397,14 @@ def _source_row(z_image, offset, cols, padded, out):
 
 
 @njit(inline="always")
-def _upsample_scratch(C, cols):
-    """``(block, rows_cache, cached, padded)`` for :func:`_block_upsample`. The callers unpack them and
-    pass them one by one: handed down as one tuple through the inlined helpers of a parallel loop,
-    the writes into ``cached`` did not reach the next block (every block interpolated its rows anew)."""
+def _upsample_scratch(C, cols, width):
+    """``(block, rows_cache, cached, padded)`` for :func:`_block_upsample` (empty without upsampling,
+    ``width`` 0). The callers unpack them and pass them one by one: handed down as one tuple through
+    the inlined helpers of a parallel loop, the writes into ``cached`` did not reach the next block
+    (every block interpolated its rows anew)."""
     in_width, col0 = cols[0], cols[1]
-    return (np.empty((C, BLOCK), np.float32), np.empty((2, C, col0.shape[0]), np.float32), np.full(2, -1, np.int64),
+    rows = BLOCK if width > 0 else 0
+    return (np.empty((C, rows), np.float32), np.empty((2, C, col0.shape[0]), np.float32), np.full(2, -1, np.int64),
             np.empty(in_width + BAND, np.float32))
 
 
@@ -454,36 +456,14 @@ def _block_upsample(z_image, start, count, width, rows, cols, out, rows_cache, c
 
 # ----- one skeleton for both readers ---------------------------------------------------------------
 # Every loop below walks the blocks of a call the same way, in ``units`` contiguous runs of blocks
-# (one per prange iteration), and reads each block through ``_read_block``: the logits themselves
-# (``rows`` and ``cols`` None) or the block's bilinear interpolation (``width`` output columns,
-# ``rows`` and ``cols`` the tables of ``_block_upsample``).
-# The choice is made while Numba types the call (an overload on the argument's type), so each
-# reader compiles into its own machine code, with nothing to decide per block.
-def _reader_scratch(C, cols):
-    """Per work unit: nothing for the plain reader, the interpolation buffers for the upsampling one."""
-
-
-@overload(_reader_scratch, inline="always")
-def _reader_scratch_typed(C, cols):
-    if isinstance(cols, types.NoneType):
-        return lambda C, cols: None
-    return lambda C, cols: _upsample_scratch(C, cols)
-
-
-def _read_block(z_image, start, count, width, rows, cols, scratch):
-    """``(source, first)``: the block's ``count`` pixels are ``source[:, first:first + count]``."""
-
-
-@overload(_read_block, inline="always")
-def _read_block_typed(z_image, start, count, width, rows, cols, scratch):
-    if isinstance(rows, types.NoneType):
-        return lambda z_image, start, count, width, rows, cols, scratch: (z_image, start)
-
-    def interpolated(z_image, start, count, width, rows, cols, scratch):
-        block, rows_cache, cached, padded = scratch
-        _block_upsample(z_image, start, count, width, rows, cols, block, rows_cache, cached, padded)
-        return block, 0
-    return interpolated
+# (one per prange iteration), and reads each block either from the logits themselves (``width`` 0)
+# or from the block's bilinear interpolation (``width`` output columns, ``rows`` and ``cols`` the
+# tables of ``_block_upsample``; without upsampling, empty tables of the same types: ``NO_ROWS``,
+# ``NO_COLS``). The choice is a branch per block, not a type: each loop compiles once per logit
+# type for both readers, and the block helpers it calls (compiled once per source type) do the work.
+NO_ROWS = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+NO_COLS = (0, np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64),
+           np.zeros((0, BAND, TILE), np.float32))
 
 
 @_parallel_loop
@@ -505,14 +485,18 @@ def stats_chunk(z, g, start, n, inv_temperature, power, valid, S_parts, W_parts,
     for u in prange(UNITS):
         _prefer_512_bit_vectors()
         scratch = _stats_scratch(C)
-        reader = _reader_scratch(C, cols)
+        block, rows_cache, cached, padded = _upsample_scratch(C, cols, width)
         bad = 0
         for b in range(u * blocks // UNITS, (u + 1) * blocks // UNITS):
             offset = b * BLOCK
             count = min(BLOCK, n - offset)
-            source, first = _read_block(z_image, start + offset, count, width, rows, cols, reader)
-            bad += _stats_block(source, first, count, inv_temperature, power, valid, offset, masked, scratch,
-                                S_parts[u], W_parts[u], N_parts[u])
+            if width > 0:
+                _block_upsample(z_image, start + offset, count, width, rows, cols, block, rows_cache, cached, padded)
+                bad += _stats_block(block, 0, count, inv_temperature, power, valid, offset, masked, scratch,
+                                    S_parts[u], W_parts[u], N_parts[u])
+            else:
+                bad += _stats_block(z_image, start + offset, count, inv_temperature, power, valid, offset, masked,
+                                    scratch, S_parts[u], W_parts[u], N_parts[u])
         nonfinite_parts[u] = bad
     return nonfinite_parts.sum()
 
@@ -524,19 +508,22 @@ def centred_softmax_chunk(z, g, start, n, inv_temperature, centre, d, units, wid
     blocks (one a thread: with upsampling, the more blocks a run has, the more share their source rows).
 
     The predict pass multiplies ``d`` by the centred prototypes (see
-    ``fastcal._common.centred_prototypes``): centring keeps the distances' float32 precision."""
+    ``fastcal._operands.centred_prototypes``): centring keeps the distances' float32 precision."""
     z_image = z[g]
     C = z.shape[1]
     blocks = (n + BLOCK - 1) // BLOCK
     for u in prange(units):
         _prefer_512_bit_vectors()
-        reader = _reader_scratch(C, cols)
+        block, rows_cache, cached, padded = _upsample_scratch(C, cols, width)
         scratch = _centred_scratch()
         for b in range(u * blocks // units, (u + 1) * blocks // units):
             offset = b * BLOCK
             count = min(BLOCK, n - offset)
-            source, first = _read_block(z_image, start + offset, count, width, rows, cols, reader)
-            _centred_block(source, first, count, inv_temperature, centre, d, offset, scratch)
+            if width > 0:
+                _block_upsample(z_image, start + offset, count, width, rows, cols, block, rows_cache, cached, padded)
+                _centred_block(block, 0, count, inv_temperature, centre, d, offset, scratch)
+            else:
+                _centred_block(z_image, start + offset, count, inv_temperature, centre, d, offset, scratch)
 
 
 # not inlined: compiled once for every variant of the predict loop (it reads float32 only, and writes
@@ -599,7 +586,7 @@ def predict_chunk(z, g, start, n, inv_temperature, centre, A, bias, labels, unit
     """``labels[i] = argmin_k bias[k] + (A (p - centre))[k]`` for pixels ``start .. start + n`` of image
     ``g`` (of its bilinear upsampling with ``rows`` and ``cols``, see :func:`stats_chunk`),
     ``p = softmax(z[g, :, start + i] / T)``: with ``A = -2 (P - c)``, ``bias[k] = ||P[k] - c||^2`` and
-    ``centre = c`` (see ``fastcal._common.centred_prototypes``), the nearest prototype. ``units``
+    ``centre = c`` (see ``fastcal._operands.centred_prototypes``), the nearest prototype. ``units``
     contiguous runs of blocks, as in :func:`centred_softmax_chunk`.
 
     Every step of a block stays in the caches: softmax, distances, argmin; one label written."""
@@ -610,13 +597,16 @@ def predict_chunk(z, g, start, n, inv_temperature, centre, A, bias, labels, unit
         _prefer_512_bit_vectors()
         d, scratch = _nearest_scratch(C)
         label = scratch[2]
-        reader = _reader_scratch(C, cols)
+        block, rows_cache, cached, padded = _upsample_scratch(C, cols, width)
         centred = _centred_scratch()
         for b in range(u * blocks // units, (u + 1) * blocks // units):
             offset = b * BLOCK
             count = min(BLOCK, n - offset)
-            source, first = _read_block(z_image, start + offset, count, width, rows, cols, reader)
-            _centred_block(source, first, count, inv_temperature, centre, d, 0, centred)
+            if width > 0:
+                _block_upsample(z_image, start + offset, count, width, rows, cols, block, rows_cache, cached, padded)
+                _centred_block(block, 0, count, inv_temperature, centre, d, 0, centred)
+            else:
+                _centred_block(z_image, start + offset, count, inv_temperature, centre, d, 0, centred)
             _block_nearest(d, count, A, bias, scratch)
             out = labels[offset:offset + count]
             for i in range(count):
@@ -680,7 +670,7 @@ def prototypes_from_sums(S, W, skip, limit, P):
 
 @_serial_loop
 def centred_operands(P, A_times_minus_2, centre, bias):
-    """``(-2 A, c, bias)`` of ``fastcal._common.centred_prototypes`` for float32 prototypes ``P``:
+    """``(-2 A, c, bias)`` of ``fastcal._operands.centred_prototypes`` for float32 prototypes ``P``:
     ``c`` the float64 mean of the rows that are not all NaN, rounded to float32, ``A[k] = P[k] - c``
     and ``bias[k] = ||A[k]||^2`` in float64 (a row of NaN: ``A[k] = 0``, ``bias = +inf``)."""
     C = P.shape[0]

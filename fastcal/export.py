@@ -59,7 +59,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks, _cli, _space, _statefile, _upsample
-from ._common import centred_prototypes
+from ._operands import centred_prototypes
+
+__all__ = ["CalibrationHead", "CalibratedModel", "calibration_head", "calibrated_model", "export_onnx",
+           "opset_range", "dynamic_shapes", "OPSET"]
 from .adapters import model_logits, output_size
 from .calibrator import LabelCalibrator
 
@@ -77,7 +80,13 @@ _LOWEST = torch.finfo(torch.float32).min
 
 class CalibrationHead(nn.Module):
     """``forward(logits [N, C, *spatial]) -> labels [N, *spatial']`` of ``label_dtype``, or scores
-    [N, C, *spatial'] float32 (``output="scores"``). Built by :func:`calibration_head`."""
+    [N, C, *spatial'] float32 (``output="scores"``). Built by :func:`calibration_head`.
+
+    Args:
+        prototypes (torch.Tensor): [C, C], NaN rows for classes never predicted.
+        temperature (float): T, or ``math.inf`` for the limit.
+        output, size, scale_factor, align_corners, layout, label_dtype: as in :func:`calibration_head`.
+        class_names (Sequence[str] | None): written into an exported file's metadata."""
 
     def __init__(self, prototypes: torch.Tensor, temperature: float, *, output: str = "labels", size=None,
                  scale_factor=None, align_corners: bool = False, class_names=None,
@@ -125,8 +134,15 @@ class CalibrationHead(nn.Module):
         return self.centre.numel()
 
     def forward(self, logits: torch.Tensor, size=None) -> torch.Tensor:
-        """``size``: the output size when the head was built with ``size="input"`` (the model's
-        input height and width; :func:`calibrated_model` passes it)."""
+        """The labels (or scores) ``calibrator.predict`` gives for ``logits``.
+
+        Args:
+            logits (torch.Tensor): [N, C, *spatial] float32, float16 or bfloat16.
+            size (tuple[int, int] | None): the output size when the head was built with
+                ``size="input"`` (the model's input height and width; :func:`calibrated_model` passes it).
+
+        Returns:
+            torch.Tensor: labels [N, *spatial'] of the head's ``label_dtype``, or float32 scores [N, C, *spatial']."""
         z = logits.float()
         target = size if self.size == "input" else self.size
         resize = None
@@ -224,7 +240,19 @@ def calibration_head(calibrator: LabelCalibrator, *, output: str = "labels", siz
     ``size``: (H', W'), or ``"input"`` for :func:`calibrated_model` to upsample to the images'
     size; ``scale_factor`` / ``align_corners`` as in :func:`fastcal.predict`. ``layout``:
     ``"channels_last"`` (default, any rank) or ``"nchw"`` (TensorRT). Refuses a calibrator with
-    nothing to predict under ``empty="skip"``, as ``predict`` does."""
+    nothing to predict under ``empty="skip"``, as ``predict`` does.
+
+    Args:
+        calibrator (LabelCalibrator): its prototypes, temperature (the limit included) and class names.
+        output (str): ``"labels"`` (default) or ``"scores"``.
+        size (tuple[int, int] | str | None): the output size, or ``"input"``.
+        scale_factor (float | tuple[float, float] | None): or the upsampling factor per side.
+        align_corners (bool): as in ``F.interpolate``. Default False.
+        layout (str): ``"channels_last"`` (default) or ``"nchw"``.
+        label_dtype (torch.dtype): int64 (default), int32, int16 or uint8 (at most 256 classes).
+
+    Returns:
+        CalibrationHead: ``forward(logits [N, C, *spatial])`` -> labels [N, *spatial'] or scores."""
     if not isinstance(calibrator, LabelCalibrator):
         raise TypeError(f"calibrator: expected a fastcal.LabelCalibrator, got {type(calibrator).__name__}")
     return CalibrationHead(calibrator.prototypes, calibrator.temperature, output=output, size=size,
@@ -234,7 +262,11 @@ def calibration_head(calibrator: LabelCalibrator, *, output: str = "labels", siz
 
 class CalibratedModel(nn.Module):
     """``forward(images)``: the model's logits (a tensor, ``{"out": ...}`` or ``.logits``) through
-    the calibration head. Built by :func:`calibrated_model`."""
+    the calibration head. Built by :func:`calibrated_model`.
+
+    Args:
+        model (nn.Module): the segmentation model.
+        head (CalibrationHead): the calibration head."""
 
     def __init__(self, model: nn.Module, head: CalibrationHead):
         super().__init__()
@@ -242,6 +274,13 @@ class CalibratedModel(nn.Module):
         self.head = head
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The head's output for the model's logits of ``images``.
+
+        Args:
+            images (torch.Tensor): the model's input batch.
+
+        Returns:
+            torch.Tensor: the head's output."""
         size = output_size(self.head.size, images) if self.head.size == "input" else None
         return self.head(model_logits(self.model(images)), size)
 
@@ -251,14 +290,26 @@ def calibrated_model(model: nn.Module, calibrator: LabelCalibrator, **head_optio
     (``"input"`` for the images' size), ``scale_factor``, ``align_corners``, ``layout``,
     ``label_dtype``): one module, so one
     ``torch.onnx.export`` or ``torch.export.export`` call exports model and calibration together.
-    Put the model in eval mode first, as for any export."""
+    Put the model in eval mode first, as for any export.
+
+    Args:
+        model (nn.Module): returns logits [N, C, *spatial], ``{"out": ...}`` or an object with ``.logits``.
+        calibrator (LabelCalibrator): as in :func:`calibration_head`.
+        **head_options: :func:`calibration_head`'s keyword arguments.
+
+    Returns:
+        CalibratedModel: ``forward(images)`` -> the head's output."""
     return CalibratedModel(model, calibration_head(calibrator, **head_options))
 
 
 def dynamic_shapes(module: nn.Module, example: torch.Tensor | None = None):
     """The batch and every spatial size of the first input dynamic (``torch.export`` form), for an
     ``example`` of any rank (default [N, C, H, W]). Sides start at 2 for a head, at 32 for a model
-    in front of one (its strided layers need some input)."""
+    in front of one (its strided layers need some input).
+
+    Args:
+        module (nn.Module): the head or calibrated model to export.
+        example (torch.Tensor | None): an input of the rank to export. Default: rank 4."""
     dim = torch.export.Dim
     side = 32 if isinstance(module, CalibratedModel) else 2
     rank = 4 if example is None else example.dim()
@@ -274,7 +325,13 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | os.PathLik
     calibrator in the model's metadata (``class_names``, JSON). Needs the ``export`` extra (onnx,
     onnxscript). Trace with a batch of at least 2 images and sides of at least 2: a size of 1 would
     be taken as fixed. The file is written atomically, with the mode the umask gives new files
-    (:func:`fastcal._statefile.write_atomically`)."""
+    (:func:`fastcal._statefile.write_atomically`).
+
+    Args:
+        module (nn.Module): a :class:`CalibrationHead` or :class:`CalibratedModel`.
+        example (torch.Tensor): an input to trace with, [N >= 2, C, *spatial >= 2] for a head.
+        path (str | os.PathLike): the ``.onnx`` file to write.
+        opset (int): the ONNX opset, :func:`opset_range`. Default :data:`OPSET`."""
     import onnx  # the export extra: imported where it is needed
 
     low, high = opset_range()

@@ -11,6 +11,8 @@ from . import _checks, _upsample
 from .adapters import batch_images, batch_valid, check_valid_source, model_device, model_logits, output_size, to_device
 from .calibrator import LabelCalibrator
 
+__all__ = ["fit_calibrator", "fit_calibrators"]
+
 
 def fit_calibrator(model: Callable, loader: Iterable, num_classes: int, *, device=None,
                    calibrator: LabelCalibrator | None = None, progress: bool = True, size=None,
@@ -48,6 +50,24 @@ def fit_calibrator(model: Callable, loader: Iterable, num_classes: int, *, devic
     With ``calibrator=`` the batches are added to that calibrator; ``num_classes`` must then be its
     own, and the keyword arguments that configure a new one (``temperature``, ``momentum``...) are
     refused rather than ignored.
+
+    Args:
+        model (Callable): the segmentation model (an ``nn.Module`` or any callable of the images).
+        loader (Iterable): batches as described above; an empty loader raises ``ValueError``.
+        num_classes (int): C, the model's class count.
+        device (torch.device | str | None): where the images go. Default: the model's parameters' device.
+        calibrator (LabelCalibrator | None): accumulate into this one. Default: a new one.
+        progress (bool): a progress bar on a terminal. Default True.
+        size (tuple[int, ...] | str | None): upsample the logits to this size, or ``"input"``.
+        scale_factor (float | tuple[float, ...] | None): or by this factor per side.
+        align_corners (bool): as in ``F.interpolate``. Default False.
+        valid (torch.Tensor | str | Callable | None): the pixels the statistics may use (see above).
+        images (Callable | None): ``images(batch) -> inputs``.
+        logits (Callable | None): ``logits(model, batch) -> logits``.
+        **calibrator_kwargs: :class:`LabelCalibrator`'s options for a new calibrator.
+
+    Returns:
+        LabelCalibrator: the fitted calibrator.
     """
     _check_hooks(size, scale_factor, align_corners, valid, images, logits)
     if calibrator is None:
@@ -73,7 +93,17 @@ def fit_calibrators(model: Callable, loader: Iterable, num_classes: int, *,
     :func:`fit_calibrator`'s (``calibrator_kwargs`` configure every calibrator: ``momentum``,
     ``empty``, ``confidence_power``...). ``temperatures``: distinct numbers, ``math.inf`` for the
     limit. Pick one by scoring each on a small labelled target sample (see the README's recipe and
-    :func:`fastcal.metrics.mean_iou`)."""
+    :func:`fastcal.metrics.mean_iou`).
+
+    Args:
+        temperatures (Sequence[float]): distinct positive numbers or ``math.inf``. Default
+            ``(1, 4, 16, math.inf)``.
+        model, loader, num_classes, device, progress, size, scale_factor, align_corners, valid,
+            images, logits: as in :func:`fit_calibrator`.
+        **calibrator_kwargs: :class:`LabelCalibrator`'s options but ``temperature``, for every calibrator.
+
+    Returns:
+        dict[float, LabelCalibrator]: one fitted calibrator per temperature, in the order given."""
     _check_hooks(size, scale_factor, align_corners, valid, images, logits)
     if "temperature" in calibrator_kwargs or "calibrator" in calibrator_kwargs:
         raise TypeError("fit_calibrators: temperatures= sets the calibrators' temperatures; calibrator= and "

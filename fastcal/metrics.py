@@ -9,7 +9,16 @@ import torch
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, *,
                      ignore_index: int = 255) -> torch.Tensor:
-    """``M[t, p]`` = number of pixels of true class ``t`` predicted as ``p`` (int64 [C, C])."""
+    """``M[t, p]`` = number of pixels of true class ``t`` predicted as ``p`` (int64 [C, C]).
+
+    Args:
+        pred (torch.Tensor): predicted labels, any integer dtype and shape, in ``[0, C)``.
+        target (torch.Tensor): true labels, the same shape and device, in ``[0, C)`` or ``ignore_index``.
+        num_classes (int): C.
+        ignore_index (int): target label of pixels left out. Default 255.
+
+    Returns:
+        torch.Tensor: int64 [C, C] on the labels' device."""
     if pred.shape != target.shape:
         raise ValueError(f"pred, target: shapes differ ({tuple(pred.shape)} and {tuple(target.shape)})")
     if pred.device != target.device:
@@ -26,7 +35,10 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
 
 
 def iou_per_class(confusion: torch.Tensor) -> torch.Tensor:
-    """``TP / (TP + FP + FN)`` per class, float64; NaN for a class absent from both."""
+    """``TP / (TP + FP + FN)`` per class, float64 [C]; NaN for a class absent from both.
+
+    Args:
+        confusion (torch.Tensor): [C, C] from :func:`confusion_matrix`."""
     confusion = confusion.double()
     tp = confusion.diagonal()
     union = confusion.sum(0) + confusion.sum(1) - tp
@@ -34,10 +46,17 @@ def iou_per_class(confusion: torch.Tensor) -> torch.Tensor:
 
 
 def mean_iou(confusion: torch.Tensor) -> float:
-    """Mean of the per-class IoU over the classes present in target or prediction."""
+    """Mean of the per-class IoU over the classes present in target or prediction.
+
+    Args:
+        confusion (torch.Tensor): [C, C] from :func:`confusion_matrix`."""
     return float(iou_per_class(confusion).nanmean())
 
 
 def pixel_accuracy(confusion: torch.Tensor) -> float:
+    """The share of counted pixels labelled right (NaN when none was counted).
+
+    Args:
+        confusion (torch.Tensor): [C, C] from :func:`confusion_matrix`."""
     total = confusion.sum()
     return float(confusion.diagonal().sum().double() / total) if total > 0 else float("nan")

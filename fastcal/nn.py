@@ -15,6 +15,8 @@ from .fit import fit_calibrator
 
 MODES = ("offline", "continual", "episodic")
 
+__all__ = ["LabelCalibration"]
+
 
 class LabelCalibration(nn.Module):
     """``model`` followed by label calibration of its logits [N, C, H, W], without gradients.
@@ -50,6 +52,21 @@ class LabelCalibration(nn.Module):
     ``state_dict()`` holds the model's tensors and, under ``"_extra_state"``, the calibrator's
     statistics and those of the last fit, so a saved wrapper resumes where it was.
     ``confidence_power`` weighs the pixels (see :func:`fastcal.prototype_stats`).
+
+    Args:
+        model (nn.Module): the segmentation model.
+        num_classes (int): C, its class count.
+        mode (str): ``"continual"`` (default), ``"offline"`` or ``"episodic"``.
+        temperature (float): T, or ``math.inf`` for the limit. Default 1.0.
+        momentum (float | None): the online mode's decay (see :class:`fastcal.LabelCalibrator`). Default None.
+        empty (str): ``"onehot"`` (default) or ``"skip"``.
+        backend (str): see :func:`fastcal.calibrate`. Default ``"auto"``.
+        output (str): ``"labels"`` (default) or ``"scores"``.
+        confidence_power (float): pixels weigh ``conf ** confidence_power``. Default 1.0.
+        size (tuple[int, ...] | str | None): upsample the logits to this size, or ``"input"``.
+        scale_factor (float | tuple[float, ...] | None): or by this factor per side.
+        align_corners (bool): as in ``F.interpolate``. Default False.
+        logits (Callable | None): ``logits(model, images) -> logits``, in place of ``model(images)``.
     """
 
     def __init__(self, model: nn.Module, num_classes: int, *, mode: str = "continual", temperature: float = 1.0,
@@ -88,6 +105,15 @@ class LabelCalibration(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, valid=None) -> torch.Tensor:
+        """Calibrated labels (or scores) of ``images`` in the wrapper's mode (see the class).
+
+        Args:
+            images (torch.Tensor): the model's input batch (any form the model or ``logits`` hook takes).
+            valid (torch.Tensor | Callable | None): pixels the statistics may use (continual and
+                episodic modes), in a form of :data:`fastcal.adapters.MASK_FORMS`, or ``valid(images)``.
+
+        Returns:
+            torch.Tensor: labels [N, *spatial] int64, or float32 scores [N, C, *spatial]."""
         logits, resize = self._logits(images)
         valid = batch_valid(valid, images, logits)
         if self.mode == "episodic":
@@ -114,7 +140,16 @@ class LabelCalibration(nn.Module):
         images), replacing any earlier ones; a progress bar on stderr with ``progress`` (tqdm).
 
         All or nothing: a loader or model that raises part-way, an interrupt, or a loader that gives
-        no pixel to count (``ValueError``) leaves the statistics as they were before the call."""
+        no pixel to count (``ValueError``) leaves the statistics as they were before the call.
+
+        Args:
+            loader (Iterable): batches of unlabelled target images.
+            progress (bool): a progress bar on a terminal. Default True.
+            valid (torch.Tensor | str | Callable | None): as in :func:`fastcal.fit.fit_calibrator`.
+            images (Callable | None): ``images(batch) -> inputs``, as there.
+
+        Returns:
+            LabelCalibration: ``self``."""
         if self.mode == "episodic":
             raise ValueError("fit: the 'episodic' mode keeps no statistics between batches")
         hook = None

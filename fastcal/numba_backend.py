@@ -4,10 +4,10 @@ Same math as :mod:`fastcal.reference`, in one read of the logits per pass (sums 
 over a block of 256 pixels, then in float64 per work unit, the units added in a fixed order).
 NCHW batches (float32, float16 or bfloat16) with images of at least ``DIRECT_MIN_PIXELS``
 pixels, or of at most ``SMALL_BATCH_IMAGES`` images, are read in place; any other layout is
-copied a chunk at a time (``_common.CHUNK_ELEMENTS`` logits) into a float32 ``[C, n]`` buffer
+copied a chunk at a time (``_chunks.CHUNK_ELEMENTS`` logits) into a float32 ``[C, n]`` buffer
 first. How a pass covers the pixels (:class:`_Walk`) is planned once per plan (see
 :func:`fastcal._prepared.prepared`). Distances use the expanded form, centred on the mean prototype
-``c`` for precision (see :func:`fastcal._common.centred_prototypes`): summed in the fused
+``c`` for precision (see :func:`fastcal._operands.centred_prototypes`): summed in the fused
 loops up to ``cpu_kernels.NEAREST_MAX_CLASSES`` classes, else one GEMM per chunk.
 
 Takes at most ``cpu_kernels.MAX_CLASSES`` classes, and never runs in a forked child (see
@@ -27,8 +27,9 @@ import math
 import numpy as np
 import torch
 
-from . import _common, _prepared, _process, _space
-from ._common import DistanceOperands, chunk_index, indexed
+from . import _chunks, _prepared, _process, _space
+from ._chunks import chunk_index, indexed
+from ._operands import DistanceOperands
 
 DIRECT_MIN_PIXELS = 4096  # an NCHW batch is read in place when its images are this large
 SMALL_BATCH_IMAGES = 4  # batches of at most this many images are read in place whatever their size
@@ -46,7 +47,7 @@ def _cpu_kernels():
 
 REQUIRES = ("the fused CPU loops take CPU tensors of at most 256 classes (cpu_kernels.MAX_CLASSES), "
             "outside a forked child")
-prototype_operands = None  # a caller's prototypes: prepared as fastcal._common does
+prototype_operands = None  # a caller's prototypes: prepared as fastcal._operands does
 
 
 def can_run(logits, limit: bool = False) -> bool:
@@ -73,8 +74,8 @@ class _Walk:
     [N, *spatial] tensor ``t`` (``select(t, classes=True)``: their [C, ...] view in
     [N, C, *spatial]). ``tables``: the loop's trailing arguments: how many runs of blocks a call
     makes (absent for the stats loop, which always makes ``cpu_kernels.UNITS``; one a thread with
-    upsampling), then ``width, rows, cols``: the upsampling tables, or ``0, None, None``, which
-    choose the loop's reader."""
+    upsampling), then ``width, rows, cols``: the upsampling tables, or ``0`` and empty tables
+    (``cpu_kernels.NO_ROWS``, ``NO_COLS``), which choose the loop's reader."""
 
     def __init__(self, logits, upsample, pixels=None, thread_runs=True):
         N, C = logits.shape[:2]
@@ -92,9 +93,9 @@ class _Walk:
             tables = _upsample_tables(logits, upsample)
             self.tables = ((get_num_threads(),) if thread_runs else ()) + tables
             return
-        self.tables = ((units,) if thread_runs else ()) + (0, None, None)
+        self.tables = ((units,) if thread_runs else ()) + (0, _cpu_kernels().NO_ROWS, _cpu_kernels().NO_COLS)
         L = math.prod(logits.shape[2:])
-        pixels = pixels or max(1, _common.CHUNK_ELEMENTS // C)  # a chunk a call by default
+        pixels = pixels or max(1, _chunks.CHUNK_ELEMENTS // C)  # a chunk a call by default
         self.in_place = contiguous and (L >= DIRECT_MIN_PIXELS or N <= SMALL_BATCH_IMAGES)
         if self.in_place:
             self.ranges = _image_ranges(N, C, L, pixels)
@@ -209,8 +210,8 @@ def _fused_distances(logits, operands, plan):
     A_times_minus_2 = torch.from_numpy(A_times_minus_2)
     inv_temperature = np.float32(_space.inverse(plan.temperature))
     # chunk-sized calls: d and the distances fill the chunk buffers
-    walk = _walk(plan, logits, "distances", pixels=_common.CHUNK_ELEMENTS // C)
-    size = C * min(_common.CHUNK_ELEMENTS // C, plan.pixels)
+    walk = _walk(plan, logits, "distances", pixels=_chunks.CHUNK_ELEMENTS // C)
+    size = C * min(_chunks.CHUNK_ELEMENTS // C, plan.pixels)
     d_buffer, distance_buffer = torch.empty(size), torch.empty(size)
     for select, z, g, start, n in walk.pieces(logits):
         d = d_buffer[: C * n].view(C, n)
@@ -220,9 +221,9 @@ def _fused_distances(logits, operands, plan):
 
 
 def _host_operands(operands):
-    """``(-2 A, c, bias)`` of :func:`fastcal._common.centred_prototypes`, as the float32 NumPy arrays
+    """``(-2 A, c, bias)`` of :func:`fastcal._operands.centred_prototypes`, as the float32 NumPy arrays
     the loops take, made once per prepared prototypes (see
-    :class:`fastcal._common.DistanceOperands`): a pixel's label is ``argmin_k bias[k] + (-2 A (p -
+    :class:`fastcal._operands.DistanceOperands`): a pixel's label is ``argmin_k bias[k] + (-2 A (p -
     c))[k]`` (scaling by -2 is exact)."""
     # .float(): NumPy has no bfloat16; float32 is what the loops take (exact for half precision)
     return operands.derived("cpu", lambda o: _centred_on_host(host_array(o.prototypes.float())))
@@ -240,7 +241,7 @@ def operands_pass(S: torch.Tensor, W: torch.Tensor, plan):
 
 
 def _centred_on_host(P: np.ndarray):
-    """``(-2 A, c, bias)`` of :func:`fastcal._common.centred_prototypes` for float32 prototypes on
+    """``(-2 A, c, bias)`` of :func:`fastcal._operands.centred_prototypes` for float32 prototypes on
     the host (see :func:`fastcal.cpu_kernels.centred_operands`; the tests check both agree)."""
     C = P.shape[0]
     A_times_minus_2, centre, bias = np.empty((C, C), np.float32), np.empty(C, np.float32), np.empty(C, np.float32)
@@ -277,9 +278,9 @@ def predict_pass(logits: torch.Tensor, operands, plan):
 
 
 def scores_pass(logits: torch.Tensor, operands, plan):
-    """``-||v - P[k]||^2`` a chunk at a time (:func:`fastcal._common.write_scores`)."""
+    """``-||v - P[k]||^2`` a chunk at a time (:func:`fastcal._chunks.write_scores`)."""
     bias = _cpu_operands(operands)[2]
-    return _common.write_scores(plan.output(logits.device), bias, _fused_distances(logits, operands, plan))
+    return _chunks.write_scores(plan.output(logits.device), bias, _fused_distances(logits, operands, plan))
 
 
 def _cpu_operands(operands):

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from . import _space
-from ._common import DistanceOperands
+from ._operands import DistanceOperands
 
 REQUIRES = "any tensor"
-prototype_operands = None  # a caller's prototypes: prepared as fastcal._common does
+prototype_operands = None  # a caller's prototypes: prepared as fastcal._operands does
 
 
 def can_run(logits, limit: bool = False) -> bool:

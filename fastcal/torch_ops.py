@@ -1,10 +1,10 @@
 """The "torch-ops" backend: PyTorch operations, a chunk of pixels at a time, on any device.
 
 Same math as :mod:`fastcal.reference`, restructured for memory: the pixels are walked in
-chunks of about ``_common.CHUNK_ELEMENTS`` logits, read in the tensor's own layout (no permuted
+chunks of about ``_chunks.CHUNK_ELEMENTS`` logits, read in the tensor's own layout (no permuted
 copy of the batch), and every intermediate is a chunk-sized buffer. Softmax and distances in
 float32; the products ``w * p`` are added into float64 sums. Distances use the expanded form,
-centred on the mean prototype ``c`` for precision (:func:`fastcal._common.centred_prototypes`),
+centred on the mean prototype ``c`` for precision (:func:`fastcal._operands.centred_prototypes`),
 one GEMM per chunk.
 
 The CPU path where the fused loops of :mod:`fastcal.numba_backend` cannot go: more than
@@ -16,11 +16,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _common, _prepared, _space, reference
-from ._common import chunk_index, indexed
+from . import _chunks, _prepared, _space, reference
+from ._chunks import chunk_index, indexed
 
 REQUIRES = "any tensor"
-prototype_operands = None  # a caller's prototypes: prepared as fastcal._common does
+prototype_operands = None  # a caller's prototypes: prepared as fastcal._operands does
 
 
 def can_run(logits, limit: bool = False) -> bool:
@@ -28,12 +28,12 @@ def can_run(logits, limit: bool = False) -> bool:
     return True
 
 
-def _chunks(logits: torch.Tensor):
+def _logit_chunks(logits: torch.Tensor):
     """Yield ``(index, z)``: ``z`` is a [C, n] tensor (input dtype) of the pixels ``index`` selects in
     a [N, *spatial] tensor; a view where the layout allows, else a chunk-sized copy."""
     C = logits.shape[1]
     by_class = logits.movedim(1, 0)
-    budget = max(1, _common.CHUNK_ELEMENTS // C)
+    budget = max(1, _chunks.CHUNK_ELEMENTS // C)
     for index in chunk_index(tuple(by_class.shape[1:]), budget):
         yield index, by_class[(slice(None), *index)].reshape(C, -1)
 
@@ -48,7 +48,7 @@ class _Buffers:
     :mod:`fastcal.numba_backend` keep their own buffer.)"""
 
     def __init__(self, num_classes: int, device: torch.device):
-        size = num_classes * max(1, _common.CHUNK_ELEMENTS // num_classes)
+        size = num_classes * max(1, _chunks.CHUNK_ELEMENTS // num_classes)
         self.num_classes = num_classes
         self.e = torch.empty(size, dtype=torch.float32, device=device)
         self.scratch = torch.empty(size, dtype=torch.float32, device=device)
@@ -114,7 +114,7 @@ def _upsampled_chunks(logits: torch.Tensor, plan):
     upsample = plan.upsample
     first_rows, last_rows, y0, y1, wy = _row_tables(logits, plan)
     height, width = upsample.size
-    rows = max(1, _common.CHUNK_ELEMENTS // (C * width))
+    rows = max(1, _chunks.CHUNK_ELEMENTS // (C * width))
     for g in range(N):
         for r0 in range(0, height, rows):
             band = slice(r0, min(r0 + rows, height))
@@ -147,7 +147,7 @@ def stats_pass(logits: torch.Tensor, valid: torch.Tensor | None, plan):
     N = torch.zeros(C, dtype=torch.float64, device=logits.device)
     nonfinite = torch.zeros((), dtype=torch.int64, device=logits.device)
     buffers = _Buffers(C, logits.device)
-    for index, z in _chunks(logits) if plan.upsample is None else _upsampled_chunks(logits, plan):
+    for index, z in _logit_chunks(logits) if plan.upsample is None else _upsampled_chunks(logits, plan):
         e, cls, use = _shifted_exp(z, plan.temperature, buffers, with_argmax=True)
         weight = _vectors_in_place(e, plan)
         if valid is not None:
@@ -173,7 +173,7 @@ def operands_pass(S: torch.Tensor, W: torch.Tensor, plan):
 
 
 def _operands(operands):
-    """``(-2 A, c, bias)`` of :func:`fastcal._common.centred_prototypes`, made once per prepared
+    """``(-2 A, c, bias)`` of :func:`fastcal._operands.centred_prototypes`, made once per prepared
     prototypes and device: a pixel's label is ``argmin_k bias[k] + (-2 A (p - c))[k]``."""
     return operands.derived("torch-ops", lambda o: (o.A * -2.0, o.centre, o.bias))
 
@@ -185,7 +185,7 @@ def _distances(logits, operands, plan):
     A_times_minus_2, centre, _ = _operands(operands)
     A_times_minus_2, centre = A_times_minus_2.to(logits.device), centre.to(logits.device)
     buffers = _Buffers(logits.shape[1], logits.device)
-    for index, z in _chunks(logits) if plan.upsample is None else _upsampled_chunks(logits, plan):
+    for index, z in _logit_chunks(logits) if plan.upsample is None else _upsampled_chunks(logits, plan):
         d = _shifted_exp(z, plan.temperature, buffers, with_argmax=False)
         _vectors_in_place(d, plan)
         d.sub_(centre[:, None])
@@ -206,6 +206,6 @@ def predict_pass(logits: torch.Tensor, operands, plan):
 
 
 def scores_pass(logits: torch.Tensor, operands, plan):
-    """``-||v - P[k]||^2`` a chunk at a time (:func:`fastcal._common.write_scores`)."""
+    """``-||v - P[k]||^2`` a chunk at a time (:func:`fastcal._chunks.write_scores`)."""
     bias = _operands(operands)[2].to(logits.device)
-    return _common.write_scores(plan.output(logits.device), bias, _distances(logits, operands, plan))
+    return _chunks.write_scores(plan.output(logits.device), bias, _distances(logits, operands, plan))

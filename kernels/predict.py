@@ -8,7 +8,7 @@ Math (per pixel, ``scale = log2(e) / T``, ``c`` the mean prototype, ``A[k] = P[k
 
 which is ``argmin_k ||p - P[k]||^2`` (the two differ by ``||p - c||^2``, the same for
 every k); centring keeps every term within a few times the pixel's distances, so
-rounding stays relative to them (see ``fastcal._common.centred_prototypes``).
+rounding stays relative to them (see ``fastcal._operands.centred_prototypes``).
 At the limit (``LIMIT``, ``temperature=math.inf``; see ``fastcal._space``) ``p`` is the centred logits
 ``z - mean z``, with no exponential, formed as ``(z - max) - mean (z - max)`` (across blocks of
 classes with a running max, ``_tile.online_centred_update``), so a common offset costs no precision.
@@ -160,7 +160,7 @@ def predict_launch(logits: torch.Tensor, operands, temperature: float, label_dty
     ``operands``: the prepared prototypes, anything whose ``padded(c_block)`` gives the centred
     prototypes ``A``, centre ``c`` and ``bias = ||A[k]||^2`` zero-padded to whole blocks of
     ``c_block`` classes on the logits' device, ``bias = +inf`` for padding and skipped classes
-    (``fastcal._common.DistanceOperands`` builds them once per state of the prototypes).
+    (``fastcal._operands.DistanceOperands`` builds them once per state of the prototypes).
     ``target``: the configuration table (default: the device's, ``configs.target_of``)."""
     layout = launch_layout(logits, upsample)
     target = target or target_of(logits.device).name

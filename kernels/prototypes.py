@@ -2,7 +2,7 @@
 launch.
 
 Math (float64, one program, ``C <= FUSED_MAX_CLASSES``; as ``fastcal.reference.prototypes_from_stats``
-and ``fastcal._common.centred_prototypes``)::
+and ``fastcal._operands.centred_prototypes``)::
 
     P[k]    = S[k] / W[k]                       empty class (W[k] = 0): e_k, or NaN with SKIP
     kept[k] = not (SKIP and W[k] = 0)           a row of NaN is never predicted

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastcal
-from fastcal import _common, numba_backend, torch_ops
+from fastcal import _chunks, _operands, numba_backend, torch_ops
 
 import oracle
 from cases import DTYPES, LAYOUTS, SHAPES, exact_tie_prototypes, make_logits
@@ -97,7 +97,7 @@ def test_distance_ties_take_the_lowest_class(backend, num_classes):
 
 
 def test_torch_path_chunks_cover_every_pixel(monkeypatch):
-    monkeypatch.setattr(_common, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(_chunks, "CHUNK_ELEMENTS", 64)
     for shape, layout in [((3, 5, 7, 9), "contiguous"), ((2, 4, 3, 5, 6), "sliced"), ((50, 8), "contiguous")]:
         z = make_logits(shape, layout=layout)
         S, W = fastcal.prototype_stats(z, backend="torch")
@@ -124,7 +124,7 @@ def test_torch_path_matches_reference_labels_exactly_on_big_margins():
 @pytest.mark.parametrize("dtype, with_mask", [(torch.float32, False), (torch.float32, True),
                                               (torch.float16, True), (torch.bfloat16, False)])
 def test_fused_loops_read_nchw_in_place(monkeypatch, dtype, with_mask):
-    monkeypatch.setattr(_common, "CHUNK_ELEMENTS", 19 * 1000)  # several pieces an image
+    monkeypatch.setattr(_chunks, "CHUNK_ELEMENTS", 19 * 1000)  # several pieces an image
     monkeypatch.setattr(torch_ops, "_chunks", None)  # the chunk copies must not be used
     z = make_logits((2, 19, 64, 80), dtype)
     assert 64 * 80 >= numba_backend.DIRECT_MIN_PIXELS and numba_backend.can_run(z)
@@ -183,8 +183,8 @@ def test_unchanged_prototypes_are_prepared_once(monkeypatch):
     z = make_logits((1, 5, 4, 4))
     P = torch.eye(5)
     calls = []
-    real = _common.DistanceOperands
-    monkeypatch.setattr(_common, "DistanceOperands", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    real = _operands.DistanceOperands
+    monkeypatch.setattr(_operands, "DistanceOperands", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     for _ in range(3):
         fastcal.predict(z, P)
     assert len(calls) == 1

@@ -24,7 +24,7 @@ def run_stats(z, g, start, n, temperature=1.0, valid=None, power=1.0, counts=Fal
     N_parts = np.zeros((cpu_kernels.UNITS, C))
     mask = np.empty(0, np.uint8) if valid is None else valid.astype(np.uint8)
     bad = cpu_kernels.stats_chunk(z, g, start, n, np.float32(1 / temperature), np.float32(power), mask, S_parts,
-                                  W_parts, N_parts, 0, None, None)
+                                  W_parts, N_parts, 0, cpu_kernels.NO_ROWS, cpu_kernels.NO_COLS)
     if counts:
         return S_parts.sum(0), W_parts.sum(0), N_parts.sum(0), int(bad)
     return S_parts.sum(0), W_parts.sum(0), int(bad)
@@ -60,7 +60,7 @@ def test_exp_below_the_floor_is_negligible():
 def centred_softmax(z, g, start, n, temperature, centre):
     d = np.empty((z.shape[1], n), np.float32)
     cpu_kernels.centred_softmax_chunk(z, g, start, n, np.float32(1 / temperature), centre, d, cpu_kernels.UNITS,
-                                      0, None, None)
+                                      0, cpu_kernels.NO_ROWS, cpu_kernels.NO_COLS)
     return d
 
 
@@ -198,7 +198,7 @@ def test_predict_chunk_matches_oracle(temperature):
     bias = ((P - centre) ** 2).sum(dim=1).float().numpy()
     labels = np.full(5000 - 300, 99, np.int64)
     cpu_kernels.predict_chunk(z, 1, 300, 4700, np.float32(1 / temperature), centre.float().numpy(), A, bias, labels,
-                              cpu_kernels.UNITS, 0, None, None)
+                              cpu_kernels.UNITS, 0, cpu_kernels.NO_ROWS, cpu_kernels.NO_COLS)
     oracle.assert_labels_match(torch.from_numpy(labels)[None], as_logits(z, 1, 300, 4700), P, temperature)
 
 
@@ -223,7 +223,7 @@ def rows_cached_after(z, blocks, width, rows, cols):
     loop as the upsampled loops call it."""
     held = np.empty(2, np.int64)
     for _ in numba.prange(1):
-        block, rows_cache, cached, padded = cpu_kernels._upsample_scratch(z.shape[1], cols)
+        block, rows_cache, cached, padded = cpu_kernels._upsample_scratch(z.shape[1], cols, width)
         for b in range(blocks):
             cpu_kernels._block_upsample(z[0], b * cpu_kernels.BLOCK, cpu_kernels.BLOCK, width, rows, cols, block,
                                         rows_cache, cached, padded)
@@ -250,9 +250,9 @@ def test_the_row_cache_keeps_the_last_output_rows_source_rows():
 def test_prototypes_and_operands_match_the_reference(num_classes, empty, temperature):
     """The serial loops that build the prototypes and the loops' operands on the host agree with
     ``reference.prototypes_from_stats`` (exactly: the same float64 division, rounded once) and
-    ``_common.centred_prototypes`` (to an ulp: the mean's float64 sum may run in another order)."""
+    ``_operands.centred_prototypes`` (to an ulp: the mean's float64 sum may run in another order)."""
     from fastcal import reference
-    from fastcal._common import centred_prototypes
+    from fastcal._operands import centred_prototypes
 
     z = torch.randn(2, num_classes, 7, 9) * 3
     S, W = reference.prototype_stats(z, temperature)[:2]

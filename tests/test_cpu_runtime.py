@@ -207,11 +207,11 @@ def test_a_child_forked_while_another_thread_holds_a_lock_finishes():
     """Every lock fastcal owns (the prepared prototypes', the plans', each calibrator's) is replaced
     in a forked child: one held by another thread of the parent at the fork would never be let go."""
     result = run_python("""
-        from fastcal import _common, _plan
+        from fastcal import _operands, _plan
         cal = fastcal.LabelCalibrator(19).update(z)
         holding, release = threading.Event(), threading.Event()
         def hold():
-            with _common._operands_lock, _plan._lock, cal._lock:
+            with _operands._operands_cache._lock, _plan._cache._lock, cal._lock:
                 holding.set()
                 release.wait()
         thread = threading.Thread(target=hold)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastcal
-from fastcal._common import DistanceOperands
+from fastcal._operands import DistanceOperands
 from fastcal.kernels.configs import TARGETS
 
 import oracle

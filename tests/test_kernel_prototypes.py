@@ -1,10 +1,10 @@
 """The operands kernel between the passes of calibrate (kernels/prototypes.py) against the reference
-prototypes and their centring (fastcal._common.centred_prototypes)."""
+prototypes and their centring (fastcal._operands.centred_prototypes)."""
 import pytest
 import torch
 
 from fastcal import reference
-from fastcal._common import centred_prototypes
+from fastcal._operands import centred_prototypes
 from fastcal.kernels import prototypes
 from fastcal.kernels.predict import predict_config
 
@@ -50,7 +50,7 @@ def test_caller_prototypes_are_prepared_on_the_device_as_the_reference_prepares_
     """A GPU prepares a caller's prototypes on every call (nothing read back, never stale): one
     launch of the operands kernel with S = P, W = 1, a NaN row an empty class skipped."""
     from fastcal import _triton
-    from fastcal._common import DistanceOperands
+    from fastcal._operands import DistanceOperands
 
     P = torch.softmax(torch.randn(num_classes, num_classes) * 3, dim=1)
     P[1] = float("nan")  # a class never predicted

@@ -140,7 +140,7 @@ def test_triton_launches_are_built_on_meta_tensors_without_cuda(monkeypatch):
     """A plan for meta logits (``_plan.meta_plan``) builds every launch of the Triton passes with no
     CUDA and no values: the host work of a call, ending where a kernel would start."""
     from fastcal import _ops, _plan
-    from fastcal._common import distance_operands
+    from fastcal._operands import distance_operands
     from fastcal.kernels import _launch
 
     launched = []
