@@ -57,8 +57,12 @@ LAYOUT_DTYPES = [("channels_last", torch.float32), ("nchw", torch.float32), ("ch
                  ("channels_last", torch.bfloat16)]
 
 
-@pytest.mark.parametrize("layout,dtype", LAYOUT_DTYPES, ids=str)
-@pytest.mark.parametrize("resize", RESIZES, ids=str)
+# the half-precision inputs (cast once, first thing in the graph) without and with one resize
+HEAD_CASES = [(resize, layout, dtype) for resize in RESIZES for layout, dtype in LAYOUT_DTYPES
+              if dtype == torch.float32 or resize in ({}, {"size": (29, 37)})]
+
+
+@pytest.mark.parametrize("resize,layout,dtype", HEAD_CASES, ids=str)
 @pytest.mark.parametrize("C,empty", [(2, "onehot"), (19, "skip"), (150, "onehot"), (256, "onehot")])
 def test_head_labels_are_the_calibrators(C, empty, resize, dtype, layout):
     cal = fitted(C, empty)

@@ -83,7 +83,7 @@ def test_non_finite_logits_are_counted(num_classes, bad):
 
 @pytest.mark.parametrize("num_classes", [19, 150])
 def test_deterministic_mode_is_bitwise_repeatable(num_classes):
-    z = make_logits((3, num_classes, 16, 20), device=KERNEL_DEVICE)
+    z = make_logits((2, num_classes, 8, 10), device=KERNEL_DEVICE)  # several programs' partial sums
     runs = [fastcal.prototype_stats(z, backend="triton", deterministic=True) for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     oracle.assert_stats_close(*runs[0], *oracle.stats(z))
