@@ -31,22 +31,23 @@ def steps(logits: torch.Tensor) -> dict:
     labels = np.empty(L, np.int64)
     out = torch.empty_like(logits)
     no_mask = np.empty(0, np.uint8)
+    plain = (0, cpu_kernels.NO_ROWS, cpu_kernels.NO_COLS)  # no upsampling
 
     def stats_loops():
         S = np.zeros((cpu_kernels.UNITS, C, C))
         W, N = np.zeros((cpu_kernels.UNITS, C)), np.zeros((cpu_kernels.UNITS, C))
         for start, m in pieces:
-            cpu_kernels.stats_chunk(z, 0, start, m, np.float32(1), np.float32(1), no_mask, S, W, N, 0, None, None)
+            cpu_kernels.stats_chunk(z, 0, start, m, np.float32(1), np.float32(1), no_mask, S, W, N, *plain)
 
     def softmax_loops():
         for start, m in pieces:
             cpu_kernels.centred_softmax_chunk(z, 0, start, m, np.float32(1), centre, d[:C * m].reshape(C, m),
-                                              cpu_kernels.UNITS, 0, None, None)
+                                              cpu_kernels.UNITS, *plain)
 
     def predict_loops():
         for start, m in pieces:
             cpu_kernels.predict_chunk(z, 0, start, m, np.float32(1), centre, A_times_minus_2, bias,
-                                      labels[start:start + m], cpu_kernels.UNITS, 0, None, None)
+                                      labels[start:start + m], cpu_kernels.UNITS, *plain)
 
     return {
         "exp (one pass, the floor)": lambda: torch.exp(logits, out=out),
