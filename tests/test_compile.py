@@ -1,4 +1,6 @@
 """The ops under ``torch.compile(fullgraph=True)``: traced without a graph break, same results."""
+import math
+
 import pytest
 import torch
 
@@ -37,7 +39,9 @@ def test_compiled_inference_matches_eager_with_no_graph_break():
         return (fastcal.calibrate(logits, temperature=2.0, size=(24, 28)),
                 fastcal.calibrate(logits, output="scores"),
                 fastcal.predict(logits, P, label_dtype=torch.uint8),
-                S, W)
+                S, W,
+                fastcal.calibrate(logits, temperature=math.inf),  # the limit: a float constant in the graph
+                fastcal.prototype_stats(logits, temperature=math.inf)[0])
 
     images = torch.randn(2, 3, 12, 14)
     with torch.no_grad():
@@ -48,6 +52,9 @@ def test_compiled_inference_matches_eager_with_no_graph_break():
     torch.testing.assert_close(compiled[2], eager[2], rtol=0, atol=0)
     torch.testing.assert_close(compiled[3], eager[3])
     torch.testing.assert_close(compiled[4], eager[4])
+    torch.testing.assert_close(compiled[5], eager[5], rtol=0, atol=0)
+    torch.testing.assert_close(compiled[6], eager[6])
+    assert (eager[6] < 0).any()  # signed sums: the limit's centred logits, not a softmax
     assert compiled[0].shape == (2, 24, 28) and compiled[2].dtype == torch.uint8
 
 
