@@ -138,7 +138,9 @@ def cases():
                        {**meta, "UPSAMPLE": c["upsample"], "SCORES": c["out"] == "scores", "LIMIT": c["limit"]},
                        launch_options(config, target, c["upsample"]))
         # the operands between the passes of calibrate: one block of the fused predict pass, float64 sums
-        for c_block, skip in itertools.product((16, 32, 64), (False, True)):
+        operand_cases = itertools.product((16, 32, 64), (False, True)) if strength(target) > 0 \
+            else zip((16, 32, 64), (False, True, False))  # one case per class block on the secondary targets
+        for c_block, skip in operand_cases:
             launch, *_ = prototypes.operands_launch(*_meta_sums(c_block), skip, c_block, target)
             yield (f"operands-{target}-C{c_block}-skip{int(skip)}", "prototypes._operands_kernel", "fp32", "none",
                    target, {"S_ptr": "*fp64", "W_ptr": "*fp64", "P_ptr": "*fp32"}, dict(launch.constexprs),
