@@ -403,9 +403,9 @@ def _upsample_scratch(C, cols, width):
     the inlined helpers of a parallel loop, the writes into ``cached`` did not reach the next block
     (every block interpolated its rows anew)."""
     in_width, col0 = cols[0], cols[1]
-    rows = BLOCK if width > 0 else 0
-    return (np.empty((C, rows), np.float32), np.empty((2, C, col0.shape[0]), np.float32), np.full(2, -1, np.int64),
-            np.empty(in_width + BAND, np.float32))
+    block_pixels = BLOCK if width > 0 else 0
+    return (np.empty((C, block_pixels), np.float32), np.empty((2, C, col0.shape[0]), np.float32),
+            np.full(2, -1, np.int64), np.empty(in_width + BAND, np.float32))
 
 
 @njit(inline="always")

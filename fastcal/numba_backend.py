@@ -82,7 +82,8 @@ class _Walk:
         self.upsampled = upsample is not None
         contiguous = logits.dtype in _IN_PLACE and logits.is_contiguous()
         self.buffer_pixels = 0
-        units = _cpu_kernels().UNITS
+        cpu_kernels = _cpu_kernels()
+        units = cpu_kernels.UNITS
         if self.upsampled:
             from numba import get_num_threads  # Numba: imported with the loops, on first use
 
@@ -93,7 +94,7 @@ class _Walk:
             tables = _upsample_tables(logits, upsample)
             self.tables = ((get_num_threads(),) if thread_runs else ()) + tables
             return
-        self.tables = ((units,) if thread_runs else ()) + (0, _cpu_kernels().NO_ROWS, _cpu_kernels().NO_COLS)
+        self.tables = ((units,) if thread_runs else ()) + (0, cpu_kernels.NO_ROWS, cpu_kernels.NO_COLS)
         L = math.prod(logits.shape[2:])
         pixels = pixels or max(1, _chunks.CHUNK_ELEMENTS // C)  # a chunk a call by default
         self.in_place = contiguous and (L >= DIRECT_MIN_PIXELS or N <= SMALL_BATCH_IMAGES)
